@@ -1,0 +1,3 @@
+from kvsleep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""The `kvsleep` command: serve, check-config, sim-engine, and a small admin client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from importlib import resources
+
+from kvsleep import __version__
+from kvsleep.config import Config, ConfigError, load_config, summary
+from kvsleep.server import KvsleepServer
+
+log = logging.getLogger("kvsleep")
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _setup_logging(level: str, json_logs: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs:
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return json.dumps({"ts": record.created, "level": record.levelname,
+                                   "logger": record.name, "msg": record.getMessage()})
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _default_config_path() -> str:
+    return str(resources.files("kvsleep") / "demo.yaml")
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    print(summary(config))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, args.log_json)
+    path = args.config or _default_config_path()
+    if args.config is None:
+        log.info("no --config given: running the embedded demo (%s)", path)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"kvsleep: refusing to start: {len(exc.problems)} configuration problem(s)",
+              file=sys.stderr)
+        return 2
+    if args.config is None:
+        # The embedded file lives in the installed package: keep its state and logs in the
+        # working directory instead.
+        config = dataclasses.replace(config, state_dir=".kvsleep-state", log_dir=".kvsleep-logs")
+    try:
+        return asyncio.run(_serve(config, path))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(config: Config, path: str) -> int:
+    from kvsleep.launcher import Launcher, LaunchError
+    from kvsleep.server import KvsleepServer, serve
+
+    server = KvsleepServer(config, config_path=path)
+    launcher = Launcher(server.manager, server.metrics, config.log_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_on_hup, server)
+    try:
+        await launcher.start([m for m in config.models if m.launched])
+        await serve(server, stop)
+    except LaunchError as exc:
+        print(f"kvsleep: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await launcher.stop()
+    return 0
+
+
+def _reload_on_hup(server: KvsleepServer) -> None:
+    # A bad file is logged by reload_config and the running configuration stays.
+    with contextlib.suppress(ConfigError):
+        server.reload_config()
+
+
+def cmd_sim_engine(args: argparse.Namespace) -> int:
+    from kvsleep.simulator import main_sim, settings_from_args
+
+    _setup_logging(args.log_level, False)
+    return main_sim(settings_from_args(args)) or 0
+
+
+def _admin(args: argparse.Namespace, method: str, path: str) -> int:
+    token = args.token or os.environ.get("KVSLEEP_ADMIN_TOKEN")
+    req = urllib.request.Request(args.url.rstrip("/") + path, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            body, ok = resp.read(), True
+    except urllib.error.HTTPError as exc:
+        body, ok = exc.read(), False
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"kvsleep: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(json.dumps(json.loads(body), indent=2))
+    except ValueError:
+        print(body.decode(errors="replace"))
+    return 0 if ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _admin(args, "GET", "/sleep/status")
+
+
+def cmd_sleep(args: argparse.Namespace) -> int:
+    return _admin(args, "POST", f"/models/{urllib.parse.quote(args.model, safe='')}/sleep")
+
+
+def cmd_wake(args: argparse.Namespace) -> int:
+    return _admin(args, "POST", f"/models/{urllib.parse.quote(args.model, safe='')}/wake")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvsleep.simulator import add_sim_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="kvsleep",
+        description="Route OpenAI traffic by model and put idle vLLM/SGLang engines to sleep.")
+    parser.add_argument("--version", action="version", version=f"kvsleep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the router, the reconcile loop and launched engines")
+    serve.add_argument("--config", help="YAML config (default: the embedded two-engine demo)")
+    serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 2 on problems)")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    sim = sub.add_parser("sim-engine", help="run a simulated vLLM or SGLang engine (no GPU)")
+    add_sim_arguments(sim)
+    sim.add_argument("--log-level", default="info")
+    sim.set_defaults(func=cmd_sim_engine)
+
+    for name, func, helptext in (("status", cmd_status, "show every model's sleep state"),
+                                 ("sleep", cmd_sleep, "put a model to sleep (drains first)"),
+                                 ("wake", cmd_wake, "wake a model")):
+        p = sub.add_parser(name, help=helptext)
+        if name != "status":
+            p.add_argument("model")
+        p.add_argument("--url", default=os.environ.get("KVSLEEP_URL", DEFAULT_URL),
+                       help=f"kvsleep address (default {DEFAULT_URL}, or $KVSLEEP_URL)")
+        p.add_argument("--token", help="admin bearer token (default $KVSLEEP_ADMIN_TOKEN)")
+        p.add_argument("--timeout", type=float, default=600.0)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

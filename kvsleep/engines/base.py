@@ -1,0 +1,127 @@
+"""The adapter interface and the HTTP plumbing (timeouts, bounded retries) adapters share."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from kvsleep.config import ModelConfig
+from kvsleep.sleep_state import ModelState
+
+
+class EngineError(Exception):
+    """An engine call failed. `retryable` is true only when repeating it cannot do harm."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a probe learned. `asleep` is None where the engine cannot tell (SGLang)."""
+
+    up: bool
+    asleep: bool | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 3
+    initial_wait_seconds: float = 0.2
+    max_wait_seconds: float = 5.0
+    probe_timeout_seconds: float = 5.0
+    sleep_timeout_seconds: float = 300.0
+    wake_timeout_seconds: float = 600.0
+
+
+class EngineAdapter(ABC):
+    """Sleep, wake and observe one engine. Callers guarantee one operation at a time."""
+
+    def __init__(self, model: ModelConfig, session: aiohttp.ClientSession,
+                 retry: RetryPolicy) -> None:
+        self.model = model
+        self.session = session
+        self.retry = retry
+        self.base_url = model.url.rstrip("/")
+
+    @abstractmethod
+    async def sleep(self) -> None:
+        """Free the engine's GPU memory. Called only when no request is in flight."""
+
+    @abstractmethod
+    async def wake(self) -> None:
+        """Make the engine fully able to serve again (weights reloaded where needed)."""
+
+    @abstractmethod
+    async def observe(self, believed: ModelState) -> Observation:
+        """Probe without harming the engine in the state we believe it is in."""
+
+    async def call(self, method: str, path: str, *, timeout: float, json: Any = None,
+                   params: Any = None, retry_on_timeout: bool = False,
+                   retry_on_5xx: bool = True) -> aiohttp.ClientResponse | None:
+        """One control call with bounded exponential retries; returns None on a 404.
+
+        A refused connection never reached the engine, so it is always retried; a 5xx or a
+        timeout may have taken effect, so the adapter says whether repeating is safe.
+        """
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self.retry.attempts),
+            wait=wait_exponential(multiplier=self.retry.initial_wait_seconds,
+                                  max=self.retry.max_wait_seconds),
+            retry=retry_if_exception(lambda e: isinstance(e, EngineError) and e.retryable),
+            reraise=True,
+        ):
+            with attempt:
+                return await self._call_once(method, path, timeout=timeout, json=json,
+                                             params=params, retry_on_timeout=retry_on_timeout,
+                                             retry_on_5xx=retry_on_5xx)
+        raise AssertionError("unreachable")
+
+    async def _call_once(self, method: str, path: str, *, timeout: float, json: Any,
+                         params: Any, retry_on_timeout: bool,
+                         retry_on_5xx: bool) -> aiohttp.ClientResponse | None:
+        url = self.base_url + path
+        try:
+            async with self.session.request(
+                method, url, json=json, params=params,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise EngineError(f"{method} {path}: cannot connect ({exc})", retryable=True) from exc
+        except asyncio.TimeoutError as exc:
+            raise EngineError(f"{method} {path}: no answer within {timeout:g}s",
+                              retryable=retry_on_timeout) from exc
+        except aiohttp.ClientError as exc:
+            raise EngineError(f"{method} {path}: {exc}", retryable=retry_on_timeout) from exc
+        if resp.status == 404:
+            return None
+        if resp.status >= 500:
+            raise EngineError(f"{method} {path}: HTTP {resp.status}", retryable=retry_on_5xx)
+        if resp.status >= 400:
+            raise EngineError(f"{method} {path}: HTTP {resp.status} {await resp.text()}")
+        return resp
+
+    async def reachable(self, path: str) -> Observation:
+        """A probe of a route that is safe in every state; down on any transport failure."""
+        try:
+            async with self.session.get(
+                self.base_url + path,
+                timeout=aiohttp.ClientTimeout(total=self.retry.probe_timeout_seconds),
+            ) as resp:
+                await resp.read()
+                return Observation(up=resp.status < 500, detail=f"HTTP {resp.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return Observation(up=False, detail=str(exc) or type(exc).__name__)

@@ -1,0 +1,45 @@
+"""SGLang: release/resume memory occupation, then reload weights from disk."""
+
+from __future__ import annotations
+
+from kvsleep.engines.base import EngineAdapter, EngineError, Observation
+from kvsleep.sleep_state import ModelState
+
+
+class SGLangAdapter(EngineAdapter):
+    """Release and resume are not idempotent (a second release or a resume without a release
+    kills the scheduler), so a call that may have reached the engine is never repeated; only
+    refused connections and explicit 5xx answers are.
+
+    Observation never touches /health: on SGLang it runs a forward pass, which on released memory
+    is a crash. /server_info answers from the tokenizer manager without touching the GPU.
+    """
+
+    async def sleep(self) -> None:
+        resp = await self.call("POST", "/release_memory_occupation", json={},
+                               timeout=self.retry.sleep_timeout_seconds)
+        if resp is None:
+            raise EngineError("POST /release_memory_occupation is missing (404)")
+
+    async def wake(self) -> None:
+        timeout = self.retry.wake_timeout_seconds
+        resp = await self.call("POST", "/resume_memory_occupation", json={}, timeout=timeout)
+        if resp is None:
+            raise EngineError("POST /resume_memory_occupation is missing (404)")
+        # Without --enable-weights-cpu-backup the resumed weights are garbage; reloading is
+        # idempotent and cheap enough to do always rather than guess the engine's flags.
+        weights = self.model.weights_path or self.model.name
+        resp = await self.call("POST", "/update_weights_from_disk", json={"model_path": weights},
+                               timeout=timeout, retry_on_timeout=True)
+        if resp is None:
+            raise EngineError("POST /update_weights_from_disk is missing (404)")
+        body = await resp.json(content_type=None)
+        if isinstance(body, dict) and body.get("success") is False:
+            raise EngineError(f"update_weights_from_disk({weights!r}) failed: "
+                              f"{body.get('message')}")
+
+    async def observe(self, believed: ModelState) -> Observation:
+        seen = await self.reachable("/server_info")
+        if seen.up and seen.detail == "HTTP 404":
+            seen = await self.reachable("/get_server_info")
+        return Observation(up=seen.up, asleep=None, detail=seen.detail)

@@ -1,0 +1,66 @@
+"""vLLM: /sleep and /wake_up (dev mode), observable through /is_sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from kvsleep.engines.base import EngineAdapter, EngineError, Observation
+from kvsleep.sleep_state import ModelState
+
+_NO_DEV_MODE = ("sleep routes are missing (404): start vLLM with VLLM_SERVER_DEV_MODE=1 "
+                "and --enable-sleep-mode")
+
+
+class VLLMAdapter(EngineAdapter):
+    """vLLM's sleep calls are idempotent, so timeouts and 5xx are retried.
+
+    `mode=wait` makes vLLM itself drain anything that slipped past our own drain instead of
+    aborting it (the default `abort` would cut a stream).
+    """
+
+    async def sleep(self) -> None:
+        level = self.model.sleep_level
+        resp = await self.call("POST", "/sleep", params={"level": str(level), "mode": "wait"},
+                               timeout=self.retry.sleep_timeout_seconds, retry_on_timeout=True)
+        if resp is None:
+            raise EngineError(_NO_DEV_MODE)
+
+    async def wake(self) -> None:
+        timeout = self.retry.wake_timeout_seconds
+        if self.model.sleep_level == 2:
+            # Level 2 discarded the weights: restore them, reload from disk, then the KV cache.
+            await self._wake_up(timeout, [("tags", "weights")])
+            resp = await self.call("POST", "/collective_rpc", json={"method": "reload_weights"},
+                                   timeout=timeout, retry_on_timeout=True)
+            if resp is None:
+                raise EngineError("POST /collective_rpc is missing (404): cannot reload weights")
+            await self._wake_up(timeout, [("tags", "kv_cache")])
+        else:
+            await self._wake_up(timeout, None)
+        observed = await self.observe(ModelState.WAKING)
+        if observed.asleep:
+            raise EngineError("engine still reports is_sleeping=true after wake_up",
+                              retryable=True)
+
+    async def _wake_up(self, timeout: float, params: list[tuple[str, str]] | None) -> None:
+        resp = await self.call("POST", "/wake_up", params=params, timeout=timeout,
+                               retry_on_timeout=True)
+        if resp is None:
+            raise EngineError(_NO_DEV_MODE)
+
+    async def observe(self, believed: ModelState) -> Observation:
+        try:
+            async with self.session.get(
+                self.base_url + "/is_sleeping",
+                timeout=aiohttp.ClientTimeout(total=self.retry.probe_timeout_seconds),
+            ) as resp:
+                if resp.status == 404:
+                    return await self.reachable("/health")
+                if resp.status != 200:
+                    return Observation(up=False, detail=f"/is_sleeping HTTP {resp.status}")
+                body = await resp.json(content_type=None)
+                return Observation(up=True, asleep=bool(body.get("is_sleeping")))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
+            return Observation(up=False, detail=str(exc) or type(exc).__name__)

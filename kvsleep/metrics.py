@@ -1,0 +1,198 @@
+"""Every metric kvsleep exports, defined in one place so names and labels stay the contract.
+
+Per-request metrics are updated on the hot path; everything that is a *view* of current state
+(model state, in-flight, held, last-seen, engine up, thresholds) is computed at scrape time by a
+collector, so the data path never touches a gauge and the numbers can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvsleep import __version__
+from kvsleep.sleep_state import ModelState
+
+# The router adds well under a millisecond; engines take seconds to minutes.
+# `_created` series double the exposition and no dashboard or alert of ours reads them.
+disable_created_metrics()
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Wakes span a warm vLLM level-1 resume (~0.1 s) to a cold weight reload (minutes).
+OPERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+RECONCILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+SLEEP_REASONS = ("idle", "manual", "alert", "request", "reconcile")
+REJECT_REASONS = ("queue_full", "wake_timeout", "wake_failed", "asleep_no_wake")
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """What the state collector needs to know about one model at scrape time."""
+
+    name: str
+    state: ModelState
+    in_flight: int
+    held: int
+    last_request_timestamp: float
+    idle_threshold_seconds: float
+    engine_up: bool | None
+
+
+class SnapshotSource(Protocol):
+    def model_snapshots(self) -> Iterable[ModelSnapshot]: ...
+
+
+class _StateCollector(Collector):
+    def __init__(self, source: SnapshotSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "kvsleep_model_state",
+            "Current sleep state of each model (1 for the state it is in).",
+            labels=["model", "state"],
+        )
+        in_flight = GaugeMetricFamily(
+            "kvsleep_requests_in_flight",
+            "Requests received and not yet fully answered (held requests included).",
+            labels=["model"],
+        )
+        held = GaugeMetricFamily(
+            "kvsleep_held_requests",
+            "Requests waiting for their model to wake.",
+            labels=["model"],
+        )
+        last_seen = GaugeMetricFamily(
+            "kvsleep_model_last_request_timestamp_seconds",
+            "Unix time of the latest request start or end for the model (0 = never).",
+            labels=["model"],
+        )
+        threshold = GaugeMetricFamily(
+            "kvsleep_model_idle_threshold_seconds",
+            "Idle time after which the model is put to sleep (policy in force).",
+            labels=["model"],
+        )
+        up = GaugeMetricFamily(
+            "kvsleep_engine_up",
+            "Whether the model's engine answered its last probe (1) or not (0).",
+            labels=["model"],
+        )
+        for snap in self._source.model_snapshots():
+            for candidate in ModelState:
+                current = 1.0 if candidate is snap.state else 0.0
+                state.add_metric([snap.name, candidate.value], current)
+            in_flight.add_metric([snap.name], snap.in_flight)
+            held.add_metric([snap.name], snap.held)
+            last_seen.add_metric([snap.name], snap.last_request_timestamp)
+            threshold.add_metric([snap.name], snap.idle_threshold_seconds)
+            if snap.engine_up is not None:
+                up.add_metric([snap.name], 1.0 if snap.engine_up else 0.0)
+        yield from (state, in_flight, held, last_seen, threshold, up)
+
+
+class Metrics:
+    """The registry and every instrument; one instance per server so tests can run several."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(default)
+        reg = self.registry
+        self.requests = Counter(
+            "kvsleep_requests", "Requests routed to a configured model, by HTTP status code.",
+            ["model", "endpoint", "code"], registry=reg,
+        )
+        self.request_duration = Histogram(
+            "kvsleep_request_duration_seconds",
+            "Time from request arrival to the last byte relayed (hold time included).",
+            ["model", "endpoint"], buckets=REQUEST_BUCKETS, registry=reg,
+        )
+        self.unknown_model_requests = Counter(
+            "kvsleep_unknown_model_requests",
+            "Requests naming a model that is not configured (the name is never a label).",
+            ["endpoint"], registry=reg,
+        )
+        self.sleeps = Counter(
+            "kvsleep_sleeps", "Sleep operations, by what asked for them and how they ended.",
+            ["model", "reason", "result"], registry=reg,
+        )
+        self.wakes = Counter(
+            "kvsleep_wakes", "Wake operations, by what asked for them and how they ended.",
+            ["model", "reason", "result"], registry=reg,
+        )
+        self.sleep_duration = Histogram(
+            "kvsleep_sleep_duration_seconds",
+            "Time the engine took to go to sleep (drain excluded).",
+            ["model"], buckets=OPERATION_BUCKETS, registry=reg,
+        )
+        self.wake_duration = Histogram(
+            "kvsleep_wake_duration_seconds",
+            "Time the engine took to wake, weight reloads included.",
+            ["model"], buckets=OPERATION_BUCKETS, registry=reg,
+        )
+        self.request_hold = Histogram(
+            "kvsleep_request_hold_seconds",
+            "Time a request waited for its model to become awake.",
+            ["model"], buckets=OPERATION_BUCKETS, registry=reg,
+        )
+        self.rejected_requests = Counter(
+            "kvsleep_rejected_requests",
+            "Requests refused because their model could not be made awake in time.",
+            ["model", "reason"], registry=reg,
+        )
+        self.reconcile_duration = Histogram(
+            "kvsleep_reconcile_duration_seconds",
+            "Time one reconcile pass took (probes included).",
+            buckets=RECONCILE_BUCKETS, registry=reg,
+        )
+        self.reconcile_errors = Counter(
+            "kvsleep_reconcile_errors", "Reconcile passes or actions that raised an error.",
+            registry=reg,
+        )
+        self.config_last_reload_successful = Gauge(
+            "kvsleep_config_last_reload_successful",
+            "Whether the last configuration load or reload succeeded.", registry=reg,
+        )
+        self.config_last_reload_success_timestamp = Gauge(
+            "kvsleep_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load or reload.", registry=reg,
+        )
+        Info("kvsleep_build", "kvsleep build information.", registry=reg).info(
+            {"version": __version__}
+        )
+
+    def add_models(self, names: Iterable[str]) -> None:
+        """Create the zero-valued series alerts rely on, so a first failure shows as an increase."""
+        for name in names:
+            for result in ("ok", "error"):
+                self.sleeps.labels(name, "idle", result)
+                self.wakes.labels(name, "request", result)
+            for reason in REJECT_REASONS:
+                self.rejected_requests.labels(name, reason)
+
+    def remove_model(self, name: str) -> None:
+        """Drop a model's series when it leaves the configuration (hot reload)."""
+        for metric in (self.requests, self.request_duration, self.sleeps, self.wakes,
+                       self.sleep_duration, self.wake_duration, self.request_hold,
+                       self.rejected_requests):
+            for labels in [k for k in metric._metrics if k[0] == name]:
+                metric.remove(*labels)
+
+    def watch(self, source: SnapshotSource) -> None:
+        self.registry.register(_StateCollector(source))

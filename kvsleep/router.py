@@ -1,0 +1,208 @@
+"""The data path: route OpenAI requests by their `model`, hold them while it wakes, relay answers.
+
+Per request: read the body once, find the model, take a lease from the sleep manager (which may
+hold the request while the engine wakes), forward, and relay the answer - streams chunk by chunk
+as they arrive, byte for byte. Every outcome the router can name gets its own status code and an
+OpenAI-shaped error body; nothing is a bare 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from kvsleep.config import RouterConfig
+from kvsleep.metrics import Metrics
+from kvsleep.sleep_manager import ModelSlot, Rejected, SleepManager
+
+log = logging.getLogger(__name__)
+
+INFERENCE_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+
+_HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+    "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+))
+_NOT_RELAYED = _HOP_BY_HOP | {"date", "server"}
+CLIENT_GONE = 499  # nginx's code for "client closed the request"; bounded like any code
+
+
+class OpenAIError(Exception):
+    """An error answered in the OpenAI shape."""
+
+    def __init__(self, status: int, message: str, type_: str, *, param: str | None = None,
+                 code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def response(self) -> web.Response:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        return web.json_response(error_body(self.message, self.type, self.param, self.code),
+                                 status=self.status, headers=headers)
+
+
+def error_body(message: str, type_: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def parse_model(body: bytes) -> str:
+    """The `model` of a request body, or the 400 that explains why there is none."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise OpenAIError(400, "The request body is not valid JSON.",
+                          "invalid_request_error", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.",
+                          "invalid_request_error", code="invalid_json")
+    model = doc.get("model")
+    if model is None:
+        raise OpenAIError(400, "You must provide a model parameter.", "invalid_request_error",
+                          param="model", code="missing_model")
+    if not isinstance(model, str) or not model:
+        raise OpenAIError(400, "The model parameter must be a non-empty string.",
+                          "invalid_request_error", param="model", code="invalid_model")
+    stream = doc.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise OpenAIError(400, "The stream parameter must be a boolean.",
+                          "invalid_request_error", param="stream", code="invalid_type")
+    return model
+
+
+def _sse_error(message: str) -> bytes:
+    event = json.dumps(error_body(message, "server_error", code=502))
+    return f"data: {event}\n\ndata: [DONE]\n\n".encode()
+
+
+class Router:
+    def __init__(self, manager: SleepManager, metrics: Metrics, config: RouterConfig) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.config = config
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None,
+                                          sock_connect=self.config.connect_timeout_seconds,
+                                          sock_read=self.config.upstream_timeout_seconds),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        endpoint = request.match_info.route.resource.canonical
+        body = await request.read()
+        model = parse_model(body)
+        if model not in self.manager.slots:
+            self.metrics.unknown_model_requests.labels(endpoint).inc()
+            raise OpenAIError(404, f"The model `{model}` does not exist.",
+                              "invalid_request_error", param="model", code="model_not_found")
+        started = time.perf_counter()
+        traffic = self.manager.traffic_monitor
+        stats = traffic.record_request_start(model, endpoint)
+        code = CLIENT_GONE
+        try:
+            try:
+                lease = await self.manager.acquire(model)
+            except Rejected as exc:
+                code = exc.status
+                return OpenAIError(exc.status, str(exc), "service_unavailable",
+                                   param="model", code=exc.reason,
+                                   retry_after=exc.retry_after).response()
+            try:
+                response, code = await self._forward(request, lease, body)
+            except OpenAIError as exc:
+                code = exc.status
+                raise
+            finally:
+                self.manager.release(lease)
+            return response
+        finally:
+            traffic.record_request_end(stats, success=code < 400)
+            self.metrics.requests.labels(model, endpoint, str(code)).inc()
+            self.metrics.request_duration.labels(model, endpoint).observe(
+                time.perf_counter() - started)
+
+    async def _forward(self, request: web.Request, slot: ModelSlot,
+                       body: bytes) -> tuple[web.StreamResponse, int]:
+        assert self.session is not None
+        headers = CIMultiDict((k, v) for k, v in request.headers.items()
+                              if k.lower() not in _HOP_BY_HOP)
+        url = slot.cfg.url.rstrip("/") + request.raw_path
+        try:
+            upstream = await self.session.request(request.method, url, data=body,
+                                                  headers=headers)
+        except asyncio.TimeoutError:
+            raise OpenAIError(504, f"The engine of model `{slot.cfg.name}` did not answer in "
+                              "time.", "server_error", code="engine_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise OpenAIError(502, f"The engine of model `{slot.cfg.name}` is unreachable: "
+                              f"{exc}", "server_error", code="engine_unreachable") from None
+        try:
+            out_headers = CIMultiDict((k, v) for k, v in upstream.headers.items()
+                                      if k.lower() not in _NOT_RELAYED)
+            if upstream.content_length is not None and upstream.content_type != \
+                    "text/event-stream":
+                try:
+                    payload = await upstream.read()
+                except asyncio.TimeoutError:
+                    raise OpenAIError(504, f"The engine of model `{slot.cfg.name}` stopped "
+                                      "answering.", "server_error",
+                                      code="engine_timeout") from None
+                except aiohttp.ClientError as exc:
+                    raise OpenAIError(502, f"The engine of model `{slot.cfg.name}` failed "
+                                      f"mid-answer: {exc}", "server_error",
+                                      code="engine_error") from None
+                return (web.Response(body=payload, status=upstream.status, headers=out_headers),
+                        upstream.status)
+            return await self._relay(request, slot, upstream, out_headers)
+        finally:
+            upstream.release()
+
+    async def _relay(self, request: web.Request, slot: ModelSlot,
+                     upstream: aiohttp.ClientResponse,
+                     headers: CIMultiDict[str]) -> tuple[web.StreamResponse, int]:
+        """Relay a stream chunk by chunk; an engine failure mid-stream ends it in SSE form."""
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                try:
+                    await response.write(chunk)
+                except ConnectionResetError:
+                    upstream.close()
+                    return response, CLIENT_GONE
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("engine of model %s failed mid-stream: %r", slot.cfg.name, exc)
+            upstream.close()
+            if upstream.content_type == "text/event-stream":
+                with contextlib.suppress(ConnectionResetError):
+                    await response.write(_sse_error(
+                        f"The engine of model `{slot.cfg.name}` failed mid-stream."))
+            return response, 502
+        except asyncio.CancelledError:
+            upstream.close()
+            raise
+        await response.write_eof()
+        return response, upstream.status

@@ -1,0 +1,367 @@
+"""The HTTP server: wires config, metrics, traffic, sleep manager and router into one aiohttp app.
+
+Routes: the OpenAI data path (router.py), the kvcached controller's JSON routes, control routes
+(sleep, wake, reload) behind bearer-token or loopback-only access, and Prometheus conventions
+(`/metrics`, `/-/reload`, `/-/healthy`, `/-/ready`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import math
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from kvsleep.config import Config, ConfigError, load_config
+from kvsleep.engines import RetryPolicy
+from kvsleep.metrics import Metrics
+from kvsleep.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
+from kvsleep.sleep_manager import NotAllowed, SleepManager
+from kvsleep.sleep_state import ModelState, StateStore
+from kvsleep.traffic_monitor import TrafficMonitor
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class KvsleepServer:
+    """One kvsleep instance. `app` is what aiohttp serves; `start`/`stop` run with it."""
+
+    def __init__(self, config: Config, *, config_path: str | None = None,
+                 clock: Callable[[], float] = time.time,
+                 retry: RetryPolicy | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock
+        self.metrics = Metrics()
+        self.traffic = TrafficMonitor(config.sleep_manager.idle_threshold_seconds, clock=clock)
+        self.manager = SleepManager(config.sleep_manager, self.traffic, metrics=self.metrics,
+                                    state_store=StateStore(config.state_dir), clock=clock,
+                                    retry=retry)
+        for model in config.models:
+            self.manager.add_model(model)
+        self.router = Router(self.manager, self.metrics, config.router)
+        self.ready = False
+        self._mark_reload(True)
+        self.app = self._build_app()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.router.max_body_bytes,
+                              middlewares=[self._errors])
+        add = app.router
+        for path in INFERENCE_ENDPOINTS:
+            add.add_post(path, self.router.handle)
+        add.add_get("/v1/models", self.v1_models)
+        add.add_get("/health", self.health)
+        add.add_get("/models", self.models)
+        add.add_get("/health/{model:.+}", self.model_health)
+        add.add_get("/traffic/stats", self.traffic_stats)
+        add.add_get("/traffic/stats/{model:.+}", self.model_traffic_stats)
+        add.add_get("/models/idle", self.idle_models)
+        add.add_get("/models/active", self.active_models)
+        add.add_get("/sleep/status", self.sleep_status)
+        add.add_get("/sleep/candidates", self.sleep_candidates)
+        add.add_post("/action/sleep/{model:.+}", self._control(self.sleep))
+        add.add_post("/action/wakeup/{model:.+}", self._control(self.wake))
+        add.add_post("/models/{model:.+}/sleep", self._control(self.sleep))
+        add.add_post("/models/{model:.+}/wake", self._control(self.wake))
+        add.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
+        add.add_post("/-/reload", self._control(self.reload))
+        add.add_get("/-/healthy", self.healthy)
+        add.add_get("/-/ready", self.readiness)
+        app.cleanup_ctx.append(self._lifespan)
+        return app
+
+    async def _lifespan(self, app: web.Application):
+        await self.start()
+        yield
+        await self.stop()
+
+    async def start(self) -> None:
+        await self.router.start()
+        await self.manager.start()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.manager.stop()
+        await self.router.close()
+
+    # ---- middleware and access -----------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error leaves in the OpenAI shape, including aiohttp's own (413, 404, 405)."""
+        try:
+            return await handler(request)
+        except OpenAIError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) \
+                else exc.reason
+            if exc.status == 413:
+                message = (f"The request body is larger than the limit of "
+                           f"{self.config.router.max_body_bytes} bytes.")
+            return web.json_response(error_body(message, kind, code=exc.status),
+                                     status=exc.status, headers=_kept_headers(exc))
+
+    def _control(self, handler: Handler) -> Handler:
+        """Bearer token when one is configured; otherwise loopback clients only."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            token = self.config.router.admin_token
+            if token:
+                given = request.headers.get("Authorization", "")
+                expected = f"Bearer {token}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    raise OpenAIError(401, "A valid bearer token is required for control routes.",
+                                      "authentication_error", code="unauthorized")
+            elif not _is_loopback(request.remote):
+                raise OpenAIError(403, "Control routes answer loopback clients only unless an "
+                                  "admin token is configured.", "permission_error",
+                                  code="forbidden")
+            return await handler(request)
+
+        return guarded
+
+    # ---- OpenAI and kvcached read routes -------------------------------------------------
+
+    async def v1_models(self, request: web.Request) -> web.Response:
+        created = int(self.clock())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": slot.cfg.engine,
+             "state": slot.state.value}
+            for name, slot in self.manager.slots.items()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "healthy"})
+
+    async def healthy(self, request: web.Request) -> web.Response:
+        return web.Response(text="kvsleep is Healthy.\n")
+
+    async def readiness(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return web.Response(status=503, text="kvsleep is not ready.\n")
+        return web.Response(text="kvsleep is Ready.\n")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": {
+            name: {"endpoint": slot.cfg.url, "engine": slot.cfg.engine,
+                   "state": slot.state.value}
+            for name, slot in self.manager.slots.items()
+        }})
+
+    async def model_health(self, request: web.Request) -> web.Response:
+        slot = self.manager.slots[self._model(request)]
+        observed = await slot.adapter.observe(slot.state)
+        return web.json_response({"model": slot.cfg.name, "health": {slot.cfg.url: observed.up},
+                                  "state": slot.state.value})
+
+    async def traffic_stats(self, request: web.Request) -> web.Response:
+        window = _number(request, "window", 60)
+        return web.json_response({"traffic_stats": self.traffic.get_traffic_summary(window),
+                                  "window_seconds": window})
+
+    async def model_traffic_stats(self, request: web.Request) -> web.Response:
+        name = self._model(request)
+        window = _number(request, "window", 60)
+        stats = {"model_name": name, **self.traffic.describe(name, window)}
+        return web.json_response({"model_stats": stats, "window_seconds": window})
+
+    async def idle_models(self, request: web.Request) -> web.Response:
+        threshold = _number(request, "threshold", self.config.sleep_manager.idle_threshold_seconds)
+        idle = self.traffic.get_idle_models(threshold)
+        details = {name: self._brief(name, ("idle_time_seconds", "total_requests",
+                                            "last_activity_time")) for name in idle}
+        return web.json_response({"idle_models": idle, "idle_threshold_seconds": threshold,
+                                  "idle_model_details": details, "idle_models_count": len(idle)})
+
+    async def active_models(self, request: web.Request) -> web.Response:
+        threshold = _number(request, "threshold", self.config.sleep_manager.idle_threshold_seconds)
+        window = _number(request, "window", 60)
+        active = self.traffic.get_active_models(threshold)
+        details = {name: self._brief(name, ("request_rate", "total_requests",
+                                            "avg_response_time", "last_activity_time"), window)
+                   for name in active}
+        return web.json_response({"active_models": active, "idle_threshold_seconds": threshold,
+                                  "window_seconds": window, "active_model_details": details,
+                                  "active_models_count": len(active)})
+
+    async def sleep_status(self, request: web.Request) -> web.Response:
+        policy = self.manager.config
+        now = self.clock()
+        models = {
+            name: {"state": slot.state.value, "state_since": slot.state_since,
+                   "engine": slot.cfg.engine, "held_requests": len(slot.waiters),
+                   "in_flight": self.traffic.model_stats[name].in_flight,
+                   "engine_up": slot.engine_up, "last_error": slot.last_error,
+                   "idle_threshold_seconds": slot.cfg.policy.idle_threshold_seconds,
+                   "auto_sleep_enabled": slot.cfg.policy.auto_sleep_enabled,
+                   "always_on": slot.cfg.always_on,
+                   "idle_seconds": self.traffic.model_stats[name].get_idle_time()
+                   if slot.state is ModelState.AWAKE else None,
+                   "seconds_in_state": now - slot.state_since}
+            for name, slot in self.manager.slots.items()
+        }
+        return web.json_response({
+            "sleeping_models": self.manager.get_sleeping_models(),
+            "sleep_candidates": self.manager.get_sleep_candidates(),
+            "auto_sleep_enabled": policy.auto_sleep_enabled,
+            "idle_threshold_seconds": policy.idle_threshold_seconds,
+            "wakeup_on_request": policy.wakeup_on_request,
+            "models": models,
+        })
+
+    async def sleep_candidates(self, request: web.Request) -> web.Response:
+        candidates = self.manager.get_sleep_candidates()
+        details = {name: {**self._brief(name, ("idle_time_seconds", "total_requests",
+                                               "last_activity_time")), "can_sleep": True}
+                   for name in candidates}
+        return web.json_response({
+            "sleep_candidates": candidates, "candidate_details": details,
+            "idle_threshold_seconds": self.manager.config.idle_threshold_seconds,
+            "auto_sleep_enabled": self.manager.config.auto_sleep_enabled,
+        })
+
+    def _brief(self, name: str, keys: tuple[str, ...], window: float = 60) -> dict[str, Any]:
+        full = self.traffic.describe(name, window)
+        return {k: full[k] for k in keys}
+
+    # ---- control routes ------------------------------------------------------------------
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        name = self._model(request)
+        try:
+            outcome = self.manager.request_sleep(name, "manual")
+        except NotAllowed as exc:
+            return _action(name, False, str(exc), 409)
+        if request.query.get("wait", "true") == "false":
+            return _action(name, True, f"Model {name} sleep requested", 202)
+        ok = await outcome
+        slot = self.manager.slots.get(name)
+        detail = "" if ok or slot is None or not slot.last_error else f": {slot.last_error}"
+        return _action(name, ok, f"Model {name} sleep request "
+                       f"{'successful' if ok else 'failed'}{detail}", 200 if ok else 400)
+
+    async def wake(self, request: web.Request) -> web.Response:
+        name = self._model(request)
+        at = self.manager.defer_wake(name, "manual")
+        if at is not None:
+            return _action(name, True, f"Model {name} slept less than min_sleep_duration; wake "
+                           f"scheduled in {at - self.clock():.0f}s", 202)
+        outcome = self.manager.request_wake(name, "manual")
+        if request.query.get("wait", "true") == "false":
+            return _action(name, True, f"Model {name} wake requested", 202)
+        ok = await outcome
+        slot = self.manager.slots.get(name)
+        detail = "" if ok or slot is None or not slot.last_error else f": {slot.last_error}"
+        return _action(name, ok, f"Model {name} wake request "
+                       f"{'successful' if ok else 'failed'}{detail}", 200 if ok else 400)
+
+    async def reload(self, request: web.Request) -> web.Response:
+        try:
+            self.reload_config()
+        except ConfigError as exc:
+            return web.json_response({"status": "error", "errors": exc.problems}, status=400)
+        return web.json_response({"status": "success"})
+
+    def reload_config(self) -> None:
+        """Re-read the config file; a bad file changes nothing. Policy applies on the next pass."""
+        if self.config_path is None:
+            raise ConfigError(["<config>: no configuration file to reload"])
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            self._mark_reload(False)
+            log.error("reload rejected, keeping the running configuration:\n%s", exc)
+            raise
+        old_names = {m.name for m in self.config.models}
+        new_names = {m.name for m in new.models}
+        for name in old_names - new_names:
+            self.manager.remove_model(name)
+        for model in new.models:
+            if model.name in old_names:
+                self.manager.update_model(model)
+            else:
+                self.manager.add_model(model)
+        self.manager.config = new.sleep_manager
+        self.traffic.idle_threshold_seconds = new.sleep_manager.idle_threshold_seconds
+        self.config = new
+        self._mark_reload(True)
+        log.info("configuration reloaded: %d models", len(new.models))
+
+    def _mark_reload(self, ok: bool) -> None:
+        self.metrics.config_last_reload_successful.set(1 if ok else 0)
+        if ok:
+            self.metrics.config_last_reload_success_timestamp.set(self.clock())
+
+    def _model(self, request: web.Request) -> str:
+        """The model named in the path, raw (`a/b`) or percent-encoded (`a%2Fb`)."""
+        name = urllib.parse.unquote(request.match_info["model"])
+        if name not in self.manager.slots:
+            raise OpenAIError(404, f"The model `{name}` does not exist.", "invalid_request_error",
+                              param="model", code="model_not_found")
+        return name
+
+
+def _action(name: str, success: bool, message: str, status: int) -> web.Response:
+    return web.json_response({"model_name": name, "success": success, "message": message},
+                             status=status)
+
+
+def _number(request: web.Request, key: str, default: float) -> float:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise OpenAIError(400, f"Query parameter `{key}` must be a non-negative number of "
+                          "seconds.", "invalid_request_error", param=key, code="invalid_value")
+    return value
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+
+
+async def serve(server: KvsleepServer, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set, then stop accepting and let in-flight requests finish."""
+    cfg = server.config.router
+    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, shutdown_timeout=cfg.shutdown_grace_seconds)
+    await site.start()
+    log.info("kvsleep listening on http://%s:%d with %d models", cfg.host, cfg.port,
+             len(server.manager.slots))
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: finishing in-flight requests (at most %gs)",
+                 cfg.shutdown_grace_seconds)
+        await runner.cleanup()

@@ -1,0 +1,536 @@
+"""The one owner of every model's sleep state: admission, holding, and single-flight operations.
+
+Each model has a *desired* state (awake or not) and at most one worker task converging the actual
+state to it, one engine call at a time. Requests never reach an engine that is not awake: while a
+model drains, sleeps or wakes they wait in a bounded FIFO and are let through, in arrival order,
+the moment a wake completes. The reconciler (reconciler.py) decides when to sleep; this module
+decides nothing, it only carries out safely.
+
+Also the kvcached controller's SleepManager API (`SleepConfig`, `add_vllm_model`, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from kvsleep import policy
+from kvsleep.config import ModelConfig, SleepPolicy
+from kvsleep.engines import EngineAdapter, RetryPolicy, adapter_for
+from kvsleep.metrics import Metrics, ModelSnapshot
+from kvsleep.reconciler import Reconciler
+from kvsleep.sleep_state import ModelState, StateStore, StoredModel
+from kvsleep.traffic_monitor import TrafficMonitor
+
+log = logging.getLogger(__name__)
+
+SleepConfig = SleepPolicy
+"""The kvcached controller's name for the policy keys."""
+
+_SETTLED = (ModelState.AWAKE, ModelState.ASLEEP, ModelState.FAILED,
+            ModelState.SLEEPING, ModelState.WAKING)
+
+
+class Rejected(Exception):
+    """A request that cannot be served because its model cannot be made awake for it."""
+
+    def __init__(self, model: str, reason: str, message: str, status: int,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
+class NotAllowed(Exception):
+    """An operation the configuration forbids (e.g. sleeping an `always_on` model)."""
+
+
+@dataclass(eq=False)
+class ModelSlot:
+    """Runtime state of one model. Only SleepManager mutates it."""
+
+    cfg: ModelConfig
+    adapter: EngineAdapter
+    state: ModelState
+    state_since: float
+    version: int = 0
+    in_engine: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    want_awake: bool = True
+    wake_reason: str = "request"
+    sleep_reason: str = "idle"
+    worker: asyncio.Task[None] | None = None
+    engine_up: bool | None = None
+    slept_at: float | None = None
+    manual_sleep: bool = False
+    deferred_wake: str | None = None
+    last_error: str | None = None
+    sleep_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
+    wake_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.drained.set()
+
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None and not self.worker.done()
+
+
+class SleepManager:
+    """Owns model state; see the module docstring."""
+
+    def __init__(self, config: SleepConfig | None = None,
+                 traffic_monitor: TrafficMonitor | None = None, *,
+                 metrics: Metrics | None = None, state_store: StateStore | None = None,
+                 clock: Callable[[], float] = time.time,
+                 session: aiohttp.ClientSession | None = None,
+                 retry: RetryPolicy | None = None) -> None:
+        self.config = config or SleepConfig()
+        self.clock = clock
+        self.traffic_monitor = traffic_monitor or TrafficMonitor(
+            self.config.idle_threshold_seconds, clock=clock)
+        self.metrics = metrics or Metrics()
+        self.state_store = state_store
+        self.retry = retry or RetryPolicy()
+        self.slots: dict[str, ModelSlot] = {}
+        self._session = session
+        self._owns_session = session is None
+        self.reconciler = Reconciler(self)
+        self._reconciler_task: asyncio.Task[None] | None = None
+        self.metrics.watch(self)
+
+    # ---- configuration -------------------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+    def add_model(self, cfg: ModelConfig, state: ModelState = ModelState.AWAKE) -> ModelSlot:
+        slot = ModelSlot(cfg, adapter_for(cfg, self.session, self.retry), state, self.clock())
+        self.slots[cfg.name] = slot
+        self.traffic_monitor.add_model(cfg.name)
+        self.metrics.add_models([cfg.name])
+        return slot
+
+    def add_vllm_model(self, model_name: str, host: str = "localhost",
+                       port: str | int = "8000") -> ModelSlot:
+        return self.add_model(ModelConfig(model_name, "vllm", f"http://{host}:{port}",
+                                          policy=self.config))
+
+    def add_sglang_model(self, model_name: str, host: str = "localhost",
+                         port: str | int = "8000") -> ModelSlot:
+        return self.add_model(ModelConfig(model_name, "sglang", f"http://{host}:{port}",
+                                          policy=self.config))
+
+    def remove_model(self, model_name: str) -> None:
+        """Forget a model; requests already admitted keep their slot until they finish."""
+        slot = self.slots.pop(model_name, None)
+        if slot is None:
+            return
+        self._reject_waiters(slot, "wake_failed", f"model `{model_name}` was removed", 503)
+        if slot.worker is not None:
+            slot.worker.cancel()
+        self.traffic_monitor.remove_model(model_name)
+        self.metrics.remove_model(model_name)
+
+    def update_model(self, cfg: ModelConfig) -> None:
+        """Apply a changed model config in place, keeping its state and its waiters."""
+        slot = self.slots[cfg.name]
+        if (cfg.url, cfg.engine) != (slot.cfg.url, slot.cfg.engine):
+            slot.adapter = adapter_for(cfg, self.session, self.retry)
+        slot.cfg = cfg
+        slot.adapter.model = cfg
+
+    def update_config(self, **kwargs: object) -> None:
+        """Change policy keys for every model at once (the kvcached controller's API)."""
+        known = {f.name for f in dataclasses.fields(SleepPolicy)}
+        for key in set(kwargs) - known:
+            log.warning("update_config: unknown key %r ignored", key)
+        changes = {k: v for k, v in kwargs.items() if k in known}
+        self.config = dataclasses.replace(self.config, **changes)
+        for slot in self.slots.values():
+            slot.cfg = dataclasses.replace(slot.cfg,
+                                           policy=dataclasses.replace(slot.cfg.policy, **changes))
+        self.traffic_monitor.idle_threshold_seconds = self.config.idle_threshold_seconds
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Learn every engine's real state, then run the reconcile loop."""
+        await self.reconciler.sync()
+        self._reconciler_task = asyncio.create_task(self.reconciler.run(),
+                                                    name="kvsleep-reconcile")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._reconciler_task,
+                             *(s.worker for s in self.slots.values())) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._reconciler_task = None
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- the request path ----------------------------------------------------------------
+
+    async def acquire(self, model_name: str) -> ModelSlot:
+        """Wait until the model is awake and count the request as in the engine.
+
+        Raises Rejected when the request must not wait (queue full, wakes disabled) or waited in
+        vain (timeout, failed wake). The caller must `release` the returned slot.
+        """
+        slot = self.slots[model_name]
+        if slot.state is ModelState.AWAKE:
+            slot.in_engine += 1
+            slot.drained.clear()
+            return slot
+        pol = slot.cfg.policy
+        decision = policy.admission(slot.state, len(slot.waiters), pol)
+        if decision is policy.Admission.REJECT_NO_WAKE:
+            raise self._reject(slot, "asleep_no_wake", 503, pol.wake_timeout_seconds,
+                               f"model `{model_name}` is {slot.state.value} and "
+                               "wakeup_on_request is off; wake it first")
+        if decision is policy.Admission.REJECT_QUEUE_FULL:
+            raise self._reject(slot, "queue_full", 503, 1.0,
+                               f"model `{model_name}` is {slot.state.value} and "
+                               f"{pol.max_held_requests} requests already wait for it")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        slot.waiters.append(fut)
+        if not slot.want_awake or not slot.busy:
+            self.request_wake(model_name, "request")
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(fut, pol.wake_timeout_seconds)
+        except asyncio.TimeoutError:
+            self._forget_waiter(slot, fut)
+            raise self._reject(slot, "wake_timeout", 504, pol.wake_timeout_seconds,
+                               f"model `{model_name}` did not wake within "
+                               f"{pol.wake_timeout_seconds:g}s") from None
+        except Rejected as exc:
+            self.metrics.rejected_requests.labels(model_name, exc.reason).inc()
+            raise
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(slot)
+            else:
+                self._forget_waiter(slot, fut)
+            raise
+        self.metrics.request_hold.labels(model_name).observe(time.monotonic() - started)
+        return slot
+
+    def release(self, slot: ModelSlot) -> None:
+        slot.in_engine -= 1
+        if slot.in_engine <= 0:
+            slot.in_engine = 0
+            slot.drained.set()
+
+    def _reject(self, slot: ModelSlot, reason: str, status: int, retry_after: float | None,
+                message: str) -> Rejected:
+        self.metrics.rejected_requests.labels(slot.cfg.name, reason).inc()
+        return Rejected(slot.cfg.name, reason, message, status, retry_after)
+
+    @staticmethod
+    def _forget_waiter(slot: ModelSlot, fut: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            slot.waiters.remove(fut)
+
+    def _release_waiters(self, slot: ModelSlot) -> None:
+        while slot.waiters:
+            fut = slot.waiters.popleft()
+            if not fut.done():
+                slot.in_engine += 1
+                slot.drained.clear()
+                fut.set_result(None)
+
+    def _reject_waiters(self, slot: ModelSlot, reason: str, message: str, status: int) -> None:
+        while slot.waiters:
+            fut = slot.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(Rejected(slot.cfg.name, reason, message, status, 5.0))
+
+    # ---- operations ----------------------------------------------------------------------
+
+    def request_sleep(self, model_name: str, reason: str) -> asyncio.Future[bool]:
+        """Ask for the model to sleep (after draining); the future says whether it did."""
+        slot = self.slots[model_name]
+        if slot.cfg.always_on:
+            raise NotAllowed(f"model `{model_name}` is always_on and is never put to sleep")
+        outcome = asyncio.get_running_loop().create_future()
+        if slot.state in (ModelState.ASLEEP, ModelState.SLEEPING) and not slot.want_awake:
+            outcome.set_result(slot.state is ModelState.ASLEEP)
+            if slot.state is ModelState.ASLEEP:
+                return outcome
+        slot.want_awake = False
+        slot.sleep_reason = reason
+        slot.manual_sleep = reason == "manual"
+        slot.deferred_wake = None
+        if not outcome.done():
+            slot.sleep_outcomes.append(outcome)
+        self._kick(slot)
+        return outcome
+
+    def request_wake(self, model_name: str, reason: str) -> asyncio.Future[bool]:
+        """Ask for the model to wake; the future says whether it did."""
+        slot = self.slots[model_name]
+        outcome = asyncio.get_running_loop().create_future()
+        slot.deferred_wake = None
+        if slot.state is ModelState.AWAKE and slot.want_awake:
+            outcome.set_result(True)
+            return outcome
+        slot.want_awake = True
+        slot.wake_reason = reason
+        slot.wake_outcomes.append(outcome)
+        self._kick(slot)
+        return outcome
+
+    def defer_wake(self, model_name: str, reason: str) -> float | None:
+        """Schedule a wake nobody's request asked for once `min_sleep_duration` has passed.
+
+        Returns when it will happen, or None when it may happen now.
+        """
+        slot = self.slots[model_name]
+        if slot.state is not ModelState.ASLEEP or slot.slept_at is None:
+            return None
+        at = slot.slept_at + slot.cfg.policy.min_sleep_duration
+        if self.clock() >= at:
+            return None
+        slot.deferred_wake = reason
+        return at
+
+    def _kick(self, slot: ModelSlot) -> None:
+        if not slot.busy:
+            slot.worker = asyncio.create_task(self._converge(slot),
+                                              name=f"kvsleep-op-{slot.cfg.name}")
+
+    async def _converge(self, slot: ModelSlot) -> None:
+        while True:
+            if not slot.want_awake and slot.state is ModelState.AWAKE:
+                await self._sleep_once(slot)
+            elif slot.want_awake and slot.state in (ModelState.ASLEEP, ModelState.FAILED):
+                await self._wake_once(slot)
+            else:
+                self._settle(slot.sleep_outcomes, slot.state is ModelState.ASLEEP)
+                self._settle(slot.wake_outcomes, slot.state is ModelState.AWAKE)
+                return
+
+    async def _sleep_once(self, slot: ModelSlot) -> None:
+        name, reason = slot.cfg.name, slot.sleep_reason
+        self._set_state(slot, ModelState.DRAINING)
+        try:
+            await asyncio.wait_for(slot.drained.wait(), slot.cfg.policy.drain_timeout_seconds)
+        except asyncio.TimeoutError:
+            self._sleep_failed(slot, reason, f"{slot.in_engine} requests still in flight after "
+                                             f"{slot.cfg.policy.drain_timeout_seconds:g}s")
+            return
+        self._set_state(slot, ModelState.SLEEPING)
+        started = time.monotonic()
+        try:
+            await slot.adapter.sleep()
+        except Exception as exc:  # any failure must leave the model serving, not stuck
+            observed = await slot.adapter.observe(ModelState.SLEEPING)
+            if observed.asleep is not True:
+                self._sleep_failed(slot, reason, str(exc))
+                return
+        self.metrics.sleep_duration.labels(name).observe(time.monotonic() - started)
+        self.metrics.sleeps.labels(name, reason, "ok").inc()
+        slot.slept_at = self.clock()
+        slot.last_error = None
+        self._set_state(slot, ModelState.ASLEEP)
+        log.info("model %s is asleep (reason: %s)", name, reason)
+        self._settle(slot.sleep_outcomes, True)
+
+    def _sleep_failed(self, slot: ModelSlot, reason: str, error: str) -> None:
+        log.warning("sleeping model %s failed, it stays awake: %s", slot.cfg.name, error)
+        self.metrics.sleeps.labels(slot.cfg.name, reason, "error").inc()
+        slot.last_error = error
+        slot.want_awake = True
+        self._set_state(slot, ModelState.AWAKE)
+        self._settle(slot.sleep_outcomes, False)
+
+    async def _wake_once(self, slot: ModelSlot) -> None:
+        name, reason = slot.cfg.name, slot.wake_reason
+        self._set_state(slot, ModelState.WAKING)
+        started = time.monotonic()
+        try:
+            await slot.adapter.wake()
+        except Exception as exc:  # every waiter must get an answer, whatever went wrong
+            log.warning("waking model %s failed: %s", name, exc)
+            self.metrics.wakes.labels(name, reason, "error").inc()
+            slot.last_error = str(exc)
+            slot.want_awake = False
+            self._set_state(slot, ModelState.FAILED)
+            self._reject_waiters(slot, "wake_failed",
+                                 f"model `{name}` failed to wake: {exc}", 503)
+            self._settle(slot.wake_outcomes, False)
+            return
+        self.metrics.wake_duration.labels(name).observe(time.monotonic() - started)
+        self.metrics.wakes.labels(name, reason, "ok").inc()
+        slot.last_error = None
+        slot.manual_sleep = False
+        self._set_state(slot, ModelState.AWAKE)
+        log.info("model %s is awake (reason: %s)", name, reason)
+        self._settle(slot.wake_outcomes, True)
+
+    @staticmethod
+    def _settle(outcomes: list[asyncio.Future[bool]], result: bool) -> None:
+        for fut in outcomes:
+            if not fut.done():
+                fut.set_result(result)
+        outcomes.clear()
+
+    def _set_state(self, slot: ModelSlot, state: ModelState) -> None:
+        slot.state = state
+        slot.state_since = self.clock()
+        slot.version += 1
+        if state is ModelState.AWAKE:
+            self._release_waiters(slot)
+        if state in _SETTLED:
+            self.persist()
+
+    def engine_restarting(self, model_name: str, ready: asyncio.Future[bool],
+                          problem: str | None = None) -> None:
+        """A launched engine died and is being restarted: hold its requests until it is ready.
+
+        A fresh engine process holds its memory, so a successful restart ends awake.
+        """
+        slot = self.slots.get(model_name)
+        if slot is None:
+            return
+        if slot.worker is not None:
+            slot.worker.cancel()
+        slot.engine_up = False
+        slot.last_error = problem or "engine exited; restarting"
+        slot.want_awake = True
+        self._set_state(slot, ModelState.WAKING)
+        slot.worker = asyncio.create_task(self._await_restart(slot, ready),
+                                          name=f"kvsleep-restart-{model_name}")
+
+    async def _await_restart(self, slot: ModelSlot, ready: asyncio.Future[bool]) -> None:
+        if await ready:
+            slot.engine_up = True
+            slot.last_error = None
+            self._set_state(slot, ModelState.AWAKE)
+        else:
+            slot.want_awake = False
+            self._set_state(slot, ModelState.FAILED)
+            self._reject_waiters(slot, "wake_failed", f"model `{slot.cfg.name}` engine failed to "
+                                 f"restart: {slot.last_error}", 503)
+        self._settle(slot.wake_outcomes, slot.state is ModelState.AWAKE)
+        self._settle(slot.sleep_outcomes, False)
+
+    def adopt(self, action: policy.Adopt) -> bool:
+        """Take an engine's observed state, unless something changed since the probe."""
+        slot = self.slots.get(action.model)
+        if slot is None or slot.busy or slot.version != action.version:
+            return False
+        log.warning("model %s: %s; now %s (was %s)", action.model, action.why,
+                    action.state.value, slot.state.value)
+        slot.want_awake = action.state is ModelState.AWAKE
+        if action.state is ModelState.ASLEEP:
+            slot.slept_at = self.clock()
+        self._set_state(slot, action.state)
+        if slot.waiters and action.state is not ModelState.AWAKE:
+            self.request_wake(action.model, "request")
+        return True
+
+    def persist(self) -> None:
+        if self.state_store is None:
+            return
+        try:
+            self.state_store.save({
+                name: StoredModel(s.state, s.state_since, s.cfg.engine, s.cfg.url)
+                for name, s in self.slots.items()
+            })
+        except OSError as exc:
+            log.error("cannot write state file %s: %s", self.state_store.path, exc)
+
+    # ---- views ---------------------------------------------------------------------------
+
+    def view(self, slot: ModelSlot, observation: policy.Observation | None = None
+             ) -> policy.ModelView:
+        stats = self.traffic_monitor.add_model(slot.cfg.name)
+        return policy.ModelView(
+            name=slot.cfg.name, state=slot.state, state_since=slot.state_since,
+            version=slot.version, busy=slot.busy, in_flight=stats.in_flight,
+            held=len(slot.waiters), last_activity=stats.last_activity_time,
+            policy=slot.cfg.policy, always_on=slot.cfg.always_on, engine_up=slot.engine_up,
+            observation=observation, slept_at=slot.slept_at, deferred_wake=slot.deferred_wake,
+        )
+
+    def model_snapshots(self) -> Iterator[ModelSnapshot]:
+        stats = self.traffic_monitor.model_stats
+        for name, slot in self.slots.items():
+            s = stats.get(name)
+            yield ModelSnapshot(
+                name=name, state=slot.state,
+                in_flight=s.in_flight if s else 0, held=len(slot.waiters),
+                last_request_timestamp=s.last_activity_time if s else 0.0,
+                idle_threshold_seconds=slot.cfg.policy.idle_threshold_seconds,
+                engine_up=slot.engine_up,
+            )
+
+    # ---- the kvcached controller's API ---------------------------------------------------
+
+    async def put_model_to_sleep(self, model_name: str, manual: bool = False) -> bool:
+        if model_name not in self.slots:
+            return False
+        try:
+            return await self.request_sleep(model_name, "manual" if manual else "idle")
+        except NotAllowed as exc:
+            log.info("%s", exc)
+            return False
+
+    async def wakeup_model(self, model_name: str) -> bool:
+        if model_name not in self.slots:
+            return False
+        return await self.request_wake(model_name, "manual")
+
+    def is_model_sleeping(self, model_name: str) -> bool:
+        slot = self.slots.get(model_name)
+        return slot is not None and slot.state in (ModelState.SLEEPING, ModelState.ASLEEP)
+
+    def get_sleeping_models(self) -> dict[str, dict[str, object]]:
+        now = self.clock()
+        return {
+            name: {
+                "sleep_start_time": slot.slept_at or slot.state_since,
+                "sleep_duration": now - (slot.slept_at or slot.state_since),
+                "manual_sleep": slot.manual_sleep,
+            }
+            for name, slot in self.slots.items()
+            if slot.state in (ModelState.SLEEPING, ModelState.ASLEEP)
+        }
+
+    def get_sleep_candidates(self) -> list[str]:
+        now = self.clock()
+        return [name for name, slot in self.slots.items()
+                if policy.sleep_candidate(self.view(slot), now)]
+
+    async def check_model_sleep_status(self, model_name: str) -> bool | None:
+        """The engine's word where it has one; for SGLang, what kvsleep remembers."""
+        slot = self.slots.get(model_name)
+        if slot is None:
+            return None
+        observed = await slot.adapter.observe(slot.state)
+        if not observed.up:
+            return None
+        if observed.asleep is not None:
+            return observed.asleep
+        return slot.state in (ModelState.SLEEPING, ModelState.ASLEEP)
