@@ -40,6 +40,9 @@ class SleepPolicy:
 
 @dataclass(frozen=True)
 class RouterConfig:
+    """The router's listener and limits; the admin token is read from the environment so that
+    it never sits in a config file (and `repr` leaves it out so it never reaches a log)."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token_env: str | None = None
@@ -52,6 +55,9 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """One engine, whichever form it came from; `policy` already has its overrides applied,
+    so consumers never merge policy themselves."""
+
     name: str
     engine: str
     url: str
@@ -86,12 +92,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GpuConfig:
+    """A GPU's memory, so that the models' `memory_gb` can be weighed against what it holds."""
+
     id: int
     memory_gb: float
 
 
 @dataclass(frozen=True)
 class PolicySource:
+    """Where idle rules read traffic: this process alone, or Prometheus for a fleet of routers."""
+
     type: str = "local"
     url: str | None = None
     query_timeout_seconds: float = 5.0
@@ -100,6 +110,8 @@ class PolicySource:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole validated file; `source` names it in later messages (reloads, logs)."""
+
     router: RouterConfig = field(default_factory=RouterConfig)
     sleep_manager: SleepPolicy = field(default_factory=SleepPolicy)
     models: tuple[ModelConfig, ...] = ()
@@ -350,10 +362,11 @@ def _integer(low: int, high: int | None = None) -> _Converter:
 _seconds = _number("seconds")
 _positive_seconds = _number("seconds", positive=True)
 _port = _integer(1, 65535)
+_gpu_id = _integer(0)
 
 
 def _sleep_level(check: _Checker, path: str, value: object) -> Any:
-    if isinstance(value, bool) or value not in (0, 1, 2):
+    if type(value) is not int or value not in (0, 1, 2):
         return check.report(path, f"must be 0, 1 or 2, got {_describe(value)}")
     return value
 
@@ -460,7 +473,7 @@ def _env_list(check: _Checker, path: str, value: object) -> Any:
 def _gpu_ids(check: _Checker, path: str, value: object) -> Any:
     if not isinstance(value, list):
         return check.wrong_type(path, "a list of GPU ids", value)
-    ids = [_integer(0)(check, f"{path}[{i}]", item) for i, item in enumerate(value)]
+    ids = [_gpu_id(check, f"{path}[{i}]", item) for i, item in enumerate(value)]
     return _INVALID if _INVALID in ids else tuple(ids)
 
 
@@ -489,7 +502,7 @@ def _prometheus_url(check: _Checker, path: str, value: object) -> Any:
 
 def _choice(*options: str) -> _Converter:
     def choice(check: _Checker, path: str, value: object) -> Any:
-        if value in options and isinstance(value, str):
+        if isinstance(value, str) and value in options:
             return value
         return check.report(path, f"expected one of {', '.join(options)}, got {_describe(value)}")
 
@@ -501,7 +514,7 @@ def _engine_url(check: _Checker, path: str, value: object) -> Any:
     parts = _http_url(check, path, value)
     if parts is _INVALID:
         return parts
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         return check.report(path, f"bad URL {parts.geturl()!r}: expected http://host:port only")
     return f"{parts.scheme}://{parts.netloc}"
 
@@ -554,7 +567,7 @@ _ROUTER_FIELDS: dict[str, _Converter] = {
 }
 _ROUTER_ALIASES = {"router_host": "host", "router_port": "port"}
 
-_GPU_FIELDS: dict[str, _Converter] = {"id": _integer(0), "memory_gb": _number("GB", positive=True)}
+_GPU_FIELDS: dict[str, _Converter] = {"id": _gpu_id, "memory_gb": _number("GB", positive=True)}
 
 _POLICY_SOURCE_FIELDS: dict[str, _Converter] = {
     "type": _choice("local", "prometheus"),
@@ -789,13 +802,13 @@ def _instance_url(check: _Checker, path: str, tokens: Sequence[str]) -> Any:
     """The kvcached form has no URL: the engine's own --host/--port say where it listens."""
     hosts = _flag_values(tokens, "--host")
     ports = _flag_values(tokens, "--port")
-    # The engines parse argv with argparse, where the last occurrence wins.
-    host, port = (hosts[-1] if hosts else "127.0.0.1"), (ports[-1] if ports else None)
     if not ports:
         return check.report(path, "no --port given (kvsleep reaches the instance at --host/--port)")
+    # The engines parse argv with argparse, where the last occurrence wins.
+    host, port = (hosts[-1] if hosts else "127.0.0.1"), ports[-1]
     if host is None or port is None:
         return check.report(path, f"{'--host' if host is None else '--port'} has no value")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
         return check.report(path, f"--port {port!r} is not a port number (1-65535)")
     # A server bound to every interface is reached through loopback.
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)

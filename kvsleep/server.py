@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from kvsleep.alertmanager import PayloadError, parse_webhook
 from kvsleep.config import Config, ConfigError, load_config
 from kvsleep.engines import RetryPolicy
 from kvsleep.metrics import Metrics
@@ -78,6 +79,7 @@ class KvsleepServer:
         add.add_post("/models/{model:.+}/wake", self._control(self.wake))
         add.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
         add.add_post("/-/reload", self._control(self.reload))
+        add.add_post("/alertmanager/webhook", self._control(self.alertmanager_webhook))
         add.add_get("/-/healthy", self.healthy)
         add.add_get("/-/ready", self.readiness)
         app.cleanup_ctx.append(self._lifespan)
@@ -274,6 +276,33 @@ class KvsleepServer:
         return _action(name, ok, f"Model {name} wake request "
                        f"{'successful' if ok else 'failed'}{detail}", 200 if ok else 400)
 
+    async def alertmanager_webhook(self, request: web.Request) -> web.Response:
+        try:
+            payload = await request.json()
+        except ValueError:
+            payload = None
+        try:
+            actions = parse_webhook(payload, self.manager.slots)
+        except PayloadError as exc:
+            raise OpenAIError(400, f"Alertmanager payload refused: {exc}",
+                              "invalid_request_error", code="invalid_payload") from None
+        results = []
+        for act in actions:
+            try:
+                if act.action == "sleep":
+                    self.manager.request_sleep(act.model, "alert")
+                    outcome = "sleep requested"
+                elif (at := self.manager.defer_wake(act.model, "alert")) is not None:
+                    outcome = f"wake deferred {at - self.clock():.0f}s (min_sleep_duration)"
+                else:
+                    self.manager.request_wake(act.model, "alert")
+                    outcome = "wake requested"
+            except NotAllowed as exc:
+                outcome = f"ignored: {exc}"
+            log.info("alert %s: %s %s: %s", act.alertname, act.action, act.model, outcome)
+            results.append({"model": act.model, "action": act.action, "result": outcome})
+        return web.json_response({"status": "accepted", "actions": results})
+
     async def reload(self, request: web.Request) -> web.Response:
         try:
             self.reload_config()
@@ -302,6 +331,10 @@ class KvsleepServer:
                 self.manager.add_model(model)
         self.manager.config = new.sleep_manager
         self.traffic.idle_threshold_seconds = new.sleep_manager.idle_threshold_seconds
+        if (new.router.host, new.router.port) != (self.config.router.host,
+                                                   self.config.router.port):
+            log.warning("router.host/port changes take effect at the next restart")
+        self.router.config = new.router
         self.config = new
         self._mark_reload(True)
         log.info("configuration reloaded: %d models", len(new.models))

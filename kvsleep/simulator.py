@@ -9,6 +9,7 @@ crashes); `_Vllm` and `_Sglang` hold each engine's sleep state and control route
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import collections
@@ -272,7 +273,7 @@ class SimEngine:
         self.die(CRASH_EXIT_CODE, f"engine crashed ({kind}): {detail}")
 
     def die(self, code: int, reason: str) -> NoReturn:
-        log.error("%s; exiting with code %d", reason, code)
+        log.error("%s; dying with exit code %d", reason, code)
         self.record("exit", code=code, reason=reason)
         self._on_crash(code)
         raise EngineDead(reason)
@@ -326,6 +327,7 @@ class SimEngine:
                 "in_flight": self.in_flight,
                 "queued": self.queued,
                 "hung": self.hung,
+                # Inference that reached an engine not fully awake (each one is also a hazard).
                 "served_while_not_awake": self.served_while_not_awake,
             },
             "engine": self.behaviour.stats(),
@@ -432,7 +434,7 @@ class SimEngine:
         if model != self.settings.model:
             raise _ApiError(404, f"The model `{model}` does not exist.", "model")
         req = _parse_request(route, body, self.settings.default_max_tokens)
-        stream = body.get("stream", False)
+        stream = body.get("stream") or False
         if not isinstance(stream, bool):
             raise _ApiError(400, "stream must be a boolean", "stream")
         self.record("request", route=route, stream=stream)
@@ -454,7 +456,8 @@ class SimEngine:
             else:
                 response = await self._complete(req)
         except ConnectionResetError:
-            req.aborted = True  # the client went away; a real engine aborts the request too
+            if not self.dead:  # the client went away; a real engine aborts the request too
+                self.aborted += 1
             raise
         finally:
             self._requests.discard(req)
@@ -620,7 +623,7 @@ class SimEngine:
         return sum(1 for t in self._token_times if t > now - window) / window
 
 
-class _Behaviour:
+class _Behaviour(abc.ABC):
     """What differs between engines: sleep state, admission rules, control routes, metrics."""
 
     def __init__(self, sim: SimEngine) -> None:
@@ -629,32 +632,33 @@ class _Behaviour:
         self.labels = {"model_name": sim.settings.model}
 
     @property
+    @abc.abstractmethod
     def running(self) -> bool:
         """Whether admitted requests may produce tokens now (False freezes them)."""
-        raise NotImplementedError
 
-    def state(self) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state(self) -> str: ...
 
+    @abc.abstractmethod
     def resident(self) -> tuple[bool, bool]:
         """Whether (weights, KV cache) occupy GPU memory."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def admit(self, request: _Request) -> None:
         """Let a request in, make it wait, count a hazard, or crash, as the engine would."""
-        raise NotImplementedError
 
-    def add_routes(self, app: web.Application) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def add_routes(self, app: web.Application) -> None: ...
 
-    def refresh_metrics(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def refresh_metrics(self) -> None: ...
 
-    def stats(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]: ...
 
+    @abc.abstractmethod
     def observe_latency(self, seconds: float) -> None:
-        """Record an end-to-end latency where the engine exports one (SGLang)."""
+        """Record a finished request's end-to-end latency."""
 
 
 class _Vllm(_Behaviour):
@@ -738,6 +742,8 @@ class _Vllm(_Behaviour):
         # 0.11 has no modes: it neither pauses nor aborts, whatever the query says.
         mode = "none" if old else _choice(request.query.get("mode", "abort"), _MODES, "mode")
         async with self.sim.control_lock:
+            # A repeat (even on a partly woken engine) changes nothing, except that 0.33 in
+            # abort mode aborts whatever was queued or frozen meanwhile.
             if not self.awake:
                 if self.settings.vllm_version == "0.33" and mode == "abort":
                     for queued in self.sim.requests:
@@ -809,6 +815,9 @@ class _Vllm(_Behaviour):
 
     async def handle_version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": f"{self.settings.vllm_version}.0"})
+
+    def observe_latency(self, seconds: float) -> None:
+        """Not exported: the contract lists no vLLM latency histogram."""
 
     def refresh_metrics(self) -> None:
         self.running_gauge.labels(**self.labels).set(self.sim.in_flight)

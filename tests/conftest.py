@@ -1,4 +1,4 @@
-"""Shared fixtures: simulated engines in-process (`sim_factory`) or as subprocesses (`sim_process`)."""
+"""Shared fixtures: simulated engines in-process (`sim_factory`) or as processes (`sim_process`)."""
 
 from __future__ import annotations
 
@@ -150,4 +150,3 @@ async def kvsleep_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitab
     yield make
     for kv in reversed(running):
         await kv.close()
-

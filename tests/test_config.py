@@ -250,6 +250,7 @@ def test_instance_host(host_args: list[str], url: str) -> None:
         (["--port"], "--port has no value"),
         (["--port=http"], "--port 'http' is not a port number (1-65535)"),
         (["--port=70000"], "--port '70000' is not a port number (1-65535)"),
+        (["--port=²"], "--port '²' is not a port number (1-65535)"),
         (["--port 'unbalanced"], "cannot split"),
     ],
 )

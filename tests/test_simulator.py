@@ -162,9 +162,8 @@ async def test_tokens_are_paced(sim_factory: SimFactory, session) -> None:
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 async def test_embeddings_and_models(sim_factory: SimFactory, session, flavor) -> None:
     engine = await sim_factory(flavor, model="org/emb", embedding_dim=4)
-    status, body = await call_json(
-        session, "POST", engine.url + "/v1/embeddings", json={"model": "org/emb", "input": ["a", "a"]}
-    )
+    request = {"model": "org/emb", "input": ["a", "a"]}
+    status, body = await call_json(session, "POST", engine.url + "/v1/embeddings", json=request)
     assert status == 200 and body["object"] == "list"
     first, second = body["data"]
     assert first["object"] == "embedding" and len(first["embedding"]) == 4
@@ -321,10 +320,8 @@ async def test_vllm_level2_needs_reload_or_serves_garbage(sim_factory: SimFactor
     await complete(engine, session)
     assert (await engine.stats())["hazards"] == {"garbage_weights": 1}
 
-    status, body = await call_json(
-        session, "POST", engine.url + "/collective_rpc", json={"method": "reload_weights"}
-    )
-    assert status == 200
+    rpc = {"method": "reload_weights"}
+    assert (await call(session, "POST", engine.url + "/collective_rpc", json=rpc))[0] == 200
     await complete(engine, session)
     assert (await engine.stats())["hazards"] == {"garbage_weights": 1}
 
@@ -439,7 +436,8 @@ async def test_health_answers_503_during_startup(sim_factory: SimFactory, sessio
 
 async def test_sglang_release_and_resume_move_memory(sim_factory: SimFactory, session) -> None:
     engine = await sim_factory("sglang", weights_cpu_backup=True)
-    release, resume = engine.url + "/release_memory_occupation", engine.url + "/resume_memory_occupation"
+    release = engine.url + "/release_memory_occupation"
+    resume = engine.url + "/resume_memory_occupation"
     assert await call(session, "POST", release, json={}) == (200, "null")
     metrics = await scrape(session, engine.url)
     assert sample(metrics, "kvsleep_sim_gpu_memory_used_bytes") == 0
@@ -490,7 +488,9 @@ async def test_sglang_health_on_released_engine_is_a_hazard(
     assert sample(metrics, "kvsleep_sim_hazards_total", kind="health_while_released") == 2
 
 
-async def test_sglang_stale_weights_until_update_from_disk(sim_factory: SimFactory, session) -> None:
+async def test_sglang_stale_weights_until_update_from_disk(
+    sim_factory: SimFactory, session
+) -> None:
     engine = await sim_factory("sglang", model="served", weights_path="/models/served")
     await call(session, "POST", engine.url + "/release_memory_occupation", json={})
     await call(session, "POST", engine.url + "/resume_memory_occupation", json={})
@@ -501,10 +501,12 @@ async def test_sglang_stale_weights_until_update_from_disk(sim_factory: SimFacto
     status, body = await call_json(session, "POST", update, json={"model_path": "served"})
     assert status == 400 and body["success"] is False
     status, body = await call_json(session, "POST", update, json={"model_path": "/models/served"})
-    assert (status, body) == (
-        200,
-        {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0},
-    )
+    assert status == 200
+    assert body == {
+        "success": True,
+        "message": "Succeeded to update model weights.",
+        "num_paused_requests": 0,
+    }
     await complete(engine, session, model="served")
     assert (await engine.stats())["hazards"] == {"stale_weights": 1}
 
@@ -515,7 +517,10 @@ async def test_sglang_stale_weights_until_update_from_disk(sim_factory: SimFacto
         (["/resume_memory_occupation"], "resume_without_release"),
         (["/release_memory_occupation", "/release_memory_occupation"], "double_release"),
         (["/release_memory_occupation", "/v1/completions"], "request_while_released"),
-        (["/release_memory_occupation", "/update_weights_from_disk"], "update_weights_while_released"),
+        (
+            ["/release_memory_occupation", "/update_weights_from_disk"],
+            "update_weights_while_released",
+        ),
     ],
 )
 async def test_sglang_misuse_crashes(
@@ -548,7 +553,9 @@ async def test_sglang_without_memory_saver_release_frees_nothing(
     assert stats["gpu_memory_bytes"] == FULL and stats["hazards"] == {}
 
 
-async def test_sglang_pause_holds_requests_and_server_info(sim_factory: SimFactory, session) -> None:
+async def test_sglang_pause_holds_requests_and_server_info(
+    sim_factory: SimFactory, session
+) -> None:
     engine = await sim_factory("sglang", weights_path="/w")
     await call(session, "POST", engine.url + "/pause_generation", json={"mode": "in_place"})
     held = complete(engine, session)
@@ -581,7 +588,7 @@ async def test_fail_next_sleep_answers_500_and_does_nothing(
 
 
 async def test_hang_next_wake_never_answers(sim_factory: SimFactory, session) -> None:
-    engine = await sim_factory("sglang", fail_next={"sleep": 0}, hang_next={"wake": 1})
+    engine = await sim_factory("sglang", hang_next={"wake": 1})
     resume = engine.url + "/resume_memory_occupation"
     await call(session, "POST", engine.url + "/release_memory_occupation", json={})
     with pytest.raises(asyncio.TimeoutError):
@@ -623,10 +630,8 @@ async def test_exit_fault_ends_the_process_with_its_code(session) -> None:
 def test_cli_flags_build_settings() -> None:
     parser = argparse.ArgumentParser()
     add_sim_arguments(parser)
-    ns = parser.parse_args(
-        ["--flavor", "sglang", "--model", "q", "--no-memory-saver", "--wake-latency", "0.3"]
-        + ["--fail-next", "sleep=2", "--hang-next", "wake=1", "--weights-path", "/w"]
-    )
+    flags = "--flavor sglang --model q --no-memory-saver --wake-latency 0.3 --weights-path /w"
+    ns = parser.parse_args([*flags.split(), "--fail-next", "sleep=2", "--hang-next", "wake=1"])
     settings = settings_from_args(ns)
     assert settings.memory_saver is False and settings.wake_latency == 0.3
     assert settings.fail_next == {"sleep": 2} and settings.hang_next == {"wake": 1}
