@@ -109,6 +109,19 @@ class PolicySource:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """Other kvsleep replicas in front of the same engines; no peers = this replica alone.
+
+    Each model is owned by one replica (rendezvous hashing over `self_url` and `peers`, so every
+    replica computes the same owner): only the owner sleeps and wakes its engine, after every
+    peer has drained it; the others ask the owner to wake it.
+    """
+
+    self_url: str | None = None
+    peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated file; `source` names it in later messages (reloads, logs)."""
 
@@ -119,6 +132,7 @@ class Config:
     state_dir: str = "./.kvsleep-state"
     log_dir: str = "./.kvsleep-logs"
     policy_source: PolicySource = field(default_factory=PolicySource)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     source: str = "<config>"
 
     def model(self, name: str) -> ModelConfig | None:
@@ -538,6 +552,7 @@ _TOP_KEYS = (
     "state_dir",
     "log_dir",
     "policy_source",
+    "fleet",
     "kvcached",
     "instances",
 )
@@ -664,6 +679,7 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
         models=tuple(entry.model for entry in entries),
         gpus=gpus,
         policy_source=_parse_policy_source(check, data.get("policy_source")),
+        fleet=_parse_fleet(check, data.get("fleet")),
         source=check.source,
         **{key: value for key, value in dirs.items() if value is not _INVALID},
     )
@@ -713,6 +729,32 @@ def _parse_policy_source(check: _Checker, value: object) -> PolicySource:
     if values.get("type") == "prometheus" and data.get("url") is None:
         check.report("policy_source.url", "required when type is prometheus")
     return PolicySource(**values)
+
+
+def _replica_url(check: _Checker, path: str, value: object) -> Any:
+    parts = _http_url(check, path, value)
+    return parts if parts is _INVALID else parts.geturl().rstrip("/")
+
+
+def _replica_urls(check: _Checker, path: str, value: object) -> Any:
+    if not isinstance(value, list):
+        return check.wrong_type(path, "a list of replica URLs", value)
+    urls = [_replica_url(check, f"{path}[{i}]", item) for i, item in enumerate(value)]
+    return tuple(url for url in urls if url is not _INVALID)
+
+
+_FLEET_FIELDS: dict[str, _Converter] = {
+    "self_url": _optional(_replica_url),
+    "peers": _replica_urls,
+}
+
+
+def _parse_fleet(check: _Checker, value: object) -> FleetConfig:
+    values = check.fields("fleet", check.mapping("fleet", value), _FLEET_FIELDS)
+    if values.get("peers") and not values.get("self_url"):
+        check.report("fleet.self_url", "required when fleet.peers is given (the URL peers use "
+                     "to reach this replica)")
+    return FleetConfig(**values)
 
 
 def _entries(check: _Checker, key: str, value: object) -> list[Any]:

@@ -32,6 +32,8 @@ class ModelView:
     observation: Observation | None = None
     slept_at: float | None = None
     deferred_wake: str | None = None
+    owned: bool = True
+    sleep_allowed: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ def sleep_candidate(view: ModelView, now: float) -> bool:
     """Awake, not pinned, nothing in flight, idle past its threshold and the anti-flap floor."""
     return (
         view.state is ModelState.AWAKE
+        and view.owned
+        and view.sleep_allowed
         and not view.always_on
         and not view.busy
         and idle_seconds(view, now) >= view.policy.idle_threshold_seconds
@@ -82,6 +86,13 @@ def heal(view: ModelView) -> Adopt | None:
     """Reconcile belief with what the engine says, where the engine can say anything."""
     obs = view.observation
     if view.busy or obs is None or not obs.up:
+        return None
+    if not view.owned:
+        # Another replica sleeps this engine; between its peers' drain and its sleep call the
+        # engine still says "awake", so only the owner's word makes this replica forward again.
+        if obs.asleep is True and view.state is ModelState.AWAKE:
+            return Adopt(view.name, ModelState.ASLEEP, "engine reports it is asleep",
+                         view.version)
         return None
     if obs.asleep is True and view.state in (ModelState.AWAKE, ModelState.FAILED):
         return Adopt(view.name, ModelState.ASLEEP, "engine reports it is asleep", view.version)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from kvsleep import policy
 from kvsleep.engines.base import EngineAdapter, Observation
+from kvsleep.policy_source import PrometheusSource
 from kvsleep.sleep_state import ModelState
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ MAX_CONCURRENT_PROBES = 64
 class Reconciler:
     def __init__(self, manager: SleepManager) -> None:
         self.manager = manager
+        self.source: PrometheusSource | None = None
         self._probe_slots = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
 
     def interval(self) -> float:
@@ -64,11 +66,14 @@ class Reconciler:
         slots = [s for s in manager.slots.values() if not s.busy]
         versions = [s.version for s in slots]
         observations = await asyncio.gather(*(self._observe(s.adapter, s.state) for s in slots))
+        fleet = (await self.source.fleet_traffic(s.cfg.name for s in slots)
+                 if self.source is not None else {})
         views = []
         for slot, version, obs in zip(slots, versions, observations, strict=True):
             if slot.version != version or manager.slots.get(slot.cfg.name) is not slot:
                 continue  # changed while we probed: judge it next pass
-            views.append(manager.view(slot, obs))
+            views.append(manager.view(slot, obs, fleet.get(slot.cfg.name),
+                                      fleet_mode=self.source is not None))
             previous_up, slot.engine_up = slot.engine_up, obs.up
             if previous_up and not obs.up:
                 log.warning("model %s: engine unreachable: %s", slot.cfg.name, obs.detail)

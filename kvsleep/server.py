@@ -14,16 +14,19 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from kvsleep.alertmanager import PayloadError, parse_webhook
-from kvsleep.config import Config, ConfigError, load_config
-from kvsleep.engines import RetryPolicy
+from kvsleep.config import Config, ConfigError, ModelConfig, load_config
+from kvsleep.engines import EngineAdapter, EngineError, RetryPolicy, adapter_for
+from kvsleep.fleet import MemberAdapter, OwnerAdapter, owner_of
 from kvsleep.metrics import Metrics
+from kvsleep.policy_source import PrometheusSource
 from kvsleep.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
 from kvsleep.sleep_manager import NotAllowed, SleepManager
 from kvsleep.sleep_state import ModelState, StateStore
@@ -47,13 +50,56 @@ class KvsleepServer:
         self.traffic = TrafficMonitor(config.sleep_manager.idle_threshold_seconds, clock=clock)
         self.manager = SleepManager(config.sleep_manager, self.traffic, metrics=self.metrics,
                                     state_store=StateStore(config.state_dir), clock=clock,
-                                    retry=retry)
+                                    retry=retry, adapter_factory=self._adapter,
+                                    owns=lambda name: self.owner(name) is None)
         for model in config.models:
             self.manager.add_model(model)
+        if config.policy_source.type == "prometheus":
+            self.manager.reconciler.source = PrometheusSource(
+                config.policy_source, self.metrics.registry, clock)
         self.router = Router(self.manager, self.metrics, config.router)
         self.ready = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self._mark_reload(True)
         self.app = self._build_app()
+
+    # ---- fleet ---------------------------------------------------------------------------
+
+    def owner(self, model: str) -> str | None:
+        """The replica that sleeps and wakes `model`, when that is not this one."""
+        owner = owner_of(model, self.config.fleet)
+        return None if owner == self.config.fleet.self_url else owner
+
+    def _adapter(self, model: ModelConfig, session: aiohttp.ClientSession,
+                 retry: RetryPolicy) -> EngineAdapter:
+        inner = adapter_for(model, session, retry)
+        if not self.config.fleet.peers:
+            return inner
+        token = self.config.router.admin_token
+        owner = self.owner(model.name)
+        if owner is None:
+            return OwnerAdapter(inner, token, self.config.fleet.peers)
+        return MemberAdapter(inner, token, owner)
+
+    async def _ask_owner_to_sleep(self, owner: str, model: str) -> None:
+        adapter = self.manager.slots[model].adapter
+        assert isinstance(adapter, MemberAdapter)
+        try:
+            await adapter.ask(owner, "sleep", {"wait": "false"}, 10.0)
+        except EngineError as exc:
+            log.warning("alert sleep of %s not passed to its owner: %s", model, exc)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ask_owner(self, owner: str, request: web.Request) -> web.Response:
+        """Pass an operator's sleep to the replica that owns the model."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        async with self.manager.session.post(owner + request.path_qs, headers=headers) as resp:
+            return web.Response(body=await resp.read(), status=resp.status,
+                                content_type=resp.content_type)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -99,6 +145,8 @@ class KvsleepServer:
         self.ready = False
         await self.manager.stop()
         await self.router.close()
+        if self.manager.reconciler.source is not None:
+            await self.manager.reconciler.source.close()
 
     # ---- middleware and access -----------------------------------------------------------
 
@@ -249,31 +297,34 @@ class KvsleepServer:
 
     async def sleep(self, request: web.Request) -> web.Response:
         name = self._model(request)
+        from_owner = request.query.get("from") == "owner"
+        owner = self.owner(name)
+        if owner is not None and not from_owner:
+            return await self._ask_owner(owner, request)
         try:
-            outcome = self.manager.request_sleep(name, "manual")
+            outcome = self.manager.request_sleep(name, "reconcile" if from_owner else "manual")
         except NotAllowed as exc:
             return _action(name, False, str(exc), 409)
-        if request.query.get("wait", "true") == "false":
-            return _action(name, True, f"Model {name} sleep requested", 202)
-        ok = await outcome
-        slot = self.manager.slots.get(name)
-        detail = "" if ok or slot is None or not slot.last_error else f": {slot.last_error}"
-        return _action(name, ok, f"Model {name} sleep request "
-                       f"{'successful' if ok else 'failed'}{detail}", 200 if ok else 400)
+        return await self._answer(request, name, "sleep", outcome)
 
     async def wake(self, request: web.Request) -> web.Response:
         name = self._model(request)
-        at = self.manager.defer_wake(name, "manual")
-        if at is not None:
+        reason = "request" if request.query.get("reason") == "request" else "manual"
+        if reason != "request" and (at := self.manager.defer_wake(name, reason)) is not None:
             return _action(name, True, f"Model {name} slept less than min_sleep_duration; wake "
                            f"scheduled in {at - self.clock():.0f}s", 202)
-        outcome = self.manager.request_wake(name, "manual")
+        return await self._answer(request, name, "wake", self.manager.request_wake(name, reason))
+
+    async def _answer(self, request: web.Request, name: str, verb: str,
+                      outcome: asyncio.Future[bool]) -> web.Response:
+        """Answer once the operation is over, as the kvcached controller did (or at once with
+        `?wait=false`)."""
         if request.query.get("wait", "true") == "false":
-            return _action(name, True, f"Model {name} wake requested", 202)
+            return _action(name, True, f"Model {name} {verb} requested", 202)
         ok = await outcome
         slot = self.manager.slots.get(name)
         detail = "" if ok or slot is None or not slot.last_error else f": {slot.last_error}"
-        return _action(name, ok, f"Model {name} wake request "
+        return _action(name, ok, f"Model {name} {verb} request "
                        f"{'successful' if ok else 'failed'}{detail}", 200 if ok else 400)
 
     async def alertmanager_webhook(self, request: web.Request) -> web.Response:
@@ -289,7 +340,10 @@ class KvsleepServer:
         results = []
         for act in actions:
             try:
-                if act.action == "sleep":
+                if act.action == "sleep" and (owner := self.owner(act.model)) is not None:
+                    self._background(self._ask_owner_to_sleep(owner, act.model))
+                    outcome = f"sleep passed to owner {owner}"
+                elif act.action == "sleep":
                     self.manager.request_sleep(act.model, "alert")
                     outcome = "sleep requested"
                 elif (at := self.manager.defer_wake(act.model, "alert")) is not None:

@@ -26,6 +26,7 @@ from kvsleep import policy
 from kvsleep.config import ModelConfig, SleepPolicy
 from kvsleep.engines import EngineAdapter, RetryPolicy, adapter_for
 from kvsleep.metrics import Metrics, ModelSnapshot
+from kvsleep.policy_source import FleetTraffic
 from kvsleep.reconciler import Reconciler
 from kvsleep.sleep_state import ModelState, StateStore, StoredModel
 from kvsleep.traffic_monitor import TrafficMonitor
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SleepConfig = SleepPolicy
 """The kvcached controller's name for the policy keys."""
+
+AdapterFactory = Callable[[ModelConfig, aiohttp.ClientSession, RetryPolicy], EngineAdapter]
 
 _SETTLED = (ModelState.AWAKE, ModelState.ASLEEP, ModelState.FAILED,
             ModelState.SLEEPING, ModelState.WAKING)
@@ -95,7 +98,9 @@ class SleepManager:
                  metrics: Metrics | None = None, state_store: StateStore | None = None,
                  clock: Callable[[], float] = time.time,
                  session: aiohttp.ClientSession | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 adapter_factory: AdapterFactory = adapter_for,
+                 owns: Callable[[str], bool] = lambda name: True) -> None:
         self.config = config or SleepConfig()
         self.clock = clock
         self.traffic_monitor = traffic_monitor or TrafficMonitor(
@@ -103,6 +108,8 @@ class SleepManager:
         self.metrics = metrics or Metrics()
         self.state_store = state_store
         self.retry = retry or RetryPolicy()
+        self.adapter_factory = adapter_factory
+        self.owns = owns
         self.slots: dict[str, ModelSlot] = {}
         self._session = session
         self._owns_session = session is None
@@ -120,7 +127,8 @@ class SleepManager:
         return self._session
 
     def add_model(self, cfg: ModelConfig, state: ModelState = ModelState.AWAKE) -> ModelSlot:
-        slot = ModelSlot(cfg, adapter_for(cfg, self.session, self.retry), state, self.clock())
+        slot = ModelSlot(cfg, self.adapter_factory(cfg, self.session, self.retry), state,
+                         self.clock())
         self.slots[cfg.name] = slot
         self.traffic_monitor.add_model(cfg.name)
         self.metrics.add_models([cfg.name])
@@ -151,7 +159,7 @@ class SleepManager:
         """Apply a changed model config in place, keeping its state and its waiters."""
         slot = self.slots[cfg.name]
         if (cfg.url, cfg.engine) != (slot.cfg.url, slot.cfg.engine):
-            slot.adapter = adapter_for(cfg, self.session, self.retry)
+            slot.adapter = self.adapter_factory(cfg, self.session, self.retry)
         slot.cfg = cfg
         slot.adapter.model = cfg
 
@@ -321,6 +329,10 @@ class SleepManager:
 
     async def _converge(self, slot: ModelSlot) -> None:
         while True:
+            if slot.waiters and slot.state is not ModelState.AWAKE:
+                # Held requests always get their wake, even if a sleep was asked for after
+                # they arrived; otherwise they would wait out wake_timeout for nothing.
+                slot.want_awake = True
             if not slot.want_awake and slot.state is ModelState.AWAKE:
                 await self._sleep_once(slot)
             elif slot.want_awake and slot.state in (ModelState.ASLEEP, ModelState.FAILED):
@@ -463,15 +475,23 @@ class SleepManager:
 
     # ---- views ---------------------------------------------------------------------------
 
-    def view(self, slot: ModelSlot, observation: policy.Observation | None = None
-             ) -> policy.ModelView:
+    def view(self, slot: ModelSlot, observation: policy.Observation | None = None,
+             fleet: FleetTraffic | None = None, fleet_mode: bool = False) -> policy.ModelView:
+        """The policy's view of a model; in fleet mode traffic merges every replica's, and a
+        model the fleet view lacks must not be slept."""
         stats = self.traffic_monitor.add_model(slot.cfg.name)
+        in_flight, last_activity = stats.in_flight, stats.last_activity_time
+        if fleet is not None:
+            in_flight = max(in_flight, fleet.in_flight)
+            last_activity = max(last_activity, fleet.last_activity)
         return policy.ModelView(
             name=slot.cfg.name, state=slot.state, state_since=slot.state_since,
-            version=slot.version, busy=slot.busy, in_flight=stats.in_flight,
-            held=len(slot.waiters), last_activity=stats.last_activity_time,
+            version=slot.version, busy=slot.busy, in_flight=in_flight,
+            held=len(slot.waiters), last_activity=last_activity,
             policy=slot.cfg.policy, always_on=slot.cfg.always_on, engine_up=slot.engine_up,
             observation=observation, slept_at=slot.slept_at, deferred_wake=slot.deferred_wake,
+            owned=self.owns(slot.cfg.name),
+            sleep_allowed=fleet is not None or not fleet_mode,
         )
 
     def model_snapshots(self) -> Iterator[ModelSnapshot]:

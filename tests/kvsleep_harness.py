@@ -72,8 +72,8 @@ def config_doc(models: list[dict[str, Any]], state_dir: Path, *,
 
 
 async def start_kvsleep(doc: dict[str, Any], clock: FakeClock | None = None,
-                        retry: RetryPolicy = FAST_RETRY, config_path: str | None = None
-                        ) -> RunningKvsleep:
+                        retry: RetryPolicy = FAST_RETRY, config_path: str | None = None,
+                        port: int = 0) -> RunningKvsleep:
     """Start kvsleep from a config document on a free loopback port (started = synced)."""
     clock = clock or FakeClock()
     server = KvsleepServer(parse_config(doc, "<test>"), clock=clock, retry=retry,
@@ -81,7 +81,7 @@ async def start_kvsleep(doc: dict[str, Any], clock: FakeClock | None = None,
     runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = runner.addresses[0][1]
     return RunningKvsleep(server, runner, f"http://127.0.0.1:{port}", clock)

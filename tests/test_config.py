@@ -59,6 +59,10 @@ def test_example_config_loads_without_problems() -> None:
     assert llama.launched and not qwen.launched
     assert qwen.weights_path == "Qwen/Qwen3-0.6B"
     assert config.gpus[0].memory_gb == 80
+    assert qwen.policy.wake_timeout_seconds == 120
+    assert summary(config) == (
+        "OK: 2 models (1 vllm, 1 sglang), router on 127.0.0.1:8080, auto sleep off"
+    )
 
 
 def test_example_config_documents_every_key() -> None:

@@ -59,8 +59,9 @@ def sse_events(raw: bytes) -> list[str]:
     return events
 
 
-def assert_openai_error(doc: Any, *, type_: str | None = None, param: Any = "any",
-                        code: Any = "any") -> dict[str, Any]:
+def assert_openai_error(
+    doc: Any, *, type_: str | None = None, param: Any = "any", code: Any = "any"
+) -> dict[str, Any]:
     assert isinstance(doc, dict) and set(doc) == {"error"}, doc
     err = doc["error"]
     assert set(err) == ERROR_KEYS, err
@@ -74,8 +75,9 @@ def assert_openai_error(doc: Any, *, type_: str | None = None, param: Any = "any
     return err
 
 
-async def post_raw(http: aiohttp.ClientSession, url: str, body: Any,
-                   **kwargs: Any) -> tuple[int, str, bytes, Any]:
+async def post_raw(
+    http: aiohttp.ClientSession, url: str, body: Any, **kwargs: Any
+) -> tuple[int, str, bytes, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     async with http.post(url, data=data, headers=headers, **kwargs) as resp:
@@ -148,8 +150,9 @@ async def scripted_engine() -> AsyncIterator[Callable[..., Awaitable[str]]]:
 
 @pytest.mark.parametrize("endpoint", list(BODIES))
 @pytest.mark.parametrize("flavor", FLAVORS)
-async def test_non_streaming_answer_is_the_engines(flavor, endpoint, sim_factory,
-                                                   kvsleep_factory, http):
+async def test_non_streaming_answer_is_the_engines(
+    flavor, endpoint, sim_factory, kvsleep_factory, http
+):
     sim = await sim_factory(flavor, MODELS[flavor])
     kv = await kvsleep_factory([sim_model(sim)])
     body = {"model": MODELS[flavor], **BODIES[endpoint]}
@@ -172,13 +175,17 @@ async def test_non_streaming_answer_is_the_engines(flavor, endpoint, sim_factory
 
 @pytest.mark.parametrize("endpoint", STREAMING)
 @pytest.mark.parametrize("flavor", FLAVORS)
-async def test_stream_is_relayed_byte_for_byte_and_parses_as_openai(flavor, endpoint,
-                                                                    sim_factory,
-                                                                    kvsleep_factory, http):
+async def test_stream_is_relayed_byte_for_byte_and_parses_as_openai(
+    flavor, endpoint, sim_factory, kvsleep_factory, http
+):
     sim = await sim_factory(flavor, MODELS[flavor])
     kv = await kvsleep_factory([sim_model(sim)])
-    body = {"model": MODELS[flavor], **BODIES[endpoint], "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODELS[flavor],
+        **BODIES[endpoint],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
     d_status, d_type, direct, _ = await post_raw(http, sim.url + endpoint, body)
     status, ctype, relayed, headers = await post_raw(http, kv.url + endpoint, body)
@@ -217,15 +224,16 @@ async def test_stream_bytes_pass_through_exactly(scripted_engine, kvsleep_factor
         b'"delta":{"role":"assistant","content":"caf\xc3',
         b'\xa9"}}]}\n',
         b"\n",
-        b"data: {\"id\":\"x\",\"choices\":[]}\r\n\r\n",
+        b'data: {"id":"x","choices":[]}\r\n\r\n',
         b"event: ignored\nretry: 5\n\n",
         b"data: [DONE]\n\n",
     ]
 
     async def handler(request: web.Request) -> web.StreamResponse:
         await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "X-Engine-Trace": "abc123"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "X-Engine-Trace": "abc123"}
+        )
         await resp.prepare(request)
         for piece in pieces:
             await resp.write(piece)
@@ -236,32 +244,41 @@ async def test_stream_bytes_pass_through_exactly(scripted_engine, kvsleep_factor
     url = await scripted_engine(handler)
     kv = await kvsleep_factory([{"name": "scripted", "engine": "vllm", "url": url}])
     status, ctype, relayed, headers = await post_raw(
-        http, f"{kv.url}/v1/chat/completions",
-        {"model": "scripted", "messages": [{"role": "user", "content": "x"}], "stream": True})
+        http,
+        f"{kv.url}/v1/chat/completions",
+        {"model": "scripted", "messages": [{"role": "user", "content": "x"}], "stream": True},
+    )
     assert (status, ctype) == (200, "text/event-stream")
     assert relayed == b"".join(pieces)
     assert headers["X-Engine-Trace"] == "abc123"
 
 
-async def test_non_streaming_bytes_and_headers_pass_through_exactly(scripted_engine,
-                                                                    kvsleep_factory, http):
+async def test_non_streaming_bytes_and_headers_pass_through_exactly(
+    scripted_engine, kvsleep_factory, http
+):
     payload = b'{ "id" : "x",\n  "object": "text_completion", "choices": [] }  \n'
 
     async def handler(request: web.Request) -> web.Response:
         await request.read()
-        return web.Response(body=payload, status=201, content_type="application/json",
-                            headers={"X-Engine-Trace": "t-1"})
+        return web.Response(
+            body=payload,
+            status=201,
+            content_type="application/json",
+            headers={"X-Engine-Trace": "t-1"},
+        )
 
     url = await scripted_engine(handler)
     kv = await kvsleep_factory([{"name": "scripted", "engine": "sglang", "url": url}])
     status, ctype, relayed, headers = await post_raw(
-        http, f"{kv.url}/v1/completions", {"model": "scripted", "prompt": "x"})
+        http, f"{kv.url}/v1/completions", {"model": "scripted", "prompt": "x"}
+    )
     assert (status, ctype, relayed) == (201, "application/json", payload)
     assert headers["X-Engine-Trace"] == "t-1"
 
 
-async def test_stream_chunk_reaches_client_while_engine_still_writing(scripted_engine,
-                                                                      kvsleep_factory, http):
+async def test_stream_chunk_reaches_client_while_engine_still_writing(
+    scripted_engine, kvsleep_factory, http
+):
     """Deterministic: the engine writes its second chunk only after the client has the first,
     so a router that buffers the stream would never deliver it."""
     client_has_first = asyncio.Event()
@@ -293,14 +310,18 @@ async def test_stream_chunk_reaches_client_while_engine_still_writing(scripted_e
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-async def test_slow_stream_chunks_arrive_as_generated(flavor, sim_factory, kvsleep_factory,
-                                                      http):
+async def test_slow_stream_chunks_arrive_as_generated(flavor, sim_factory, kvsleep_factory, http):
     """A sim at 20 tokens/s needs >= 0.3 s after its first chunk; a buffering router would
     deliver every chunk at the same moment."""
     sim = await sim_factory(flavor, MODELS[flavor], tokens_per_second=20.0)
     kv = await kvsleep_factory([sim_model(sim)])
-    body = {"model": MODELS[flavor], **BODIES["/v1/chat/completions"], "max_tokens": 6,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODELS[flavor],
+        **BODIES["/v1/chat/completions"],
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "stream": True,
+    }
     arrivals: list[float] = []
     buffer = b""
     async with http.post(f"{kv.url}/v1/chat/completions", json=body) as resp:
@@ -323,22 +344,33 @@ BAD_BODIES = [
     pytest.param(b"[1, 2]", "invalid_json", None, id="array"),
     pytest.param(b'"hello"', "invalid_json", None, id="string"),
     pytest.param(b"null", "invalid_json", None, id="null"),
+    pytest.param(b"\xff\xfe{", "invalid_json", None, id="not-utf8"),
+    pytest.param(b"[" * 100_000, "invalid_json", None, id="deeply-nested"),
     pytest.param(b'{"prompt": "x"}', "missing_model", "model", id="missing-model"),
     pytest.param(b'{"model": null}', "missing_model", "model", id="null-model"),
     pytest.param(b'{"model": 7, "prompt": "x"}', "invalid_model", "model", id="int-model"),
     pytest.param(b'{"model": ["a"]}', "invalid_model", "model", id="list-model"),
     pytest.param(b'{"model": ""}', "invalid_model", "model", id="empty-model"),
-    pytest.param(f'{{"model": "{VLLM_MODEL}", "prompt": "x", "stream": "true"}}'.encode(),
-                 "invalid_type", "stream", id="string-stream"),
-    pytest.param(f'{{"model": "{VLLM_MODEL}", "prompt": "x", "stream": 1}}'.encode(),
-                 "invalid_type", "stream", id="int-stream"),
+    pytest.param(
+        f'{{"model": "{VLLM_MODEL}", "prompt": "x", "stream": "true"}}'.encode(),
+        "invalid_type",
+        "stream",
+        id="string-stream",
+    ),
+    pytest.param(
+        f'{{"model": "{VLLM_MODEL}", "prompt": "x", "stream": 1}}'.encode(),
+        "invalid_type",
+        "stream",
+        id="int-stream",
+    ),
 ]
 
 
 @pytest.mark.parametrize("endpoint", list(BODIES))
 @pytest.mark.parametrize(("raw", "code", "param"), BAD_BODIES)
-async def test_bad_request_bodies_get_openai_400(raw, code, param, endpoint, sim_factory,
-                                                 kvsleep_factory, http):
+async def test_bad_request_bodies_get_openai_400(
+    raw, code, param, endpoint, sim_factory, kvsleep_factory, http
+):
     sim = await sim_factory("vllm", VLLM_MODEL)
     kv = await kvsleep_factory([sim_model(sim)])
     status, ctype, body, _ = await post_raw(http, kv.url + endpoint, raw)
@@ -348,16 +380,19 @@ async def test_bad_request_bodies_get_openai_400(raw, code, param, endpoint, sim
 
 
 @pytest.mark.parametrize("endpoint", list(BODIES))
-async def test_unknown_model_is_404_with_openai_message(endpoint, sim_factory, kvsleep_factory,
-                                                        http):
+async def test_unknown_model_is_404_with_openai_message(
+    endpoint, sim_factory, kvsleep_factory, http
+):
     sim = await sim_factory("vllm", VLLM_MODEL)
     kv = await kvsleep_factory([sim_model(sim)])
     for name in ("x", "meta-llama/Llama-3.2-1B-Instruct", "sp ace`quote"):
-        status, ctype, body, _ = await post_raw(http, kv.url + endpoint,
-                                                {"model": name, **BODIES[endpoint]})
+        status, ctype, body, _ = await post_raw(
+            http, kv.url + endpoint, {"model": name, **BODIES[endpoint]}
+        )
         assert (status, ctype) == (404, "application/json")
-        err = assert_openai_error(json.loads(body), type_="invalid_request_error",
-                                  param="model", code="model_not_found")
+        err = assert_openai_error(
+            json.loads(body), type_="invalid_request_error", param="model", code="model_not_found"
+        )
         assert err["message"] == f"The model `{name}` does not exist."
     assert engine_saw_requests(sim) == 0
 
@@ -367,7 +402,8 @@ async def test_unreachable_engine_is_502(stream, kvsleep_factory, http):
     url = f"http://127.0.0.1:{closed_port()}"
     kv = await kvsleep_factory([{"name": "gone", "engine": "vllm", "url": url}])
     status, ctype, body, _ = await post_raw(
-        http, f"{kv.url}/v1/completions", {"model": "gone", "prompt": "x", "stream": stream})
+        http, f"{kv.url}/v1/completions", {"model": "gone", "prompt": "x", "stream": stream}
+    )
     assert (status, ctype) == (502, "application/json")
     err = assert_openai_error(json.loads(body), type_="server_error", code="engine_unreachable")
     assert "gone" in err["message"]
@@ -382,25 +418,32 @@ async def test_engine_that_never_answers_is_504(flavor, sim_factory, kvsleep_fac
     async with http.post(f"{sim.url}/sim/faults", json={"hang_requests": 1}) as resp:
         assert resp.status == 200
     started = time.monotonic()
-    status, ctype, body, _ = await asyncio.wait_for(post_raw(
-        http, f"{kv.url}/v1/completions", {"model": MODELS[flavor], "prompt": "x"}), 10)
+    status, ctype, body, _ = await asyncio.wait_for(
+        post_raw(http, f"{kv.url}/v1/completions", {"model": MODELS[flavor], "prompt": "x"}), 10
+    )
     assert (status, ctype) == (504, "application/json")
     assert_openai_error(json.loads(body), type_="server_error", code="engine_timeout")
     assert time.monotonic() - started < 5
     assert sim.sim.hung == 1
     # The next request is served normally.
-    status, _, _, _ = await post_raw(http, f"{kv.url}/v1/completions",
-                                     {"model": MODELS[flavor], "prompt": "x"})
+    status, _, _, _ = await post_raw(
+        http, f"{kv.url}/v1/completions", {"model": MODELS[flavor], "prompt": "x"}
+    )
     assert status == 200
 
 
-async def test_stream_that_stalls_past_the_timeout_ends_with_an_sse_error(sim_factory,
-                                                                          kvsleep_factory,
-                                                                          http):
+async def test_stream_that_stalls_past_the_timeout_ends_with_an_sse_error(
+    sim_factory, kvsleep_factory, http
+):
     sim = await sim_factory("sglang", SGLANG_MODEL, tokens_per_second=50.0)
     kv = await kvsleep_factory([sim_model(sim)], router={"upstream_timeout_seconds": 0.3})
-    body = {"model": SGLANG_MODEL, **BODIES["/v1/chat/completions"], "max_tokens": 50,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": SGLANG_MODEL,
+        **BODIES["/v1/chat/completions"],
+        "max_tokens": 50,
+        "ignore_eos": True,
+        "stream": True,
+    }
     async with http.post(f"{kv.url}/v1/chat/completions", json=body) as resp:
         assert resp.status == 200
         first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 3)
@@ -416,8 +459,7 @@ async def test_stream_that_stalls_past_the_timeout_ends_with_an_sse_error(sim_fa
     assert kv.server.traffic.model_stats[SGLANG_MODEL].in_flight == 0
 
 
-async def test_engine_crash_mid_stream_ends_with_an_sse_error(sim_factory, kvsleep_factory,
-                                                              http):
+async def test_engine_crash_mid_stream_ends_with_an_sse_error(sim_factory, kvsleep_factory, http):
     sim = await sim_factory("vllm", VLLM_MODEL)
     kv = await kvsleep_factory([sim_model(sim)])
     async with http.post(f"{sim.url}/sim/faults", json={"crash_stream_after_chunks": 2}) as r:
@@ -431,6 +473,17 @@ async def test_engine_crash_mid_stream_ends_with_an_sse_error(sim_factory, kvsle
     assert_openai_error(json.loads(events[2]), type_="server_error")
     assert events[3] == "[DONE]"
     assert kv.server.traffic.model_stats[VLLM_MODEL].in_flight == 0
+    assert (
+        await scrape(
+            http,
+            kv,
+            "kvsleep_requests_total",
+            model=VLLM_MODEL,
+            endpoint="/v1/chat/completions",
+            code="502",
+        )
+        == 1
+    )
 
 
 async def test_body_over_the_limit_is_413_in_openai_shape(sim_factory, kvsleep_factory, http):
@@ -447,6 +500,25 @@ async def test_body_over_the_limit_is_413_in_openai_shape(sim_factory, kvsleep_f
     err = assert_openai_error(json.loads(body), type_="invalid_request_error")
     assert "1024" in err["message"]
     assert engine_saw_requests(sim) == 1
+
+
+async def test_chunked_upload_over_the_limit_is_413(sim_factory, kvsleep_factory, http):
+    """Without a Content-Length the limit still holds, counted as the body arrives."""
+    sim = await sim_factory("vllm", VLLM_MODEL)
+    kv = await kvsleep_factory([sim_model(sim)], router={"max_body_bytes": 1024})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield f'{{"model": "{VLLM_MODEL}", "prompt": "'.encode()
+        for _ in range(20):
+            yield b"word " * 40
+        yield b'"}'
+
+    async with http.post(
+        f"{kv.url}/v1/completions", data=chunks(), headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 413
+        assert_openai_error(await resp.json(), type_="invalid_request_error")
+    assert engine_saw_requests(sim) == 0
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -474,23 +546,28 @@ async def test_engine_404_passes_through(sim_factory, kvsleep_factory, http):
     """A configured name the engine does not serve: the engine's own 404 reaches the client."""
     sim = await sim_factory("vllm", "served-name")
     kv = await kvsleep_factory([{"name": "alias", "engine": "vllm", "url": sim.url}])
-    status, _, body, _ = await post_raw(http, f"{kv.url}/v1/completions",
-                                        {"model": "alias", "prompt": "x"})
+    status, _, body, _ = await post_raw(
+        http, f"{kv.url}/v1/completions", {"model": "alias", "prompt": "x"}
+    )
     assert status == 404
     err = json.loads(body)["error"]
     assert err["message"] == "The model `alias` does not exist."
     assert (err["type"], err["code"]) == ("NotFoundError", 404)  # the engine's, not kvsleep's
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [
-    ("GET", "/nope", 404),
-    ("POST", "/v1/nope", 404),
-    ("GET", "/v1/chat/completions", 405),
-    ("PUT", "/v1/completions", 405),
-    ("DELETE", "/v1/models", 405),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/nope", 404),
+        ("POST", "/v1/nope", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("PUT", "/v1/completions", 405),
+        ("DELETE", "/v1/models", 405),
+    ],
+)
 async def test_unknown_routes_answer_json(method, path, status, kvsleep_factory, http):
-    kv = await kvsleep_factory([])
+    url = f"http://127.0.0.1:{closed_port()}"
+    kv = await kvsleep_factory([{"name": "m", "engine": "vllm", "url": url}])
     async with http.request(method, kv.url + path) as resp:
         assert resp.status == status
         assert resp.content_type == "application/json"
@@ -502,12 +579,16 @@ async def test_unknown_routes_answer_json(method, path, status, kvsleep_factory,
 # ---- in-flight accounting ------------------------------------------------------------------
 
 
-async def test_stream_keeps_its_model_in_flight_until_the_end(sim_factory, kvsleep_factory,
-                                                              http):
-    sim = await sim_factory("sglang", SGLANG_MODEL, tokens_per_second=50.0)
+async def test_stream_keeps_its_model_in_flight_until_the_end(sim_factory, kvsleep_factory, http):
+    sim = await sim_factory("sglang", SGLANG_MODEL, tokens_per_second=100.0)
     kv = await kvsleep_factory([sim_model(sim)], idle_threshold_seconds=60)
-    body = {"model": SGLANG_MODEL, **BODIES["/v1/chat/completions"], "max_tokens": 50,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": SGLANG_MODEL,
+        **BODIES["/v1/chat/completions"],
+        "max_tokens": 40,
+        "ignore_eos": True,
+        "stream": True,
+    }
     traffic = f"{kv.url}/traffic/stats/{SGLANG_MODEL}"
     async with http.post(f"{kv.url}/v1/chat/completions", json=body) as resp:
         await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 3)
@@ -536,12 +617,18 @@ async def test_stream_keeps_its_model_in_flight_until_the_end(sim_factory, kvsle
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-async def test_client_disconnect_mid_stream_releases_model_and_engine(flavor, sim_factory,
-                                                                      kvsleep_factory, http):
+async def test_client_disconnect_mid_stream_releases_model_and_engine(
+    flavor, sim_factory, kvsleep_factory, http
+):
     sim = await sim_factory(flavor, MODELS[flavor], tokens_per_second=20.0)
     kv = await kvsleep_factory([sim_model(sim)])
-    body = {"model": MODELS[flavor], **BODIES["/v1/completions"], "max_tokens": 200,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODELS[flavor],
+        **BODIES["/v1/completions"],
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
     stats = kv.server.traffic.model_stats[MODELS[flavor]]
     resp = await http.post(f"{kv.url}/v1/completions", json=body)
     try:
@@ -554,9 +641,48 @@ async def test_client_disconnect_mid_stream_releases_model_and_engine(flavor, si
     assert sim.sim.aborted == 1 and sim.sim.completed == 0
     assert kv.manager.slots[MODELS[flavor]].in_engine == 0
     assert await scrape(http, kv, "kvsleep_requests_in_flight", model=MODELS[flavor]) == 0
-    assert await scrape(http, kv, "kvsleep_requests_total", model=MODELS[flavor],
-                        endpoint="/v1/completions", code="499") == 1
+    assert (
+        await scrape(
+            http,
+            kv,
+            "kvsleep_requests_total",
+            model=MODELS[flavor],
+            endpoint="/v1/completions",
+            code="499",
+        )
+        == 1
+    )
     # The model keeps serving.
-    status, _, _, _ = await post_raw(http, f"{kv.url}/v1/completions",
-                                     {"model": MODELS[flavor], "prompt": "x"})
+    status, _, _, _ = await post_raw(
+        http, f"{kv.url}/v1/completions", {"model": MODELS[flavor], "prompt": "x", "max_tokens": 1}
+    )
     assert status == 200
+
+
+async def test_client_gone_during_a_non_streaming_request_releases_the_model(
+    sim_factory, kvsleep_factory, http
+):
+    sim = await sim_factory("sglang", SGLANG_MODEL, tokens_per_second=20.0)
+    kv = await kvsleep_factory([sim_model(sim)])
+    stats = kv.server.traffic.model_stats[SGLANG_MODEL]
+    body = {"model": SGLANG_MODEL, "prompt": "x", "max_tokens": 100, "ignore_eos": True}
+    request = asyncio.create_task(post_raw(http, f"{kv.url}/v1/completions", body))
+    await wait_for(lambda: sim.sim.in_flight == 1)
+    assert stats.in_flight == 1
+    request.cancel()  # the client gives up and closes its connection
+    with pytest.raises(asyncio.CancelledError):
+        await request
+
+    await wait_for(lambda: stats.in_flight == 0)
+    assert kv.manager.slots[SGLANG_MODEL].in_engine == 0
+    assert (
+        await scrape(
+            http,
+            kv,
+            "kvsleep_requests_total",
+            model=SGLANG_MODEL,
+            endpoint="/v1/completions",
+            code="499",
+        )
+        == 1
+    )

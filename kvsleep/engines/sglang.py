@@ -15,17 +15,25 @@ class SGLangAdapter(EngineAdapter):
     is a crash. /server_info answers from the tokenizer manager without touching the GPU.
     """
 
+    # True between a resume that succeeded and the weight reload that completes the wake: a
+    # wake retried after a failed reload must not resume again (that kills the scheduler).
+    _resumed = False
+
     async def sleep(self) -> None:
         resp = await self.call("POST", "/release_memory_occupation", json={},
                                timeout=self.retry.sleep_timeout_seconds)
         if resp is None:
             raise EngineError("POST /release_memory_occupation is missing (404)")
+        self._resumed = False
 
     async def wake(self) -> None:
         timeout = self.retry.wake_timeout_seconds
-        resp = await self.call("POST", "/resume_memory_occupation", json={}, timeout=timeout)
-        if resp is None:
-            raise EngineError("POST /resume_memory_occupation is missing (404)")
+        if not self._resumed:
+            resp = await self.call("POST", "/resume_memory_occupation", json={},
+                                   timeout=timeout)
+            if resp is None:
+                raise EngineError("POST /resume_memory_occupation is missing (404)")
+            self._resumed = True
         # Without --enable-weights-cpu-backup the resumed weights are garbage; reloading is
         # idempotent and cheap enough to do always rather than guess the engine's flags.
         weights = self.model.weights_path or self.model.name
@@ -37,6 +45,7 @@ class SGLangAdapter(EngineAdapter):
         if isinstance(body, dict) and body.get("success") is False:
             raise EngineError(f"update_weights_from_disk({weights!r}) failed: "
                               f"{body.get('message')}")
+        self._resumed = False
 
     async def observe(self, believed: ModelState) -> Observation:
         seen = await self.reachable("/server_info")
