@@ -76,6 +76,9 @@ class OwnerAdapter(_FleetAdapter):
     async def wake(self) -> None:
         await self.inner.wake()
 
+    async def finish_wake(self) -> None:
+        await self.inner.finish_wake()
+
 
 class MemberAdapter(_FleetAdapter):
     def __init__(self, inner: EngineAdapter, token: str | None, owner: str) -> None:

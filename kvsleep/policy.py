@@ -150,7 +150,8 @@ def initial_state(obs: Observation, stored: StoredModel | None) -> ModelState:
     """What to believe at start-up: the engine's word where it has one, else our record.
 
     A record of an interrupted sleep counts as asleep (the engine finishes a call its client
-    dropped); an interrupted drain never reached the engine.
+    dropped); an interrupted drain never reached the engine; an interrupted wake must be
+    finished (WAKING) before anything is forwarded.
     """
     if obs.up and obs.asleep is not None:
         return ModelState.ASLEEP if obs.asleep else ModelState.AWAKE
@@ -158,6 +159,8 @@ def initial_state(obs: Observation, stored: StoredModel | None) -> ModelState:
         return ModelState.AWAKE
     if stored.state in (ModelState.ASLEEP, ModelState.SLEEPING):
         return ModelState.ASLEEP
-    if stored.state in (ModelState.WAKING, ModelState.FAILED):
+    if stored.state is ModelState.WAKING:
+        return ModelState.WAKING
+    if stored.state is ModelState.FAILED:
         return ModelState.FAILED
     return ModelState.AWAKE

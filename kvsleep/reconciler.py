@@ -57,6 +57,8 @@ class Reconciler:
             slot.state_since = self.manager.clock()
             log.info("model %s: engine %s, starting as %s", slot.cfg.name,
                      "up" if obs.up else f"down ({obs.detail})", state.value)
+        await asyncio.gather(*(self.manager.finish_interrupted_wake(s) for s in slots
+                               if s.state is ModelState.WAKING))
         self.manager.persist()
 
     async def tick(self) -> list[policy.Action]:

@@ -31,6 +31,8 @@ _HOP_BY_HOP = frozenset(h.lower() for h in (
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
 ))
 _NOT_RELAYED = _HOP_BY_HOP | {"date", "server"}
+# aiohttp has already decoded a compressed request body by the time it is read and forwarded.
+_NOT_FORWARDED = _HOP_BY_HOP | {"content-encoding"}
 CLIENT_GONE = 499  # nginx's code for "client closed the request"; bounded like any code
 
 
@@ -148,7 +150,7 @@ class Router:
                        body: bytes) -> tuple[web.StreamResponse, int]:
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items()
-                              if k.lower() not in _HOP_BY_HOP)
+                              if k.lower() not in _NOT_FORWARDED)
         url = slot.cfg.url.rstrip("/") + request.raw_path
         try:
             upstream = await self.session.request(request.method, url, data=body,

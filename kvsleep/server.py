@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import math
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -399,8 +398,9 @@ class KvsleepServer:
             self.metrics.config_last_reload_success_timestamp.set(self.clock())
 
     def _model(self, request: web.Request) -> str:
-        """The model named in the path, raw (`a/b`) or percent-encoded (`a%2Fb`)."""
-        name = urllib.parse.unquote(request.match_info["model"])
+        """The model named in the path, raw (`a/b`) or percent-encoded (`a%2Fb`, which aiohttp
+        has already decoded)."""
+        name = request.match_info["model"]
         if name not in self.manager.slots:
             raise OpenAIError(404, f"The model `{name}` does not exist.", "invalid_request_error",
                               param="model", code="model_not_found")

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 FLAVORS = ("vllm", "sglang")
 VLLM_VERSIONS = ("0.11", "0.19", "0.33")
 SGLANG_VERSION = "0.5.5"
-FAULT_OPS = ("sleep", "wake")
+FAULT_OPS = ("sleep", "wake", "reload")
 CRASH_EXIT_CODE = 70
 GIB = 1 << 30
 # Converts kv_cache_gb into a token capacity, only to give the usage gauges a plausible scale.
@@ -732,7 +732,7 @@ class _Vllm(_Behaviour):
             self.sim.add_control(app, "POST", "/sleep", self.handle_sleep, "sleep")
             self.sim.add_control(app, "POST", "/wake_up", self.handle_wake, "wake")
             self.sim.add_control(app, "GET", "/is_sleeping", self.handle_is_sleeping)
-            self.sim.add_control(app, "POST", "/collective_rpc", self.handle_rpc)
+            self.sim.add_control(app, "POST", "/collective_rpc", self.handle_rpc, "reload")
         self.sim.add_control(app, "GET", "/health", self.handle_health)
         self.sim.add_control(app, "GET", "/version", self.handle_version)
 
@@ -905,7 +905,7 @@ class _Sglang(_Behaviour):
         add = self.sim.add_control
         add(app, "POST", "/release_memory_occupation", self.handle_release, "sleep")
         add(app, "POST", "/resume_memory_occupation", self.handle_resume, "wake")
-        add(app, "POST", "/update_weights_from_disk", self.handle_update_weights)
+        add(app, "POST", "/update_weights_from_disk", self.handle_update_weights, "reload")
         add(app, "POST", "/pause_generation", self.handle_pause)
         add(app, "POST", "/continue_generation", self.handle_continue)
         add(app, "GET", "/health", self.handle_health)
@@ -1235,7 +1235,7 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
             action="append",
             default=[],
             metavar="OP=N",
-            help=f"{verb} the next N calls of OP (sleep|wake); repeatable",
+            help=f"{verb} the next N calls of OP (sleep|wake|reload); repeatable",
         )
 
 

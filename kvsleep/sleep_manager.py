@@ -416,6 +416,17 @@ class SleepManager:
         if state in _SETTLED:
             self.persist()
 
+    async def finish_interrupted_wake(self, slot: ModelSlot) -> None:
+        """At start-up: a previous process died mid-wake; complete it before serving."""
+        try:
+            await slot.adapter.finish_wake()
+        except Exception as exc:  # stays failed; the next request retries a full wake
+            log.warning("model %s: finishing an interrupted wake failed: %s", slot.cfg.name, exc)
+            slot.last_error = str(exc)
+            self._set_state(slot, ModelState.FAILED)
+            return
+        self._set_state(slot, ModelState.AWAKE)
+
     def engine_restarting(self, model_name: str, ready: asyncio.Future[bool],
                           problem: str | None = None) -> None:
         """A launched engine died and is being restarted: hold its requests until it is ready.

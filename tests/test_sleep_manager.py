@@ -385,7 +385,7 @@ async def test_randomized_traffic_with_sleeps_and_wakes_loses_nothing(seed, sim_
     """Seeded interleavings of plain and streamed requests with manual sleeps and wakes and
     idle sleeps, over several cycles, against both engines."""
     rng = random.Random(seed)
-    fast = dict(wake_latency=0.02, sleep_latency=0.01, reload_latency=0.01, tokens_per_second=300)
+    fast = dict(wake_latency=0.03, sleep_latency=0.05, reload_latency=0.01, tokens_per_second=300)
     vllm = await sim_factory("vllm", V, **fast)
     sglang = await sim_factory("sglang", S, **fast)
     kv = await kvsleep_factory([sim_model(vllm), sim_model(sglang)], idle_threshold_seconds=30,
@@ -397,7 +397,7 @@ async def test_randomized_traffic_with_sleeps_and_wakes_loses_nothing(seed, sim_
         for _cycle in range(6):
             for _ in range(rng.randint(10, 25)):
                 op = rng.choices(["request", "stream", "sleep", "wake", "idle", "pause"],
-                                 weights=[6, 3, 2, 1, 1, 3])[0]
+                                 weights=[6, 3, 3, 1, 1, 3])[0]
                 model = rng.choice((V, S))
                 if op == "request":
                     requests.append(asyncio.create_task(

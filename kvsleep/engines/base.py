@@ -64,6 +64,10 @@ class EngineAdapter(ABC):
     async def wake(self) -> None:
         """Make the engine fully able to serve again (weights reloaded where needed)."""
 
+    async def finish_wake(self) -> None:
+        """Complete a wake that a previous kvsleep process started and did not see end."""
+        await self.wake()
+
     @abstractmethod
     async def observe(self, believed: ModelState) -> Observation:
         """Probe without harming the engine in the state we believe it is in."""

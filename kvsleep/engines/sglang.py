@@ -47,6 +47,11 @@ class SGLangAdapter(EngineAdapter):
                               f"{body.get('message')}")
         self._resumed = False
 
+    async def finish_wake(self) -> None:
+        """A previous kvsleep sent the resume: only the weight reload may remain."""
+        self._resumed = True
+        await self.wake()
+
     async def observe(self, believed: ModelState) -> Observation:
         seen = await self.reachable("/server_info")
         if seen.up and seen.detail == "HTTP 404":
