@@ -9,12 +9,17 @@ import pytest
 from kvsleep import policy
 from kvsleep.config import SleepPolicy
 from kvsleep.engines.base import Observation
-from kvsleep.policy import Adopt, Admission, ModelView, Sleep, Wake
+from kvsleep.policy import Admission, Adopt, ModelView, Sleep, Wake
 from kvsleep.sleep_state import ModelState, StoredModel
 
 NOW = 1_000_000.0
-POLICY = SleepPolicy(idle_threshold_seconds=60, auto_sleep_enabled=True, min_awake_seconds=10,
-                     min_sleep_duration=80, max_held_requests=4)
+POLICY = SleepPolicy(
+    idle_threshold_seconds=60,
+    auto_sleep_enabled=True,
+    min_awake_seconds=10,
+    min_sleep_duration=80,
+    max_held_requests=4,
+)
 NOT_AWAKE = [s for s in ModelState if s is not ModelState.AWAKE]
 
 UP_AWAKE = Observation(up=True, asleep=False)
@@ -25,9 +30,19 @@ DOWN = Observation(up=False, detail="connection refused")
 
 def view(**kw) -> ModelView:
     """An awake model, idle for 100 s, awake for 1000 s, with nothing in flight."""
-    base = dict(name="m", state=ModelState.AWAKE, state_since=NOW - 1000, version=7, busy=False,
-                in_flight=0, held=0, last_activity=NOW - 100, policy=POLICY, always_on=False,
-                engine_up=True)
+    base = dict(
+        name="m",
+        state=ModelState.AWAKE,
+        state_since=NOW - 1000,
+        version=7,
+        busy=False,
+        in_flight=0,
+        held=0,
+        last_activity=NOW - 100,
+        policy=POLICY,
+        always_on=False,
+        engine_up=True,
+    )
     base.update(kw)
     return ModelView(**base)
 
@@ -114,14 +129,23 @@ def test_candidate_threshold_is_inclusive():
     assert not policy.sleep_candidate(view(last_activity=NOW - 59.9), NOW)
 
 
-@pytest.mark.parametrize("change", [
-    dict(state=ModelState.ASLEEP), dict(state=ModelState.DRAINING), dict(state=ModelState.WAKING),
-    dict(state=ModelState.SLEEPING), dict(state=ModelState.FAILED),
-    dict(always_on=True), dict(busy=True), dict(in_flight=1), dict(held=1),
-    dict(last_activity=NOW - 1),
-    dict(state_since=NOW - 5, last_activity=NOW - 500),  # woke 5 s ago: anti-flap floor
-    dict(policy=pol(idle_threshold_seconds=101)),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(state=ModelState.ASLEEP),
+        dict(state=ModelState.DRAINING),
+        dict(state=ModelState.WAKING),
+        dict(state=ModelState.SLEEPING),
+        dict(state=ModelState.FAILED),
+        dict(always_on=True),
+        dict(busy=True),
+        dict(in_flight=1),
+        dict(held=1),
+        dict(last_activity=NOW - 1),
+        dict(state_since=NOW - 5, last_activity=NOW - 500),  # woke 5 s ago: anti-flap floor
+        dict(policy=pol(idle_threshold_seconds=101)),
+    ],
+)
 def test_not_a_candidate(change):
     assert not policy.sleep_candidate(view(**change), NOW)
 
@@ -137,7 +161,8 @@ def test_min_awake_floor_applies_even_with_zero_idle_threshold():
 
 def test_heal_adopts_an_engine_slept_behind_our_back():
     assert policy.heal(view(observation=UP_ASLEEP)) == Adopt(
-        "m", ModelState.ASLEEP, "engine reports it is asleep", 7)
+        "m", ModelState.ASLEEP, "engine reports it is asleep", 7
+    )
 
 
 def test_heal_adopts_an_engine_woken_or_restarted_behind_our_back():
@@ -146,8 +171,9 @@ def test_heal_adopts_an_engine_woken_or_restarted_behind_our_back():
     assert (action.model, action.state, action.version) == ("m", ModelState.AWAKE, 7)
 
 
-@pytest.mark.parametrize("obs, state", [(UP_ASLEEP, ModelState.ASLEEP),
-                                        (UP_AWAKE, ModelState.AWAKE)])
+@pytest.mark.parametrize(
+    "obs, state", [(UP_ASLEEP, ModelState.ASLEEP), (UP_AWAKE, ModelState.AWAKE)]
+)
 def test_heal_takes_the_engine_word_for_a_failed_model(obs, state):
     action = policy.heal(view(state=ModelState.FAILED, observation=obs))
     assert action is not None and action.state is state
@@ -159,21 +185,24 @@ def test_heal_adopts_awake_for_an_engine_that_came_back_after_being_down():
     assert action is not None and action.state is ModelState.AWAKE
 
 
-@pytest.mark.parametrize("change", [
-    dict(observation=None),
-    dict(observation=DOWN, state=ModelState.ASLEEP),
-    dict(observation=UP_AWAKE),                                       # agrees
-    dict(observation=UP_ASLEEP, state=ModelState.ASLEEP),             # agrees
-    dict(observation=UP_ASLEEP, busy=True),                           # an operation is running
-    dict(observation=UP_AWAKE, state=ModelState.ASLEEP, busy=True),
-    dict(observation=UP_UNKNOWN, state=ModelState.ASLEEP),            # SGLang, always up
-    dict(observation=UP_UNKNOWN, state=ModelState.ASLEEP, engine_up=None),
-    dict(observation=UP_UNKNOWN, state=ModelState.AWAKE, engine_up=False),
-    # Transitional states belong to the worker, never to a probe.
-    dict(observation=UP_AWAKE, state=ModelState.DRAINING),
-    dict(observation=UP_AWAKE, state=ModelState.SLEEPING),
-    dict(observation=UP_ASLEEP, state=ModelState.WAKING),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(observation=None),
+        dict(observation=DOWN, state=ModelState.ASLEEP),
+        dict(observation=UP_AWAKE),  # agrees
+        dict(observation=UP_ASLEEP, state=ModelState.ASLEEP),  # agrees
+        dict(observation=UP_ASLEEP, busy=True),  # an operation is running
+        dict(observation=UP_AWAKE, state=ModelState.ASLEEP, busy=True),
+        dict(observation=UP_UNKNOWN, state=ModelState.ASLEEP),  # SGLang, always up
+        dict(observation=UP_UNKNOWN, state=ModelState.ASLEEP, engine_up=None),
+        dict(observation=UP_UNKNOWN, state=ModelState.AWAKE, engine_up=False),
+        # Transitional states belong to the worker, never to a probe.
+        dict(observation=UP_AWAKE, state=ModelState.DRAINING),
+        dict(observation=UP_AWAKE, state=ModelState.SLEEPING),
+        dict(observation=UP_ASLEEP, state=ModelState.WAKING),
+    ],
+)
 def test_heal_leaves_alone(change):
     assert policy.heal(view(**change)) is None
 
@@ -187,15 +216,20 @@ def test_decide_sleeps_idle_models_only_when_auto_sleep_is_on():
 
 
 def test_decide_never_sleeps_always_on_busy_or_active_models():
-    views = [view(name="pinned", always_on=True), view(name="busy", busy=True),
-             view(name="streaming", in_flight=1), view(name="recent", last_activity=NOW - 3)]
+    views = [
+        view(name="pinned", always_on=True),
+        view(name="busy", busy=True),
+        view(name="streaming", in_flight=1),
+        view(name="recent", last_activity=NOW - 3),
+    ]
     assert policy.decide(views, NOW) == []
 
 
 def test_decide_heals_before_anything_else():
     # Idle and awake by our record, but the engine says it sleeps: adopt, do not sleep it again.
     assert policy.decide([view(observation=UP_ASLEEP)], NOW) == [
-        Adopt("m", ModelState.ASLEEP, "engine reports it is asleep", 7)]
+        Adopt("m", ModelState.ASLEEP, "engine reports it is asleep", 7)
+    ]
 
 
 def test_decide_skips_busy_models_even_when_they_drifted():
@@ -203,16 +237,26 @@ def test_decide_skips_busy_models_even_when_they_drifted():
 
 
 def test_decide_runs_a_deferred_wake_once_min_sleep_duration_has_passed():
-    asleep = dict(state=ModelState.ASLEEP, slept_at=NOW - 50, deferred_wake="manual",
-                  observation=UP_ASLEEP)
+    asleep = dict(
+        state=ModelState.ASLEEP, slept_at=NOW - 50, deferred_wake="manual", observation=UP_ASLEEP
+    )
     assert policy.decide([view(**asleep)], NOW) == []
     assert policy.decide([view(**asleep)], NOW + 29.9) == []
     assert policy.decide([view(**asleep)], NOW + 30) == [Wake("m", "manual")]
 
 
 def test_decide_ignores_a_deferred_wake_of_a_model_that_is_not_asleep():
-    assert policy.decide([view(deferred_wake="manual", slept_at=NOW - 500,
-                               policy=pol(auto_sleep_enabled=False))], NOW) == []
+    assert (
+        policy.decide(
+            [
+                view(
+                    deferred_wake="manual", slept_at=NOW - 500, policy=pol(auto_sleep_enabled=False)
+                )
+            ],
+            NOW,
+        )
+        == []
+    )
 
 
 def test_decide_handles_each_model_on_its_own():
@@ -224,9 +268,11 @@ def test_decide_handles_each_model_on_its_own():
         view(name="e", policy=pol(idle_threshold_seconds=5)),
     ]
     actions = policy.decide(views, NOW)
-    assert actions == [Sleep("a", "idle"),
-                       Adopt("c", ModelState.AWAKE, "engine reports it is awake", 7),
-                       Sleep("e", "idle")]
+    assert actions == [
+        Sleep("a", "idle"),
+        Adopt("c", ModelState.AWAKE, "engine reports it is awake", 7),
+        Sleep("e", "idle"),
+    ]
 
 
 def test_decide_of_nothing_is_nothing():
@@ -259,15 +305,18 @@ def test_initial_state_believes_an_engine_that_can_tell(record):
     assert policy.initial_state(UP_AWAKE, rec) is ModelState.AWAKE
 
 
-@pytest.mark.parametrize("record, expected", [
-    (None, ModelState.AWAKE),
-    (ModelState.AWAKE, ModelState.AWAKE),
-    (ModelState.DRAINING, ModelState.AWAKE),     # the drain never reached the engine
-    (ModelState.SLEEPING, ModelState.ASLEEP),    # the engine finishes a call its client dropped
-    (ModelState.ASLEEP, ModelState.ASLEEP),
-    (ModelState.WAKING, ModelState.FAILED),      # half-woken: unknown, wake again before use
-    (ModelState.FAILED, ModelState.FAILED),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        (None, ModelState.AWAKE),
+        (ModelState.AWAKE, ModelState.AWAKE),
+        (ModelState.DRAINING, ModelState.AWAKE),  # the drain never reached the engine
+        (ModelState.SLEEPING, ModelState.ASLEEP),  # the engine finishes a call its client dropped
+        (ModelState.ASLEEP, ModelState.ASLEEP),
+        (ModelState.WAKING, ModelState.WAKING),  # half-woken: finished before anything is served
+        (ModelState.FAILED, ModelState.FAILED),
+    ],
+)
 @pytest.mark.parametrize("obs", [UP_UNKNOWN, DOWN, Observation(up=False, asleep=True)])
 def test_initial_state_falls_back_to_the_record(obs, record, expected):
     rec = None if record is None else stored(record)

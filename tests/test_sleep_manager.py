@@ -59,35 +59,53 @@ async def settle(kv: Any, model: str) -> None:
         await asyncio.wait_for(asyncio.shield(slot.worker), 10)
 
 
-async def complete(session: aiohttp.ClientSession, kv: Any, model: str, prompt: str = "hi",
-                   **extra: Any) -> tuple[int, dict[str, Any], Any]:
+async def complete(
+    session: aiohttp.ClientSession, kv: Any, model: str, prompt: str = "hi", **extra: Any
+) -> tuple[int, dict[str, Any], Any]:
     body = {"model": model, "prompt": prompt, "max_tokens": 3, **extra}
     async with session.post(f"{kv.url}/v1/completions", json=body) as resp:
         return resp.status, await resp.json(content_type=None), resp.headers
 
 
-async def stream(session: aiohttp.ClientSession, kv: Any, model: str, max_tokens: int = 5
-                 ) -> tuple[int, list[Any]]:
+async def stream(
+    session: aiohttp.ClientSession, kv: Any, model: str, max_tokens: int = 5
+) -> tuple[int, list[Any]]:
     """A streamed chat completion; returns the status and the parsed SSE events."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-            "max_tokens": max_tokens, "ignore_eos": True}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
     async with session.post(f"{kv.url}/v1/chat/completions", json=body) as resp:
         raw = (await resp.read()).decode()
     return resp.status, sse_events(raw)
 
 
 def sse_events(raw: str) -> list[Any]:
-    events = [line[len("data: "):] for line in raw.split("\n") if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in raw.split("\n") if line.startswith("data: ")]
     return [e if e == "[DONE]" else json.loads(e) for e in events]
 
 
 def finish_reasons(events: list[Any]) -> list[str]:
-    return [c["finish_reason"] for e in events if isinstance(e, dict)
-            for c in e.get("choices", []) if c.get("finish_reason")]
+    return [
+        c["finish_reason"]
+        for e in events
+        if isinstance(e, dict)
+        for c in e.get("choices", [])
+        if c.get("finish_reason")
+    ]
 
 
-async def control(session: aiohttp.ClientSession, kv: Any, path: str, *, token: str | None = None,
-                  encoded: bool = False) -> tuple[int, dict[str, Any]]:
+async def control(
+    session: aiohttp.ClientSession,
+    kv: Any,
+    path: str,
+    *,
+    token: str | None = None,
+    encoded: bool = False,
+) -> tuple[int, dict[str, Any]]:
     url = yarl.URL(kv.url + path, encoded=True) if encoded else kv.url + path
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with session.post(url, headers=headers) as resp:
@@ -103,8 +121,11 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
 async def scrape(session: aiohttp.ClientSession, kv: Any) -> dict[tuple[str, frozenset], float]:
     async with session.get(f"{kv.url}/metrics") as resp:
         text = await resp.text()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
@@ -191,14 +212,16 @@ class Tracker:
 
 
 def sleep_query(sim: Any) -> dict[str, list[str]]:
-    events = [e for e in sim.sim.stats()["log"]
-              if e["event"] == "control" and e["route"] == "/sleep"]
+    events = [
+        e for e in sim.sim.stats()["log"] if e["event"] == "control" and e["route"] == "/sleep"
+    ]
     assert len(events) == 1, events
     return urllib.parse.parse_qs(events[0]["query"])
 
 
 async def test_500_plus_500_requests_to_asleep_engines_share_one_wake_each(
-        sim_factory, kvsleep_factory):
+    sim_factory, kvsleep_factory
+):
     vllm = await sim_factory("vllm", V, wake_latency=0.3)
     sglang = await sim_factory("sglang", S, wake_latency=0.3)
     kv = await kvsleep_factory([sim_model(vllm), sim_model(sglang)])
@@ -212,8 +235,9 @@ async def test_500_plus_500_requests_to_asleep_engines_share_one_wake_each(
     assert sglang.sim.stats()["engine"]["released"] == ["cuda_graph", "kv_cache", "weights"]
 
     async with aiohttp.ClientSession() as session:
-        results = await asyncio.gather(*(complete(session, kv, m, prompt=f"p{i}")
-                                         for i in range(500) for m in (V, S)))
+        results = await asyncio.gather(
+            *(complete(session, kv, m, prompt=f"p{i}") for i in range(500) for m in (V, S))
+        )
         samples = await scrape(session, kv)
     assert [status for status, _, _ in results] == [200] * 1000
     assert all(body["choices"][0]["text"] for _, body, _ in results)
@@ -231,20 +255,29 @@ async def test_500_plus_500_requests_to_asleep_engines_share_one_wake_each(
     for name in (V, S):
         held = len(tracker.held(name))
         assert held >= 1  # the first request found the model asleep
-        assert sample(samples, "kvsleep_wakes_total", model=name, reason="request",
-                      result="ok") == 1
-        assert sample(samples, "kvsleep_sleeps_total", model=name, reason="manual",
-                      result="ok") == 1
+        assert (
+            sample(samples, "kvsleep_wakes_total", model=name, reason="request", result="ok") == 1
+        )
+        assert (
+            sample(samples, "kvsleep_sleeps_total", model=name, reason="manual", result="ok") == 1
+        )
         assert sample(samples, "kvsleep_request_hold_seconds_count", model=name) == held
         assert sample(samples, "kvsleep_held_requests", model=name) == 0
         assert sample(samples, "kvsleep_model_state", model=name, state="awake") == 1
         assert sample(samples, "kvsleep_model_state", model=name, state="asleep") == 0
-        assert sample(samples, "kvsleep_requests_total", model=name,
-                      endpoint="/v1/completions", code="200") == 500
+        assert (
+            sample(
+                samples,
+                "kvsleep_requests_total",
+                model=name,
+                endpoint="/v1/completions",
+                code="200",
+            )
+            == 500
+        )
 
 
-async def test_vllm_sleep_level_2_wakes_weights_reloads_then_kv_cache(sim_factory,
-                                                                      kvsleep_factory):
+async def test_vllm_sleep_level_2_wakes_weights_reloads_then_kv_cache(sim_factory, kvsleep_factory):
     vllm = await sim_factory("vllm", V, wake_latency=0.1)
     kv = await kvsleep_factory([sim_model(vllm, sleep_level=2)])
     assert await kv.manager.put_model_to_sleep(V, manual=True)
@@ -257,10 +290,16 @@ async def test_vllm_sleep_level_2_wakes_weights_reloads_then_kv_cache(sim_factor
     stats = vllm.sim.stats()
     clean(stats)  # includes: no garbage_weights hazard (served before reload_weights)
     assert stats["engine"]["weights_valid"] is True and stats["engine"]["sleep_level"] is None
-    wake_calls = [(e["route"], e["query"]) for e in stats["log"]
-                  if e["event"] == "control" and e["route"] in ("/wake_up", "/collective_rpc")]
-    assert wake_calls == [("/wake_up", "tags=weights"), ("/collective_rpc", ""),
-                          ("/wake_up", "tags=kv_cache")]
+    wake_calls = [
+        (e["route"], e["query"])
+        for e in stats["log"]
+        if e["event"] == "control" and e["route"] in ("/wake_up", "/collective_rpc")
+    ]
+    assert wake_calls == [
+        ("/wake_up", "tags=weights"),
+        ("/collective_rpc", ""),
+        ("/wake_up", "tags=kv_cache"),
+    ]
 
 
 # ---- streams are never cut; idle counts from the end of the last request ---------------------
@@ -268,19 +307,21 @@ async def test_vllm_sleep_level_2_wakes_weights_reloads_then_kv_cache(sim_factor
 
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 async def test_a_long_stream_is_never_cut_by_an_idle_sleep(flavor, sim_factory, kvsleep_factory):
-    engine = await sim_factory(flavor, V, tokens_per_second=20)
+    engine = await sim_factory(flavor, V, tokens_per_second=10)
     kv = await kvsleep_factory([sim_model(engine)], idle_threshold_seconds=1)
     stats = kv.manager.traffic_monitor.model_stats[V]
     body = {"model": V, "prompt": "tell me", "max_tokens": 10, "ignore_eos": True, "stream": True}
-    async with aiohttp.ClientSession() as session, \
-            session.post(f"{kv.url}/v1/completions", json=body) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{kv.url}/v1/completions", json=body) as resp,
+    ):
         assert resp.status == 200
         first = await resp.content.readline()
         assert first.startswith(b"data: ")
-        # 0.5 s of generation left: the stream is in flight while time jumps far past the
+        # 0.9 s of generation left: the stream is in flight while time jumps far past the
         # threshold, and no reconcile pass may touch the model.
-        assert stats.in_flight == 1
         for _ in range(3):
+            assert stats.in_flight == 1
             kv.clock.advance(1000)
             assert await kv.reconcile() == []
             assert kv.state(V) == "awake"
@@ -307,19 +348,19 @@ async def test_a_long_stream_is_never_cut_by_an_idle_sleep(flavor, sim_factory, 
 
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 async def test_requests_arriving_while_draining_are_held_and_served_after_the_wake(
-        flavor, sim_factory, kvsleep_factory):
-    engine = await sim_factory(flavor, V, tokens_per_second=40)
+    flavor, sim_factory, kvsleep_factory
+):
+    engine = await sim_factory(flavor, V, tokens_per_second=20)
     kv = await kvsleep_factory([sim_model(engine)])
     tracker = Tracker(kv)
-    body = {"model": V, "prompt": "long", "max_tokens": 12, "ignore_eos": True, "stream": True}
+    body = {"model": V, "prompt": "long", "max_tokens": 16, "ignore_eos": True, "stream": True}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{kv.url}/v1/completions", json=body) as resp:
             first = await resp.content.readline()
             status, answer = await control(session, kv, f"/action/sleep/{V}?wait=false")
             assert (status, answer["success"]) == (202, True)
             await until(lambda: kv.state(V) == "draining")
-            held = [asyncio.create_task(complete(session, kv, V, prompt=f"h{i}"))
-                    for i in range(5)]
+            held = [asyncio.create_task(complete(session, kv, V, prompt=f"h{i}")) for i in range(5)]
             await until(lambda: len(kv.manager.slots[V].waiters) == 5)
             assert kv.state(V) == "draining"  # the stream still runs: nothing was slept yet
             assert calls(engine, "/sleep") + calls(engine, "/release_memory_occupation") == 0
@@ -336,9 +377,38 @@ async def test_requests_arriving_while_draining_are_held_and_served_after_the_wa
     assert tracker.held(V) == sorted(tracker.held(V)) and len(tracker.held(V)) == 5
 
 
+async def test_a_stream_outlasting_the_drain_timeout_keeps_the_model_awake(
+    sim_factory, kvsleep_factory
+):
+    """A manual sleep gives up rather than cut a stream; requests held meanwhile are served."""
+    engine = await sim_factory("vllm", V, tokens_per_second=10)
+    kv = await kvsleep_factory([sim_model(engine)], drain_timeout_seconds=0.2)
+    body = {"model": V, "prompt": "long", "max_tokens": 10, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{kv.url}/v1/completions", json=body) as resp:
+            first = await resp.content.readline()
+            sleeping = asyncio.create_task(control(session, kv, f"/models/{V}/sleep"))
+            await until(lambda: kv.state(V) == "draining")
+            held = asyncio.create_task(complete(session, kv, V))
+            await until(lambda: len(kv.manager.slots[V].waiters) == 1)
+            status, answer = await sleeping
+            assert (status, answer["success"]) == (400, False)
+            assert "in flight" in answer["message"]
+            assert kv.state(V) == "awake"
+            assert (await held)[0] == 200  # served while the stream still runs
+            assert kv.manager.traffic_monitor.model_stats[V].in_flight == 1
+            raw = (first + await resp.read()).decode()
+        samples = await scrape(session, kv)
+    assert finish_reasons(sse_events(raw)) == ["length"]
+    assert calls(engine, "/sleep") == 0
+    assert sample(samples, "kvsleep_sleeps_total", model=V, reason="manual", result="error") == 1
+    clean(engine.sim.stats())
+
+
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 async def test_requests_arriving_while_the_engine_sleeps_are_held_in_arrival_order(
-        flavor, sim_factory, kvsleep_factory):
+    flavor, sim_factory, kvsleep_factory
+):
     engine = await sim_factory(flavor, V)
     kv = await kvsleep_factory([sim_model(engine)])
     tracker = Tracker(kv)
@@ -359,8 +429,9 @@ async def test_requests_arriving_while_the_engine_sleeps_are_held_in_arrival_ord
 
 
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
-async def test_a_manual_sleep_never_strands_requests_already_held(flavor, sim_factory,
-                                                                  kvsleep_factory):
+async def test_a_manual_sleep_never_strands_requests_already_held(
+    flavor, sim_factory, kvsleep_factory
+):
     """Held requests are served even when another sleep is asked for before their wake."""
     engine = await sim_factory(flavor, V)
     kv = await kvsleep_factory([sim_model(engine)], wake_timeout_seconds=3)
@@ -380,34 +451,47 @@ async def test_a_manual_sleep_never_strands_requests_already_held(flavor, sim_fa
 
 
 @pytest.mark.parametrize("seed", [11, 23, 37])
-async def test_randomized_traffic_with_sleeps_and_wakes_loses_nothing(seed, sim_factory,
-                                                                      kvsleep_factory):
+async def test_randomized_traffic_with_sleeps_and_wakes_loses_nothing(
+    seed, sim_factory, kvsleep_factory
+):
     """Seeded interleavings of plain and streamed requests with manual sleeps and wakes and
     idle sleeps, over several cycles, against both engines."""
     rng = random.Random(seed)
     fast = dict(wake_latency=0.03, sleep_latency=0.05, reload_latency=0.01, tokens_per_second=300)
     vllm = await sim_factory("vllm", V, **fast)
     sglang = await sim_factory("sglang", S, **fast)
-    kv = await kvsleep_factory([sim_model(vllm), sim_model(sglang)], idle_threshold_seconds=30,
-                               wake_timeout_seconds=5)
+    kv = await kvsleep_factory(
+        [sim_model(vllm), sim_model(sglang)], idle_threshold_seconds=30, wake_timeout_seconds=5
+    )
     tracker = Tracker(kv)
     requests: list[asyncio.Task] = []
     controls: list[asyncio.Task] = []
     async with aiohttp.ClientSession() as session:
         for _cycle in range(6):
             for _ in range(rng.randint(10, 25)):
-                op = rng.choices(["request", "stream", "sleep", "wake", "idle", "pause"],
-                                 weights=[6, 3, 3, 1, 1, 3])[0]
+                op = rng.choices(
+                    ["request", "stream", "sleep", "wake", "idle", "pause"],
+                    weights=[6, 3, 3, 1, 1, 3],
+                )[0]
                 model = rng.choice((V, S))
                 if op == "request":
-                    requests.append(asyncio.create_task(
-                        complete(session, kv, model, max_tokens=rng.randint(1, 6))))
+                    requests.append(
+                        asyncio.create_task(
+                            complete(session, kv, model, max_tokens=rng.randint(1, 6))
+                        )
+                    )
                 elif op == "stream":
-                    requests.append(asyncio.create_task(
-                        stream(session, kv, model, max_tokens=rng.randint(1, 8))))
+                    requests.append(
+                        asyncio.create_task(
+                            stream(session, kv, model, max_tokens=rng.randint(1, 8))
+                        )
+                    )
                 elif op in ("sleep", "wake"):
-                    route = rng.choice(["/action/sleep/", "/models/{}/sleep"] if op == "sleep"
-                                       else ["/action/wakeup/", "/models/{}/wake"])
+                    route = rng.choice(
+                        ["/action/sleep/", "/models/{}/sleep"]
+                        if op == "sleep"
+                        else ["/action/wakeup/", "/models/{}/wake"]
+                    )
                     path = route.format(model) if "{}" in route else route + model
                     controls.append(asyncio.create_task(control(session, kv, path)))
                 elif op == "idle":
@@ -432,16 +516,23 @@ async def test_randomized_traffic_with_sleeps_and_wakes_loses_nothing(seed, sim_
         await settle(kv, name)
         stats = sim.sim.stats()
         clean(stats)
-        sleep_route, wake_route = (("/sleep", "/wake_up") if sim is vllm else
-                                   ("/release_memory_occupation", "/resume_memory_occupation"))
+        sleep_route, wake_route = (
+            ("/sleep", "/wake_up")
+            if sim is vllm
+            else ("/release_memory_occupation", "/resume_memory_occupation")
+        )
         slept, woke = stats["calls"].get(sleep_route, 0), stats["calls"].get(wake_route, 0)
         # The engine and kvsleep agree on where the model stands.
         assert slept - woke == (1 if kv.state(name) == "asleep" else 0), (seed, name, stats)
         assert kv.state(name) in ("awake", "asleep")
-        ok_sleeps = sum(sample(samples, "kvsleep_sleeps_total", model=name, reason=r, result="ok")
-                        for r in ("idle", "manual"))
-        ok_wakes = sum(sample(samples, "kvsleep_wakes_total", model=name, reason=r, result="ok")
-                       for r in ("request", "manual"))
+        ok_sleeps = sum(
+            sample(samples, "kvsleep_sleeps_total", model=name, reason=r, result="ok")
+            for r in ("idle", "manual")
+        )
+        ok_wakes = sum(
+            sample(samples, "kvsleep_wakes_total", model=name, reason=r, result="ok")
+            for r in ("request", "manual")
+        )
         assert (ok_sleeps, ok_wakes) == (slept, woke), (seed, name)
         assert sample(samples, "kvsleep_held_requests", model=name) == 0
         assert not kv.manager.slots[name].waiters
@@ -496,8 +587,9 @@ async def restartable() -> AsyncIterator[Callable[..., Any]]:
         await sim.stop()
 
 
-async def test_vllm_restarted_behind_our_back_is_adopted_awake_in_one_pass(restartable,
-                                                                           kvsleep_factory):
+async def test_vllm_restarted_behind_our_back_is_adopted_awake_in_one_pass(
+    restartable, kvsleep_factory
+):
     engine = await restartable("vllm", V)
     kv = await kvsleep_factory([engine.entry()])
     assert await kv.manager.put_model_to_sleep(V, manual=True)
@@ -514,7 +606,8 @@ async def test_vllm_restarted_behind_our_back_is_adopted_awake_in_one_pass(resta
 
 
 async def test_vllm_slept_behind_our_back_is_adopted_asleep_then_woken_by_a_request(
-        sim_factory, kvsleep_factory):
+    sim_factory, kvsleep_factory
+):
     engine = await sim_factory("vllm", V)
     kv = await kvsleep_factory([sim_model(engine)], auto_sleep_enabled=False)
     async with aiohttp.ClientSession() as session:
@@ -545,8 +638,9 @@ async def test_vllm_woken_behind_our_back_is_adopted_awake(sim_factory, kvsleep_
     clean(engine.sim.stats())
 
 
-async def test_sglang_restarted_behind_our_back_is_adopted_awake_once_seen_down(restartable,
-                                                                                kvsleep_factory):
+async def test_sglang_restarted_behind_our_back_is_adopted_awake_once_seen_down(
+    restartable, kvsleep_factory
+):
     engine = await restartable("sglang", S)
     kv = await kvsleep_factory([engine.entry()])
     assert await kv.manager.put_model_to_sleep(S, manual=True)
@@ -570,7 +664,8 @@ async def test_sglang_restarted_behind_our_back_is_adopted_awake_once_seen_down(
 
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 async def test_a_wake_that_fails_twice_then_succeeds_serves_the_held_requests(
-        flavor, sim_factory, kvsleep_factory):
+    flavor, sim_factory, kvsleep_factory
+):
     engine = await sim_factory(flavor, V)
     kv = await kvsleep_factory([sim_model(engine)])
     assert await kv.manager.put_model_to_sleep(V, manual=True)
@@ -588,7 +683,8 @@ async def test_a_wake_that_fails_twice_then_succeeds_serves_the_held_requests(
 
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 async def test_a_wake_that_keeps_failing_answers_503_and_the_next_request_retries(
-        flavor, sim_factory, kvsleep_factory):
+    flavor, sim_factory, kvsleep_factory
+):
     engine = await sim_factory(flavor, V)
     other = await sim_factory("vllm", "org/other")
     kv = await kvsleep_factory([sim_model(engine), sim_model(other)])
@@ -625,7 +721,8 @@ async def test_a_wake_that_keeps_failing_answers_503_and_the_next_request_retrie
 
 
 async def test_sglang_wake_retried_after_a_failed_weight_reload_does_not_resume_twice(
-        sim_factory, kvsleep_factory):
+    sim_factory, kvsleep_factory
+):
     """Resume succeeded, the reload failed: the next wake must only reload (a second resume
     without a release kills SGLang's scheduler)."""
     engine = await sim_factory("sglang", S, weights_path="/models/qwen-v1")
@@ -670,8 +767,9 @@ async def test_full_hold_queue_answers_503_with_retry_after(sim_factory, kvsleep
     clean(engine.sim.stats())
 
 
-async def test_a_wake_slower_than_wake_timeout_answers_504_then_serves(sim_factory,
-                                                                       kvsleep_factory):
+async def test_a_wake_slower_than_wake_timeout_answers_504_then_serves(
+    sim_factory, kvsleep_factory
+):
     engine = await sim_factory("vllm", V)
     kv = await kvsleep_factory([sim_model(engine)], wake_timeout_seconds=0.2)
     assert await kv.manager.put_model_to_sleep(V, manual=True)
@@ -692,8 +790,9 @@ async def test_a_wake_slower_than_wake_timeout_answers_504_then_serves(sim_facto
     clean(engine.sim.stats())
 
 
-async def test_wakeup_on_request_off_answers_503_at_once_with_an_explanation(sim_factory,
-                                                                             kvsleep_factory):
+async def test_wakeup_on_request_off_answers_503_at_once_with_an_explanation(
+    sim_factory, kvsleep_factory
+):
     engine = await sim_factory("vllm", V)
     kv = await kvsleep_factory([sim_model(engine)], wakeup_on_request=False)
     assert await kv.manager.put_model_to_sleep(V, manual=True)
@@ -706,14 +805,12 @@ async def test_wakeup_on_request_off_answers_503_at_once_with_an_explanation(sim
         assert (await control(session, kv, f"/action/wakeup/{V}"))[0] == 200
         assert (await complete(session, kv, V))[0] == 200
         samples = await scrape(session, kv)
-    assert sample(samples, "kvsleep_rejected_requests_total", model=V,
-                  reason="asleep_no_wake") == 1
+    assert sample(samples, "kvsleep_rejected_requests_total", model=V, reason="asleep_no_wake") == 1
     assert sample(samples, "kvsleep_wakes_total", model=V, reason="manual", result="ok") == 1
     clean(engine.sim.stats())
 
 
-async def test_a_client_that_disconnects_while_held_leaves_the_queue(sim_factory,
-                                                                     kvsleep_factory):
+async def test_a_client_that_disconnects_while_held_leaves_the_queue(sim_factory, kvsleep_factory):
     engine = await sim_factory("vllm", V)
     kv = await kvsleep_factory([sim_model(engine)])
     assert await kv.manager.put_model_to_sleep(V, manual=True)
@@ -775,16 +872,26 @@ def vllm_asleep(engine: Any) -> bool:
 async def test_sleep_status_and_candidates_keys(sim_factory, kvsleep_factory):
     vllm = await sim_factory("vllm", V)
     sglang = await sim_factory("sglang", S)
-    kv = await kvsleep_factory([sim_model(vllm), sim_model(sglang, idle_threshold_seconds=600)],
-                               idle_threshold_seconds=60)
+    kv = await kvsleep_factory(
+        [sim_model(vllm), sim_model(sglang, idle_threshold_seconds=600)], idle_threshold_seconds=60
+    )
     async with aiohttp.ClientSession() as session:
         assert await kv.manager.put_model_to_sleep(S, manual=True)
         doc = await get_json(session, f"{kv.url}/sleep/status")
-        assert {"sleeping_models", "sleep_candidates", "auto_sleep_enabled",
-                "idle_threshold_seconds", "wakeup_on_request", "models"} <= set(doc)
+        assert {
+            "sleeping_models",
+            "sleep_candidates",
+            "auto_sleep_enabled",
+            "idle_threshold_seconds",
+            "wakeup_on_request",
+            "models",
+        } <= set(doc)
         assert set(doc["sleeping_models"]) == {S}
-        assert set(doc["sleeping_models"][S]) == {"sleep_start_time", "sleep_duration",
-                                                  "manual_sleep"}
+        assert set(doc["sleeping_models"][S]) == {
+            "sleep_start_time",
+            "sleep_duration",
+            "manual_sleep",
+        }
         assert doc["sleeping_models"][S]["manual_sleep"] is True
         assert doc["models"][V]["state"] == "awake" and doc["models"][S]["state"] == "asleep"
         assert doc["models"][S]["idle_threshold_seconds"] == 600
@@ -792,11 +899,19 @@ async def test_sleep_status_and_candidates_keys(sim_factory, kvsleep_factory):
 
         kv.clock.advance(61)
         doc = await get_json(session, f"{kv.url}/sleep/candidates")
-        assert set(doc) == {"sleep_candidates", "candidate_details", "idle_threshold_seconds",
-                            "auto_sleep_enabled"}
+        assert set(doc) == {
+            "sleep_candidates",
+            "candidate_details",
+            "idle_threshold_seconds",
+            "auto_sleep_enabled",
+        }
         assert doc["sleep_candidates"] == [V]
-        assert set(doc["candidate_details"][V]) == {"idle_time_seconds", "total_requests",
-                                                    "last_activity_time", "can_sleep"}
+        assert set(doc["candidate_details"][V]) == {
+            "idle_time_seconds",
+            "total_requests",
+            "last_activity_time",
+            "can_sleep",
+        }
         assert doc["candidate_details"][V]["idle_time_seconds"] >= 61
         doc = await get_json(session, f"{kv.url}/sleep/status")
         assert doc["sleep_candidates"] == [V]
@@ -809,16 +924,22 @@ def admin_token(monkeypatch) -> str:
     return "s3cret-token"
 
 
-async def test_control_routes_require_the_bearer_token_when_configured(admin_token, sim_factory,
-                                                                       tmp_path):
+async def test_control_routes_require_the_bearer_token_when_configured(
+    admin_token, sim_factory, tmp_path
+):
     engine = await sim_factory("vllm", V)
     doc = config_doc([sim_model(engine)], tmp_path / "state")
     doc["router"]["admin_token_env"] = "KVSLEEP_TEST_ADMIN_TOKEN"
     kv = await start_kvsleep(doc)
     try:
         async with aiohttp.ClientSession() as session:
-            for path in (f"/action/sleep/{V}", f"/models/{V}/sleep", f"/action/wakeup/{V}",
-                         f"/models/{V}/wake", "/-/reload"):
+            for path in (
+                f"/action/sleep/{V}",
+                f"/models/{V}/sleep",
+                f"/action/wakeup/{V}",
+                f"/models/{V}/wake",
+                "/-/reload",
+            ):
                 for token in (None, "wrong", admin_token + "x"):
                     status, answer = await control(session, kv, path, token=token)
                     assert status == 401, (path, token, answer)
@@ -835,10 +956,13 @@ async def test_control_routes_require_the_bearer_token_when_configured(admin_tok
     clean(engine.sim.stats())
 
 
-@pytest.mark.parametrize("remote, allowed", [("127.0.0.1", True), ("::1", True),
-                                              ("10.1.2.3", False), ("192.168.0.7", False)])
+@pytest.mark.parametrize(
+    "remote, allowed",
+    [("127.0.0.1", True), ("::1", True), ("10.1.2.3", False), ("192.168.0.7", False)],
+)
 async def test_without_a_token_control_routes_answer_loopback_clients_only(
-        remote, allowed, sim_factory, kvsleep_factory):
+    remote, allowed, sim_factory, kvsleep_factory
+):
     engine = await sim_factory("vllm", V)
     kv = await kvsleep_factory([sim_model(engine)])
 
@@ -880,12 +1004,14 @@ async def test_always_on_models_are_never_slept(sim_factory, kvsleep_factory):
     assert kv.state(V) == "awake" and calls(engine, "/sleep") == 0
 
 
-async def test_min_sleep_duration_defers_manual_wakes_but_never_a_request(sim_factory,
-                                                                          kvsleep_factory):
+async def test_min_sleep_duration_defers_manual_wakes_but_never_a_request(
+    sim_factory, kvsleep_factory
+):
     vllm = await sim_factory("vllm", V)
     sglang = await sim_factory("sglang", S)
-    kv = await kvsleep_factory([sim_model(vllm), sim_model(sglang)], min_sleep_duration=80,
-                               auto_sleep_enabled=False)
+    kv = await kvsleep_factory(
+        [sim_model(vllm), sim_model(sglang)], min_sleep_duration=80, auto_sleep_enabled=False
+    )
     async with aiohttp.ClientSession() as session:
         for name in (V, S):
             assert await kv.manager.put_model_to_sleep(name, manual=True)
@@ -910,8 +1036,9 @@ async def test_min_sleep_duration_defers_manual_wakes_but_never_a_request(sim_fa
     clean(sglang.sim.stats())
 
 
-async def test_cli_status_sleep_and_wake_against_a_running_server(admin_token, sim_factory,
-                                                                  tmp_path, capsys):
+async def test_cli_status_sleep_and_wake_against_a_running_server(
+    admin_token, sim_factory, tmp_path, capsys
+):
     engine = await sim_factory("sglang", S)
     doc = config_doc([sim_model(engine)], tmp_path / "state")
     doc["router"]["admin_token_env"] = "KVSLEEP_TEST_ADMIN_TOKEN"
@@ -929,7 +1056,10 @@ async def test_cli_status_sleep_and_wake_against_a_running_server(admin_token, s
         assert kv.state(S) == "awake"
         code, out = await run("sleep", S, "--token", admin_token)
         assert code == 0 and json.loads(out) == {
-            "model_name": S, "success": True, "message": f"Model {S} sleep request successful"}
+            "model_name": S,
+            "success": True,
+            "message": f"Model {S} sleep request successful",
+        }
         assert kv.state(S) == "asleep"
         code, out = await run("status")
         assert json.loads(out)["models"][S]["state"] == "asleep"
@@ -938,8 +1068,9 @@ async def test_cli_status_sleep_and_wake_against_a_running_server(admin_token, s
         assert kv.state(S) == "awake"
     finally:
         await kv.close()
-    code = await asyncio.to_thread(cli.main, ["status", "--url", "http://127.0.0.1:9",
-                                              "--timeout", "2"])
+    code = await asyncio.to_thread(
+        cli.main, ["status", "--url", "http://127.0.0.1:9", "--timeout", "2"]
+    )
     assert code == 1 and "cannot reach" in capsys.readouterr().err
     clean(engine.sim.stats())
 
@@ -952,21 +1083,33 @@ async def test_metrics_after_sleeps_wakes_and_rejections(sim_factory, kvsleep_fa
     sglang = await sim_factory("sglang", S)
     kv = await kvsleep_factory(
         [sim_model(vllm, max_held_requests=1), sim_model(sglang, wakeup_on_request=False)],
-        idle_threshold_seconds=30)
+        idle_threshold_seconds=30,
+    )
     async with aiohttp.ClientSession() as session:
         kv.clock.advance(31)
-        assert sorted(await kv.reconcile(), key=lambda a: a.model) == [Sleep(V, "idle"),
-                                                                       Sleep(S, "idle")]
+        assert sorted(await kv.reconcile(), key=lambda a: a.model) == [
+            Sleep(V, "idle"),
+            Sleep(S, "idle"),
+        ]
         await settle(kv, V)
         await settle(kv, S)
         samples = await scrape(session, kv)
         for name in (V, S):
-            states = {s: sample(samples, "kvsleep_model_state", model=name, state=s)
-                      for s in ("awake", "draining", "sleeping", "asleep", "waking", "failed")}
-            assert states == {"awake": 0, "draining": 0, "sleeping": 0, "asleep": 1,
-                              "waking": 0, "failed": 0}
-            assert sample(samples, "kvsleep_sleeps_total", model=name, reason="idle",
-                          result="ok") == 1
+            states = {
+                s: sample(samples, "kvsleep_model_state", model=name, state=s)
+                for s in ("awake", "draining", "sleeping", "asleep", "waking", "failed")
+            }
+            assert states == {
+                "awake": 0,
+                "draining": 0,
+                "sleeping": 0,
+                "asleep": 1,
+                "waking": 0,
+                "failed": 0,
+            }
+            assert (
+                sample(samples, "kvsleep_sleeps_total", model=name, reason="idle", result="ok") == 1
+            )
         # S does not wake on requests; V holds one and turns the next away.
         assert (await complete(session, kv, S))[0] == 503
         async with engine_busy(vllm):
@@ -983,11 +1126,12 @@ async def test_metrics_after_sleeps_wakes_and_rejections(sim_factory, kvsleep_fa
     assert sample(samples, "kvsleep_request_hold_seconds_count", model=V) == 1
     assert sample(samples, "kvsleep_request_hold_seconds_sum", model=V) > 0
     assert sample(samples, "kvsleep_rejected_requests_total", model=V, reason="queue_full") == 1
-    assert sample(samples, "kvsleep_rejected_requests_total", model=S,
-                  reason="asleep_no_wake") == 1
+    assert sample(samples, "kvsleep_rejected_requests_total", model=S, reason="asleep_no_wake") == 1
     for reason in ("wake_timeout", "wake_failed"):
-        assert (("kvsleep_rejected_requests_total", frozenset({"model": V, "reason": reason}
-                                                              .items())) in samples)
+        assert (
+            "kvsleep_rejected_requests_total",
+            frozenset({"model": V, "reason": reason}.items()),
+        ) in samples
         assert sample(samples, "kvsleep_rejected_requests_total", model=V, reason=reason) == 0
     assert sample(samples, "kvsleep_model_state", model=V, state="awake") == 1
     assert sample(samples, "kvsleep_model_state", model=S, state="asleep") == 1
@@ -1005,10 +1149,17 @@ async def test_kvcached_sleep_manager_api(sim_factory, caplog):
     sglang = await sim_factory("sglang", S)
     clock = FakeClock()
     traffic = TrafficMonitor(clock=clock)
-    manager = SleepManager(SleepConfig(idle_threshold_seconds=300, check_interval_seconds=60,
-                                       auto_sleep_enabled=False, wakeup_on_request=True,
-                                       min_sleep_duration=80),
-                           traffic_monitor=traffic, clock=clock)
+    manager = SleepManager(
+        SleepConfig(
+            idle_threshold_seconds=300,
+            check_interval_seconds=60,
+            auto_sleep_enabled=False,
+            wakeup_on_request=True,
+            min_sleep_duration=80,
+        ),
+        traffic_monitor=traffic,
+        clock=clock,
+    )
     for sim, add in ((vllm, manager.add_vllm_model), (sglang, manager.add_sglang_model)):
         url = yarl.URL(sim.url)
         add(sim.settings.model, url.host, str(url.port))
@@ -1029,8 +1180,8 @@ async def test_kvcached_sleep_manager_api(sim_factory, caplog):
         assert set(sleeping[V]) == {"sleep_start_time", "sleep_duration", "manual_sleep"}
         assert sleeping[V]["manual_sleep"] is True and sleeping[S]["manual_sleep"] is False
         assert sleeping[V]["sleep_duration"] == 5 and sleeping[S]["sleep_duration"] == 0
-        assert await manager.check_model_sleep_status(V) is True   # the engine says so
-        assert await manager.check_model_sleep_status(S) is True   # remembered (SGLang can't say)
+        assert await manager.check_model_sleep_status(V) is True  # the engine says so
+        assert await manager.check_model_sleep_status(S) is True  # remembered (SGLang can't say)
         assert vllm.sim.stats()["state"] == "asleep"
         assert sglang.sim.stats()["state"] == "released"
 

@@ -1,0 +1,120 @@
+"""Sample kvsleep with py-spy while wrk loads it, and rank the frames (`--profile`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import ENDPOINT, Plan, chat_body, say
+from bench.targets import Target
+from bench.wrk import Load, run_wrk
+
+FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def py_spy_path() -> str | None:
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if os.access(local, os.X_OK) else shutil.which("py-spy")
+
+
+def _short(file: str) -> str:
+    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+    return file
+
+
+def _frame(raw: str) -> tuple[str, str]:
+    """('func (file:line)', 'file') from py-spy's raw frame text."""
+    match = FRAME.match(raw)
+    if not match:
+        return raw, raw
+    file = _short(match["file"])
+    line = f":{match['line']}" if match["line"] else ""
+    return f"{match['func']} ({file}{line})", file
+
+
+def summarize(collapsed: str, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares per frame, and self share per file."""
+    self_frames: Counter[str] = Counter()
+    incl_frames: Counter[str] = Counter()
+    self_files: Counter[str] = Counter()
+    incl_funcs: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        frames = [f for f in frames if not f[0].startswith("process ")]
+        if not frames:
+            continue
+        leaf, leaf_file = frames[-1]
+        self_frames[leaf] += count
+        self_files[leaf_file] += count
+        for name in {f[0] for f in frames}:
+            incl_frames[name] += count
+        for name in {re.sub(r":\d+\)$", ")", f[0]) for f in frames}:
+            incl_funcs[name] += count
+
+    def share(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [{"frame": k, "pct": round(100 * v / total, 1)}
+                for k, v in counter.most_common(top)] if total else []
+
+    return {"samples": total, "self": share(self_frames), "self_by_file": share(self_files),
+            "inclusive_by_function": share(incl_funcs)}
+
+
+def render(summary: dict[str, Any], title: str) -> str:
+    lines = [title, f"samples: {summary['samples']}", ""]
+    for key, label in (("self", "self time (leaf frame)"),
+                       ("self_by_file", "self time by file"),
+                       ("inclusive_by_function", "inclusive time by function (any line)")):
+        lines.append(f"== {label}")
+        lines += [f"{row['pct']:5.1f}%  {row['frame']}" for row in summary[key]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+async def profile_kvsleep(kv: Target, model: str, plan: Plan, out_dir: Path,
+                          concurrency: int = 16) -> dict[str, Any]:
+    """py-spy (non-blocking sampling, 250 Hz) on kvsleep while wrk sends non-streaming load."""
+    spy = py_spy_path()
+    if spy is None:
+        return {"skipped": "py-spy is not installed (pip install py-spy)"}
+    assert kv.child is not None
+    raw = out_dir / f"profile-c{concurrency}.collapsed"
+    seconds = plan.profile_seconds
+    proc = await asyncio.create_subprocess_exec(
+        spy, "record", "--pid", str(kv.child.pid), "--duration", f"{seconds:g}", "--rate", "250",
+        "--format", "raw", "--nonblocking", "--output", str(raw),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await asyncio.sleep(0.5)  # let py-spy attach before the load starts
+        body = chat_body(model, plan.nonstream_max_tokens, False)
+        load = await run_wrk(Load(kv.url + ENDPOINT, body, concurrency, seconds))
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    if proc.returncode != 0 or not raw.exists():
+        return {"skipped": f"py-spy failed (exit {proc.returncode}): "
+                           f"{out.decode(errors='replace')[-400:]}"}
+    summary = summarize(raw.read_text())
+    text = render(summary, f"kvsleep under wrk, non-streaming, concurrency {concurrency}, "
+                           f"{seconds:g}s ({load['ok_per_s']:.0f} 2xx/s while sampled)")
+    (out_dir / f"profile-c{concurrency}.txt").write_text(text)
+    say(f"profile written to {out_dir / f'profile-c{concurrency}.txt'}")
+    return {"concurrency": concurrency, "seconds": seconds, "ok_per_s_while_sampled":
+            round(load["ok_per_s"], 1), **summary}

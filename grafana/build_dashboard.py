@@ -1,0 +1,621 @@
+#!/usr/bin/env python3
+"""Generate grafana/dashboards/kvsleep.json, the "kvsleep / Overview" dashboard.
+
+The JSON is built from plain dicts so that every panel follows the same conventions (datasource
+variable, `$__rate_interval`, units, `{{model}}` legends) by construction. Edit this script, not
+the JSON, then regenerate:
+
+    python grafana/build_dashboard.py           # writes grafana/dashboards/kvsleep.json
+    python grafana/build_dashboard.py --check   # exit 1 if the committed JSON is stale
+
+Queries use only metrics kvsleep exports (see the Metrics table of the product contract).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUTPUT = Path(__file__).resolve().parent / "dashboards" / "kvsleep.json"
+
+UID = "kvsleep-overview"
+TITLE = "kvsleep / Overview"
+SCHEMA_VERSION = 39
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+M = 'model=~"$model"'
+RI = "$__rate_interval"
+
+# kvsleep_model_state's `state` values, in lifecycle order, with the code and colour the state
+# timeline shows (kvsleep.sleep_state.ModelState; a test keeps the two in step).
+STATES = (
+    ("awake", "green"),
+    ("draining", "yellow"),
+    ("sleeping", "orange"),
+    ("asleep", "blue"),
+    ("waking", "purple"),
+    ("failed", "red"),
+)
+
+Target = tuple[str, str]  # (PromQL expression, legend format)
+
+
+def state_code_expr() -> str:
+    """One series per model whose value is its state's code (1 = awake ... 6 = failed)."""
+    terms = [
+        f'kvsleep_model_state{{{M}, state="{state}"}} * {code}'
+        for code, (state, _) in enumerate(STATES, start=1)
+    ]
+    return "max by (model) (\n    " + "\n  or ".join(terms) + "\n)"
+
+
+def histogram_quantile(q: float, metric: str, by: str = "model", selector: str = M) -> str:
+    return f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{selector}}}[{RI}])))"
+
+
+def value_mappings(mapping: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    options = {
+        value: {"text": text, "color": color, "index": index}
+        for index, (value, (text, color)) in enumerate(mapping.items())
+    }
+    return [{"type": "value", "options": options}]
+
+
+class Layout:
+    """Places panels left to right on Grafana's 24-column grid, wrapping to a new line."""
+
+    def __init__(self) -> None:
+        self.x = 0
+        self.y = 0
+        self.line_height = 0
+        self.next_id = 1
+
+    def place(self, w: int, h: int) -> dict[str, int]:
+        if self.x + w > 24:
+            self.newline()
+        pos = {"h": h, "w": w, "x": self.x, "y": self.y}
+        self.x += w
+        self.line_height = max(self.line_height, h)
+        return pos
+
+    def newline(self) -> None:
+        self.y += self.line_height
+        self.x = 0
+        self.line_height = 0
+
+    def take_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+
+def row(layout: Layout, title: str) -> dict[str, Any]:
+    if layout.x:
+        layout.newline()
+    panel = {
+        "type": "row",
+        "title": title,
+        "id": layout.take_id(),
+        "collapsed": False,
+        "gridPos": layout.place(24, 1),
+        "panels": [],
+    }
+    layout.newline()
+    return panel
+
+
+def panel(
+    layout: Layout,
+    kind: str,
+    title: str,
+    description: str,
+    targets: list[Target],
+    unit: str,
+    *,
+    w: int = 12,
+    h: int = 8,
+    mappings: list[dict[str, Any]] | None = None,
+    overrides: list[dict[str, Any]] | None = None,
+    options: dict[str, Any] | None = None,
+    custom: dict[str, Any] | None = None,
+    min_value: float | None = None,
+) -> dict[str, Any]:
+    defaults: dict[str, Any] = {"unit": unit, "mappings": mappings or []}
+    if min_value is not None:
+        defaults["min"] = min_value
+    if custom:
+        defaults["custom"] = custom
+    if kind in ("timeseries", "state-timeline"):
+        base_options: dict[str, Any] = {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+    else:
+        base_options = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        }
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "id": layout.take_id(),
+        "gridPos": layout.place(w, h),
+        "datasource": DATASOURCE,
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+        "options": {**base_options, **(options or {})},
+        "targets": [
+            {
+                "datasource": DATASOURCE,
+                "editorMode": "code",
+                "expr": expr,
+                "legendFormat": legend,
+                "range": True,
+                "refId": chr(ord("A") + index),
+            }
+            for index, (expr, legend) in enumerate(targets)
+        ],
+    }
+
+
+def text_panel(layout: Layout, title: str, content: str, *, w: int, h: int) -> dict[str, Any]:
+    return {
+        "type": "text",
+        "title": title,
+        "id": layout.take_id(),
+        "gridPos": layout.place(w, h),
+        "options": {"mode": "markdown", "content": content},
+    }
+
+
+def dashed(regex: str) -> dict[str, Any]:
+    """An override drawing the series whose display name matches `regex` dashed."""
+    return {
+        "matcher": {"id": "byRegexp", "options": regex},
+        "properties": [
+            {"id": "custom.lineStyle", "value": {"dash": [10, 10], "fill": "dash"}},
+        ],
+    }
+
+
+GPU_NOTE = """\
+GPU memory freed by sleeping is engine-specific, and kvsleep exports no per-model memory metric
+yet: the panels above count the models that are **asleep** (their KV cache, and for vLLM
+`sleep_level: 2` or SGLang also their weights, are released). For bytes, graph the engines' own
+metrics (job `engines`) or `nvidia-smi`/DCGM's `DCGM_FI_DEV_FB_USED`.
+"""
+
+
+def panels() -> list[dict[str, Any]]:
+    lay = Layout()
+    out: list[dict[str, Any]] = []
+    add = out.append
+
+    add(row(lay, "Traffic"))
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Request rate",
+            "Requests routed to each model (all status codes).",
+            [(f"sum by (model) (rate(kvsleep_requests_total{{{M}}}[{RI}]))", "{{model}}")],
+            "reqps",
+            min_value=0,
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Request latency (p50 / p99)",
+            "From arrival to the last byte relayed, hold time included.",
+            [
+                (histogram_quantile(0.5, "kvsleep_request_duration_seconds"), "{{model}} p50"),
+                (histogram_quantile(0.99, "kvsleep_request_duration_seconds"), "{{model}} p99"),
+            ],
+            "s",
+            min_value=0,
+            overrides=[dashed("p50$")],
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Non-2xx responses",
+            "Responses kvsleep answered with a status other than 2xx, by code "
+            "(499: client gone; 502/504: engine; 503: model could not be woken).",
+            [
+                (
+                    f'sum by (model, code) (rate(kvsleep_requests_total{{{M}, code!~"2.."}}[{RI}]))',
+                    "{{model}} {{code}}",
+                )
+            ],
+            "reqps",
+            min_value=0,
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "In-flight and held requests",
+            "In flight: received and not yet fully answered (held included). "
+            "Held: waiting for the model to wake.",
+            [
+                (f"sum by (model) (kvsleep_requests_in_flight{{{M}}})", "{{model}} in flight"),
+                (f"sum by (model) (kvsleep_held_requests{{{M}}})", "{{model}} held"),
+            ],
+            "short",
+            min_value=0,
+            overrides=[dashed("held$")],
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Rejected requests",
+            "Requests refused because their model could not be made awake in time, by reason; "
+            "and requests naming a model that is not configured.",
+            [
+                (
+                    f"sum by (model, reason) (rate(kvsleep_rejected_requests_total{{{M}}}[{RI}]))",
+                    "{{model}} {{reason}}",
+                ),
+                (
+                    f"sum by (endpoint) (rate(kvsleep_unknown_model_requests_total[{RI}]))",
+                    "unknown model {{endpoint}}",
+                ),
+            ],
+            "reqps",
+            min_value=0,
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Request hold time (p50 / p99)",
+            "Time requests waited for their model to become awake (only requests that waited).",
+            [
+                (histogram_quantile(0.5, "kvsleep_request_hold_seconds"), "{{model}} p50"),
+                (histogram_quantile(0.99, "kvsleep_request_hold_seconds"), "{{model}} p99"),
+            ],
+            "s",
+            min_value=0,
+            overrides=[dashed("p50$")],
+        )
+    )
+
+    add(row(lay, "Sleep and wake"))
+    add(
+        panel(
+            lay,
+            "state-timeline",
+            "Model state",
+            "Each model's sleep state over time (kvsleep_model_state).",
+            [(state_code_expr(), "{{model}}")],
+            "none",
+            w=24,
+            mappings=value_mappings(
+                {str(code): (state, color) for code, (state, color) in enumerate(STATES, start=1)}
+            ),
+            options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8},
+            custom={"fillOpacity": 80, "lineWidth": 0},
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Time since last request vs idle threshold",
+            "Seconds since each model's last request (start or end), against the idle threshold "
+            "in force (dashed). Awake models past the threshold are sleep candidates.",
+            [
+                (
+                    f"time() - max by (model) "
+                    f"(kvsleep_model_last_request_timestamp_seconds{{{M}}} > 0)",
+                    "{{model}} idle",
+                ),
+                (
+                    f"max by (model) (kvsleep_model_idle_threshold_seconds{{{M}}})",
+                    "{{model}} threshold",
+                ),
+            ],
+            "s",
+            min_value=0,
+            overrides=[dashed("threshold$")],
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Sleeps and wakes",
+            "Sleep and wake operations per minute, by result.",
+            [
+                (
+                    f"60 * sum by (model, result) (rate(kvsleep_sleeps_total{{{M}}}[{RI}]))",
+                    "{{model}} sleeps {{result}}",
+                ),
+                (
+                    f"60 * sum by (model, result) (rate(kvsleep_wakes_total{{{M}}}[{RI}]))",
+                    "{{model}} wakes {{result}}",
+                ),
+            ],
+            "opm",
+            min_value=0,
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Wake and sleep latency (engine)",
+            "Time the engine took to wake (p50 / p90 / p99, weight reloads included) and to go "
+            "to sleep (p90, drain excluded).",
+            [
+                (histogram_quantile(0.5, "kvsleep_wake_duration_seconds"), "{{model}} wake p50"),
+                (histogram_quantile(0.9, "kvsleep_wake_duration_seconds"), "{{model}} wake p90"),
+                (histogram_quantile(0.99, "kvsleep_wake_duration_seconds"), "{{model}} wake p99"),
+                (histogram_quantile(0.9, "kvsleep_sleep_duration_seconds"), "{{model}} sleep p90"),
+            ],
+            "s",
+            min_value=0,
+            overrides=[dashed("sleep p90$")],
+        )
+    )
+    add(
+        panel(
+            lay,
+            "stat",
+            "Models asleep",
+            "Models whose engine has released its GPU memory.",
+            [(f'sum(max by (model) (kvsleep_model_state{{{M}, state="asleep"}}))', "asleep")],
+            "short",
+            w=4,
+            options={"colorMode": "value", "graphMode": "area"},
+        )
+    )
+    add(
+        panel(
+            lay,
+            "bargauge",
+            "Models by state",
+            "How many models are in each state now.",
+            [
+                (
+                    f"sum by (state) (max by (model, state) (kvsleep_model_state{{{M}}}))",
+                    "{{state}}",
+                )
+            ],
+            "short",
+            w=8,
+            min_value=0,
+            options={"orientation": "horizontal", "displayMode": "basic", "showUnfilled": True},
+        )
+    )
+    add(text_panel(lay, "GPU memory", GPU_NOTE, w=24, h=3))
+
+    add(row(lay, "Engines and kvsleep"))
+    add(
+        panel(
+            lay,
+            "state-timeline",
+            "Engine up",
+            "Whether each model's engine answered kvsleep's last probe.",
+            [(f"max by (model) (kvsleep_engine_up{{{M}}})", "{{model}}")],
+            "none",
+            mappings=value_mappings({"0": ("down", "red"), "1": ("up", "green")}),
+            options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8},
+            custom={"fillOpacity": 80, "lineWidth": 0},
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Engine restarts (engines kvsleep launches)",
+            "Restarts of launched engines after unexpected exits, and the crash-loop flag "
+            "(1 while an engine keeps dying soon after start).",
+            [
+                (
+                    f"sum by (model) (increase(kvsleep_engine_restarts_total{{{M}}}[{RI}]))",
+                    "{{model}} restarts",
+                ),
+                (
+                    f"max by (model) (kvsleep_engine_crash_looping{{{M}}})",
+                    "{{model}} crash looping",
+                ),
+            ],
+            "short",
+            min_value=0,
+            overrides=[dashed("crash looping$")],
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Reconcile pass duration",
+            "Time one reconcile pass took, engine probes included.",
+            [
+                (
+                    histogram_quantile(
+                        0.5, "kvsleep_reconcile_duration_seconds", by="instance", selector=""
+                    ),
+                    "{{instance}} p50",
+                ),
+                (
+                    histogram_quantile(
+                        0.99, "kvsleep_reconcile_duration_seconds", by="instance", selector=""
+                    ),
+                    "{{instance}} p99",
+                ),
+            ],
+            "s",
+            w=10,
+            min_value=0,
+            overrides=[dashed("p50$")],
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Reconcile errors",
+            "Reconcile passes or actions that raised an error (see kvsleep's log).",
+            [
+                (
+                    f"sum by (instance) (rate(kvsleep_reconcile_errors_total[{RI}]))",
+                    "{{instance}}",
+                )
+            ],
+            "ops",
+            w=6,
+            min_value=0,
+        )
+    )
+    add(
+        panel(
+            lay,
+            "stat",
+            "Last config reload",
+            "Whether the last configuration load or reload succeeded.",
+            [("min by (instance) (kvsleep_config_last_reload_successful)", "{{instance}}")],
+            "none",
+            w=4,
+            mappings=value_mappings({"0": ("failed", "red"), "1": ("ok", "green")}),
+            options={"colorMode": "background", "graphMode": "none"},
+        )
+    )
+    add(
+        panel(
+            lay,
+            "stat",
+            "Since last successful reload",
+            "Time since the configuration was last loaded or reloaded successfully.",
+            [
+                (
+                    "time() - max by (instance) "
+                    "(kvsleep_config_last_reload_success_timestamp_seconds)",
+                    "{{instance}}",
+                )
+            ],
+            "s",
+            w=4,
+            options={"colorMode": "none", "graphMode": "none"},
+        )
+    )
+    return out
+
+
+def build() -> dict[str, Any]:
+    model_query = "label_values(kvsleep_model_state, model)"
+    return {
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "description": "kvsleep: per-model traffic, sleep state, wakes and engines.",
+        "editable": True,
+        "fiscalYearStartMonth": 0,
+        "graphTooltip": 1,
+        "id": None,
+        "links": [
+            {
+                "title": "Runbook",
+                "type": "link",
+                "url": "https://github.com/kvsleep/kvsleep/blob/main/docs/runbook.md",
+                "targetBlank": True,
+                "icon": "doc",
+            }
+        ],
+        "liveNow": False,
+        "panels": panels(),
+        "refresh": "30s",
+        "schemaVersion": SCHEMA_VERSION,
+        "tags": ["kvsleep", "vllm", "sglang", "llm"],
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "includeAll": False,
+                    "multi": False,
+                    "options": [],
+                    "refresh": 1,
+                    "regex": "",
+                    "skipUrlSync": False,
+                },
+                {
+                    "name": "model",
+                    "label": "Model",
+                    "type": "query",
+                    "datasource": DATASOURCE,
+                    "definition": model_query,
+                    "query": {
+                        "qryType": 1,
+                        "query": model_query,
+                        "refId": "PrometheusVariableQueryEditor-VariableQuery",
+                    },
+                    "current": {},
+                    "hide": 0,
+                    "includeAll": True,
+                    "allValue": ".*",
+                    "multi": True,
+                    "options": [],
+                    "refresh": 2,
+                    "regex": "",
+                    "skipUrlSync": False,
+                    "sort": 1,
+                },
+            ]
+        },
+        "time": {"from": "now-6h", "to": "now"},
+        "timepicker": {},
+        "timezone": "browser",
+        "title": TITLE,
+        "uid": UID,
+        "version": 1,
+        "weekStart": "",
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the JSON is stale")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
+        if current != text:
+            print(f"{args.output} is stale: run python {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
