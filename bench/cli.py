@@ -126,12 +126,12 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path,
 
     if "nonstream" in wanted:
         scenarios["nonstream"] = await wrk_scenario(targets, skipped, plan, model=FAST_MODEL,
-                                                    stream=False)
+                                                    stream=False, engine=fast.child)
     if args.profile:
         results["profile"] = await profile_kvsleep(kv, FAST_MODEL, plan, out_dir)
     if "stream" in wanted:
         scenarios["stream"] = await wrk_scenario(targets, skipped, plan, model=FAST_MODEL,
-                                                 stream=True)
+                                                 stream=True, engine=fast.child)
     if "wake" in wanted:
         scenarios["wake"] = await wake_scenario(kv, wake_sim, WAKE_MODEL, plan)
     for target in (*peers, kv, wake_sim, fast):

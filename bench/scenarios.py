@@ -95,9 +95,18 @@ async def _ttfb_probe(url: str, body: str, stop: asyncio.Event) -> list[float]:
     return samples
 
 
-async def _one_run(target: Target, load: Load, probe_body: str | None) -> dict[str, Any]:
+def _cpu(children: dict[str, P.Child | None]) -> dict[str, float | None]:
+    return {k: (P.cpu_seconds(c.pid) if c is not None else None) for k, c in children.items()}
+
+
+async def _one_run(target: Target, load: Load, probe_body: str | None,
+                   engine: P.Child | None = None) -> dict[str, Any]:
     if target.child is not None and not target.child.alive():
         return {"error": f"{target.name} is not running (exit {target.child.popen.returncode})"}
+    # CPU time per 2xx answer: far less sensitive to a shared, noisy machine than throughput.
+    watched = {"engine": engine,
+               "proxy": target.child if target.child is not engine else None}
+    cpu_before = _cpu(watched)
     stop = asyncio.Event()
     probe = (asyncio.create_task(_ttfb_probe(load.url, probe_body, stop))
              if probe_body is not None else None)
@@ -108,6 +117,12 @@ async def _one_run(target: Target, load: Load, probe_body: str | None) -> dict[s
     finally:
         stop.set()
         samples = await probe if probe is not None else []
+    cpu_after = _cpu(watched)
+    for key in watched:
+        spent = diff(cpu_after[key], cpu_before[key])
+        result[f"{key}_cpu_us_per_2xx"] = (spent / result["ok2xx"] * 1e6
+                                           if spent is not None and result.get("ok2xx")
+                                           else None)
     if probe is not None:
         result["ttfb_p50_ms"] = pct(samples, 50)
         result["ttfb_p90_ms"] = pct(samples, 90)
@@ -124,6 +139,8 @@ def _summarize(runs: list[dict[str, Any]], sse: bool) -> dict[str, Any]:
         "ok_per_s": rnd(median([r["ok_per_s"] for r in good]), 1),
         "p50_ms": rnd(median([r["p50_ms"] for r in good])),
         "p99_ms": rnd(median([r["p99_ms"] for r in good])),
+        "proxy_cpu_us_per_2xx": rnd(median([r["proxy_cpu_us_per_2xx"] for r in good]), 1),
+        "engine_cpu_us_per_2xx": rnd(median([r["engine_cpu_us_per_2xx"] for r in good]), 1),
         "non2xx": sum(r["non2xx"] for r in good),
         "socket_errors": sum(r["socket_errors"] for r in good),
         "rounds": [{k: rnd(v) if isinstance(v, float) else v for k, v in r.items()}
@@ -140,7 +157,7 @@ def _summarize(runs: list[dict[str, Any]], sse: bool) -> dict[str, Any]:
 
 
 async def wrk_scenario(targets: list[Target], skipped: dict[str, str], plan: Plan, *,
-                       model: str, stream: bool) -> dict[str, Any]:
+                       model: str, stream: bool, engine: P.Child | None) -> dict[str, Any]:
     """Every concurrency point: warm up, then `rounds` rounds of A B C ... (medians, ratios)."""
     levels = plan.stream_concurrency if stream else plan.nonstream_concurrency
     max_tokens = plan.stream_max_tokens if stream else plan.nonstream_max_tokens
@@ -155,11 +172,11 @@ async def wrk_scenario(targets: list[Target], skipped: dict[str, str], plan: Pla
 
         if plan.warmup_every_point or index == 0:
             for target in targets:
-                await _one_run(target, load(target, plan.warmup_seconds), None)
+                await _one_run(target, load(target, plan.warmup_seconds), None, engine)
         for rnd_no in range(plan.rounds):
             for target in targets:
                 result = await _one_run(target, load(target, plan.seconds),
-                                        body if stream else None)
+                                        body if stream else None, engine)
                 runs[target.name].append(result)
                 metric = (f"{result.get('events_per_s', 0):.0f} chunks/s" if stream
                           else f"{result.get('ok_per_s', 0):.0f} 2xx/s")
@@ -245,6 +262,22 @@ def _metric(text: str, name: str, labels: str = "") -> float:
     return total
 
 
+async def _single_hold(session: aiohttp.ClientSession, base: str, quoted: str, body: str,
+                       wake: float) -> dict[str, Any]:
+    """One request at an asleep model: the hold's own cost, free of a burst's queueing."""
+    awake = []
+    for _ in range(20):
+        ttfb, _, errors, _ = await _burst(session, base + ENDPOINT, body, 1)
+        awake += ttfb
+    async with session.post(f"{base}/models/{quoted}/sleep") as resp:
+        await resp.read()
+    held, _, errors, _ = await _burst(session, base + ENDPOINT, body, 1)
+    return {"single_awake_ttfb_ms": median(awake),
+            "single_asleep_ttfb_minus_wake_ms": held[0] - wake * 1000 if held else None,
+            "single_hold_added_ms": held[0] - wake * 1000 - median(awake) if held else None,
+            "single_errors": errors}
+
+
 async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict[str, Any]:
     """1,000 requests at an asleep model: one wake, zero errors, and what the hold adds."""
     n, wake = plan.wake_requests, plan.wake_latency
@@ -274,6 +307,7 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
             ttfb, firsts, errors, spread = await _burst(session, kv.url + ENDPOINT, body, n)
             after = await _json(session, sim.url + "/sim/stats")
             metrics_after = await _text(session, kv.url + "/metrics")
+            single = await _single_hold(session, kv.url, quoted, body, wake)
         since_start = [(t - burst_start) * 1000 - wake * 1000 for t in firsts]
         wake_seen = _metric(metrics_after, "kvsleep_wake_duration_seconds_sum") - _metric(
             metrics_before, "kvsleep_wake_duration_seconds_sum")
@@ -290,6 +324,7 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
             "ttfb_minus_wake_p99_ms": diff(pct(ttfb, 99), wake * 1000),
             "burst_start_to_first_byte_minus_wake_p99_ms": pct(since_start, 99),
             "wake_call_overhead_ms": wake_seen * 1000 - wake * 1000,
+            **single,
         })
         r["hold_added_p50_ms"] = diff(r["ttfb_minus_wake_p50_ms"],
                                       r["awake_kvsleep"]["ttfb_p50_ms"])
@@ -309,7 +344,7 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
         "requests": n, "wake_latency_s": wake, "rounds": rounds,
         "wake_calls": [x["wake_calls"] for x in rounds],
         "errors": sum(x["errors"] + x["awake_kvsleep"]["errors"] + x["awake_direct"]["errors"]
-                      for x in rounds),
+                      + x["single_errors"] for x in rounds),
         "served_while_not_awake": sum(x["served_while_not_awake"] for x in rounds),
         "ttfb_minus_wake_p50_ms": med("ttfb_minus_wake_p50_ms"),
         "ttfb_minus_wake_p99_ms": med("ttfb_minus_wake_p99_ms"),
@@ -318,6 +353,7 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
         "hold_added_p50_ms": med("hold_added_p50_ms"),
         "hold_added_p99_ms": med("hold_added_p99_ms"),
         "wake_call_overhead_ms": med("wake_call_overhead_ms"),
+        "single_hold_added_ms": med("single_hold_added_ms"),
     }
 
 

@@ -58,7 +58,7 @@ async def sim_factory() -> AsyncIterator[SimFactory]:
         runner = web.AppRunner(build_app(sim), access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
         port = runner.addresses[0][1]
         return RunningSim(sim=sim, settings=settings, url=f"http://127.0.0.1:{port}")
 

@@ -42,7 +42,7 @@ class RetryPolicy:
     initial_wait_seconds: float = 0.2
     max_wait_seconds: float = 5.0
     probe_timeout_seconds: float = 5.0
-    sleep_timeout_seconds: float = 300.0
+    sleep_timeout_seconds: float = 60.0
     wake_timeout_seconds: float = 600.0
 
 

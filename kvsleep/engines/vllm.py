@@ -14,16 +14,17 @@ _NO_DEV_MODE = ("sleep routes are missing (404): start vLLM with VLLM_SERVER_DEV
 
 
 class VLLMAdapter(EngineAdapter):
-    """vLLM's sleep calls are idempotent, so timeouts and 5xx are retried.
+    """vLLM's wake calls are idempotent, so timeouts and 5xx are retried.
 
     `mode=wait` makes vLLM itself drain anything that slipped past our own drain instead of
-    aborting it (the default `abort` would cut a stream).
+    aborting it (the default `abort` would cut a stream). A sleep that times out is not repeated:
+    held requests are waiting, and `/is_sleeping` tells the manager how it ended.
     """
 
     async def sleep(self) -> None:
         level = self.model.sleep_level
         resp = await self.call("POST", "/sleep", params={"level": str(level), "mode": "wait"},
-                               timeout=self.retry.sleep_timeout_seconds, retry_on_timeout=True)
+                               timeout=self.retry.sleep_timeout_seconds)
         if resp is None:
             raise EngineError(_NO_DEV_MODE)
 

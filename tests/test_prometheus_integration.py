@@ -1,0 +1,375 @@
+"""A real Prometheus scrapes a live kvsleep and its engines, evaluates the real rules, and answers
+every query of the Grafana dashboard.
+
+Scenario (all on 127.0.0.1): four simulated engines behind a kvsleep harness server, `org/llama`
+(steady traffic and two sleep/wake cycles with held requests), `org/qwen` (one request, then idle
+past its 2 s threshold), `org/flaky` (asleep, every wake fails) and `org/launched` (started by
+kvsleep's launcher as a process, killed once and restarted), plus requests for an unknown model.
+Prometheus scrapes every second and evaluates alerts/kvsleep-rules.yml every second.
+
+Alerts need their `for:` to pass before they fire, and ours are minutes long; the test loads a
+temporary copy of the rules with every `for:` rewritten to 1s (nothing else changes).
+
+Histograms and most label combinations appear lazily, at their first observation, so rate() over
+them only sees changes made after Prometheus scraped them once: that is why the cycles are
+repeated and the test waits for a scrape in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from kvsleep.launcher import Launcher
+from tests.kvsleep_harness import sim_model
+
+REPO = Path(__file__).resolve().parent.parent
+RULES = REPO / "alerts" / "kvsleep-rules.yml"
+DASHBOARD = REPO / "grafana" / "dashboards" / "kvsleep.json"
+
+# The substitutions Grafana would make: with a 1 s scrape interval $__rate_interval is ~4 s; a
+# minute keeps the assertions independent of exactly when each event happened.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*", "${datasource}": ""}
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hostport(url: str) -> str:
+    return url.removeprefix("http://").rstrip("/")
+
+
+def rules_with_short_for(dest: Path) -> Path:
+    """A copy of the real rules with every `for:` shortened to 1s, so alerts fire in seconds."""
+    text, count = re.subn(r"(?m)^(\s+for:\s*)\S+", r"\g<1>1s", RULES.read_text(encoding="utf-8"))
+    assert count == len(re.findall(r"(?m)^\s+- alert:", text))
+    dest.write_text(text, encoding="utf-8")
+    return dest
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL with Grafana's variables substituted) for every dashboard target."""
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    queries = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{panel['title']}: unsubstituted variable in {expr}"
+            queries.append((panel["title"], expr))
+    return queries
+
+
+class Prometheus:
+    def __init__(self, url: str, log: Path) -> None:
+        self.url = url
+        self.log = log
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Prometheus]]:
+    """`start(config)` runs a real `prometheus` on a free loopback port; killed at teardown."""
+    binary = shutil.which("prometheus")
+    running: list[subprocess.Popen[bytes]] = []
+
+    def start(config: dict[str, Any]) -> Prometheus:
+        if binary is None:
+            pytest.skip(
+                "prometheus is not installed (scripts/test installs it: apt-get install prometheus)"
+            )
+        config_file = tmp_path / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+        port = free_port()
+        log = tmp_path / "prometheus.log"
+        with log.open("wb") as out:
+            running.append(
+                subprocess.Popen(
+                    [
+                        binary,
+                        f"--config.file={config_file}",
+                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                        f"--web.listen-address=127.0.0.1:{port}",
+                        "--log.level=warn",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        return Prometheus(f"http://127.0.0.1:{port}", log)
+
+    yield start
+    for proc in running:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float, what: str, prom: Prometheus | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            if await check():
+                return
+        if time.monotonic() > deadline:
+            tail = f"\nprometheus log:\n{prom.log_tail()}" if prom else ""
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{tail}")
+        await asyncio.sleep(0.25)
+
+
+async def query(
+    session: aiohttp.ClientSession, prom: Prometheus, promql: str
+) -> list[dict[str, Any]]:
+    async with session.get(f"{prom.url}/api/v1/query", params={"query": promql}) as resp:
+        body = await resp.json(content_type=None)
+    assert body.get("status") == "success", f"{promql}: {body}"
+    return body["data"]["result"]
+
+
+def finite(result: list[dict[str, Any]]) -> list[float]:
+    return [v for v in (float(r["value"][1]) for r in result) if math.isfinite(v)]
+
+
+async def completion(session: aiohttp.ClientSession, url: str, model: str) -> int:
+    async with session.post(
+        f"{url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2}
+    ) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_prometheus_scrapes_kvsleep_evaluates_rules_and_dashboard_queries(
+    sim_factory, kvsleep_factory, prometheus_factory, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    llama = await sim_factory("vllm", "org/llama", wake_latency=0.2)
+    qwen = await sim_factory("sglang", "org/qwen")
+    flaky = await sim_factory("vllm", "org/flaky")
+    launched_port = free_port()
+    launched = {
+        "name": "org/launched",
+        "engine": "vllm",
+        "url": f"http://127.0.0.1:{launched_port}",
+        "ready_timeout_seconds": 20,
+        "command": [
+            sys.executable,
+            "-m",
+            "kvsleep.simulator",
+            "--flavor",
+            "vllm",
+            "--model",
+            "org/launched",
+            "--port",
+            str(launched_port),
+        ],
+    }
+    # Real clock: Prometheus compares kvsleep's timestamps with its own time().
+    # No auto-sleep: this test decides every sleep; reconcile passes still run (and are timed).
+    kv = await kvsleep_factory(
+        [sim_model(llama), sim_model(qwen, idle_threshold_seconds=2), sim_model(flaky), launched],
+        clock=time.time,
+        auto_sleep_enabled=False,
+    )
+    launcher = Launcher(kv.manager, kv.server.metrics, str(tmp_path / "engine-logs"))
+    background: list[asyncio.Task[None]] = []
+    try:
+        await launcher.start([m for m in kv.server.config.models if m.launched])
+        await kv.reconcile()  # the launched engine was down at kvsleep's start: now it is up
+
+        prom = prometheus_factory(
+            {
+                "global": {
+                    "scrape_interval": "1s",
+                    "scrape_timeout": "1s",
+                    "evaluation_interval": "1s",
+                },
+                "rule_files": [str(rules_with_short_for(tmp_path / "kvsleep-rules.yml"))],
+                "scrape_configs": [
+                    {"job_name": "kvsleep", "static_configs": [{"targets": [hostport(kv.url)]}]},
+                    {
+                        "job_name": "engines",
+                        "static_configs": [
+                            {
+                                "targets": [
+                                    hostport(llama.url),
+                                    hostport(qwen.url),
+                                    hostport(flaky.url),
+                                    f"127.0.0.1:{launched_port}",
+                                ]
+                            }
+                        ],
+                    },
+                ],
+            }
+        )
+        async with aiohttp.ClientSession() as session:
+
+            async def has(promql: str, at_least: int = 1) -> bool:
+                return len(await query(session, prom, promql)) >= at_least
+
+            # qwen's only request; then it idles past its 2 s threshold.
+            assert await completion(session, kv.url, "org/qwen") == 200
+            await kv.manager.put_model_to_sleep("org/flaky", manual=True)
+            assert kv.state("org/flaky") == "asleep"
+
+            await eventually(lambda: has('up{job="kvsleep"} == 1'), 20, "kvsleep scraped", prom)
+            await eventually(lambda: has('up{job="engines"} == 1', 4), 10, "engines scraped", prom)
+
+            # Steady traffic, unknown-model requests, reconcile passes, failing wakes.
+            traffic_on = asyncio.Event()
+            traffic_on.set()
+
+            async def traffic() -> None:
+                n = 0
+                while True:
+                    await traffic_on.wait()
+                    assert await completion(session, kv.url, "org/llama") == 200
+                    if n % 5 == 0:
+                        assert await completion(session, kv.url, "org/unknown") == 404
+                    n += 1
+                    await asyncio.sleep(0.1)
+
+            async def reconcile() -> None:
+                while True:
+                    await kv.reconcile()
+                    await asyncio.sleep(0.5)
+
+            async def failing_wakes() -> None:
+                async with session.post(
+                    f"{flaky.url}/sim/faults", json={"fail": {"wake": 100_000}}
+                ) as resp:
+                    assert resp.status == 200
+                while True:
+                    assert await completion(session, kv.url, "org/flaky") == 503
+                    await asyncio.sleep(0.3)
+
+            background += [asyncio.create_task(f()) for f in (traffic, reconcile, failing_wakes)]
+
+            # Kill the launched engine once: the launcher restarts it (restarts_total 0 -> 1).
+            process = launcher.engines["org/launched"].process
+            assert process is not None
+            process.kill()
+
+            # Two sleep/wake cycles of llama, each woken by a burst of held requests.
+            for cycle in (1, 2):
+                traffic_on.clear()
+                assert await kv.manager.put_model_to_sleep("org/llama", manual=True)
+                statuses = await asyncio.gather(
+                    *(completion(session, kv.url, "org/llama") for _ in range(5))
+                )
+                assert statuses == [200] * 5
+                assert kv.state("org/llama") == "awake"
+                traffic_on.set()
+                for series in (
+                    "kvsleep_wake_duration_seconds_count",
+                    "kvsleep_sleep_duration_seconds_count",
+                    "kvsleep_request_hold_seconds_count",
+                ):
+                    await eventually(
+                        lambda s=series, c=cycle: has(f'{s}{{model="org/llama"}} >= {c}'),
+                        10,
+                        f"{series} after cycle {cycle}",
+                        prom,
+                    )
+            await eventually(
+                lambda: has(
+                    'increase(kvsleep_engine_restarts_total{model="org/launched"}[1m]) > 0'
+                ),
+                20,
+                "the launched engine's restart",
+                prom,
+            )
+            assert kv.state("org/launched") == "awake"
+
+            # Alerts (for: 1s) fire from this scenario.
+            async def firing() -> set[tuple[str, str]]:
+                async with session.get(f"{prom.url}/api/v1/alerts") as resp:
+                    body = await resp.json(content_type=None)
+                return {
+                    (a["labels"]["alertname"], a["labels"].get("model", ""))
+                    for a in body["data"]["alerts"]
+                    if a["state"] == "firing"
+                }
+
+            expected = {
+                ("KvsleepWakeFailing", "org/flaky"),
+                ("KvsleepRequestsRejected", "org/flaky"),
+                ("KvsleepModelIdle", "org/qwen"),
+            }
+
+            async def all_expected_firing() -> bool:
+                return expected <= await firing()
+
+            await eventually(all_expected_firing, 15, f"alerts {expected} firing", prom)
+            now_firing = await firing()
+            assert ("KvsleepModelIdle", "org/llama") not in now_firing  # busy
+            assert ("KvsleepModelIdle", "org/flaky") not in now_firing  # not awake
+            assert not {a for a, _ in now_firing} & {"KvsleepDown", "KvsleepConfigReloadFailed"}
+
+            # Every rule evaluates without error, and every recording rule has data.
+            async with session.get(f"{prom.url}/api/v1/rules") as resp:
+                groups = (await resp.json(content_type=None))["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            assert len(rules) == len(
+                re.findall(r"(?m)^\s+- (?:alert|record):", RULES.read_text(encoding="utf-8"))
+            )
+            for rule in rules:
+                assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+            for rule in (r for r in rules if r["type"] == "recording"):
+                result = await query(session, prom, rule["name"])
+                assert finite(result), f"recording rule {rule['name']} has no data: {result}"
+            idle = {
+                r["metric"]["model"]: float(r["value"][1])
+                for r in await query(session, prom, "model:kvsleep_idle_seconds")
+            }
+            assert "org/flaky" not in idle  # only awake models
+            assert idle["org/qwen"] > 2 > idle["org/llama"]
+
+            # The dashboard's `model` variable and every panel query.
+            async with session.get(
+                f"{prom.url}/api/v1/label/model/values", params={"match[]": "kvsleep_model_state"}
+            ) as resp:
+                models = (await resp.json(content_type=None))["data"]
+            assert set(models) == {"org/llama", "org/qwen", "org/flaky", "org/launched"}
+            empty = []
+            for title, promql in dashboard_queries():
+                if not finite(await query(session, prom, promql)):
+                    empty.append(f"{title}: {promql}")
+            assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    finally:
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await launcher.stop()
+    assert time.monotonic() - started < 60
