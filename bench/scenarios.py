@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import urllib.parse
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,16 +266,20 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 async def _single_hold(session: aiohttp.ClientSession, base: str, quoted: str, body: str,
                        wake: float) -> dict[str, Any]:
     """One request at an asleep model: the hold's own cost, free of a burst's queueing."""
-    awake = []
+    awake: list[float] = []
+    errors = 0
     for _ in range(20):
-        ttfb, _, errors, _ = await _burst(session, base + ENDPOINT, body, 1)
+        ttfb, _, failed, _ = await _burst(session, base + ENDPOINT, body, 1)
         awake += ttfb
+        errors += failed
     async with session.post(f"{base}/models/{quoted}/sleep") as resp:
         await resp.read()
-    held, _, errors, _ = await _burst(session, base + ENDPOINT, body, 1)
+    held, _, failed, _ = await _burst(session, base + ENDPOINT, body, 1)
+    errors += failed
+    held_ms = held[0] - wake * 1000 if held else None
     return {"single_awake_ttfb_ms": median(awake),
-            "single_asleep_ttfb_minus_wake_ms": held[0] - wake * 1000 if held else None,
-            "single_hold_added_ms": held[0] - wake * 1000 - median(awake) if held else None,
+            "single_asleep_ttfb_minus_wake_ms": held_ms,
+            "single_hold_added_ms": diff(held_ms, median(awake)),
             "single_errors": errors}
 
 
@@ -422,13 +427,17 @@ async def scale_variant(procs: P.Processes, workdir: Path, plan: Plan,
             gzip = [await scrape({"Accept-Encoding": "gzip"})
                     for _ in range(max(1, plan.scale_scrapes // 4))]
             status = await _json(session, kv.url + "/sleep/status")
-            series = sum(1 for line in (await _text(session, kv.url + "/metrics")).splitlines()
-                         if line and not line.startswith("#"))
+            families: Counter[str] = Counter(
+                line.split("{", 1)[0].split(" ", 1)[0]
+                for line in (await _text(session, kv.url + "/metrics")).splitlines()
+                if line and not line.startswith("#"))
         out.update({
             "scrape_ms_p50": rnd(pct([p[0] for p in plain], 50)),
             "scrape_ms_max": rnd(max(p[0] for p in plain)),
             "scrape_bytes": plain[-1][1],
-            "scrape_series": series,
+            "scrape_ms_min": rnd(min(p[0] for p in plain)),
+            "scrape_series": sum(families.values()),
+            "scrape_series_top": dict(families.most_common(8)),
             "scrape_gzip_ms_p50": rnd(pct([g[0] for g in gzip], 50)),
             "scrape_gzip_bytes": gzip[-1][1],
             "scrape_gzip_encoding": gzip[-1][2],

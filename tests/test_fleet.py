@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 import yaml
 
-from kvsleep.fleet import owner_of
 from kvsleep.config import FleetConfig
+from kvsleep.fleet import owner_of
 from tests.kvsleep_harness import FakeClock, config_doc, sim_model, start_kvsleep
 
 PROMETHEUS = shutil.which("prometheus")

@@ -119,7 +119,8 @@ def write_config(tmp_path: Path, models: list[dict], **sleep_manager) -> Path:
            "sleep_manager": {"check_interval_seconds": 0.5, "idle_threshold_seconds": 3600,
                              "min_awake_seconds": 0, "min_sleep_duration": 0,
                              "wake_timeout_seconds": 30, **sleep_manager},
-           "models": models, "state_dir": str(tmp_path / "state"), "log_dir": str(tmp_path / "logs")}
+           "models": models, "state_dir": str(tmp_path / "state"),
+           "log_dir": str(tmp_path / "logs")}
     path = tmp_path / "kvsleep.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -205,7 +206,7 @@ def test_engine_that_keeps_dying_is_reported_as_a_crash_loop(tmp_path, serve_run
     assert "fatal: CUDA out of memory (simulated)" in text
     metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
     assert 'kvsleep_engine_crash_looping{model="org/m"} 1.0' in metrics
-    status, body = http("GET", base + "/sleep/status")
+    _, body = http("GET", base + "/sleep/status")
     assert "crash loop" in (body["models"]["org/m"]["last_error"] or "")
     assert serve.stop() == 0
 
