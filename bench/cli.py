@@ -90,7 +90,7 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path,
     if args.rounds:
         plan = _replace(plan, rounds=args.rounds)
     if args.seconds:
-        plan = _replace(plan, seconds=args.seconds)
+        plan = _replace(plan, seconds=args.seconds, stream_seconds=args.seconds)
     wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(wanted) - set(SCENARIOS)
     if unknown:
@@ -100,7 +100,8 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path,
         "mode": "quick" if plan.quick else "full",
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "cpus": os.cpu_count(), "loadavg_start": P.loadavg(), "python": sys.version.split()[0],
-        "rounds": plan.rounds, "seconds_per_run": plan.seconds, "scenarios": wanted,
+        "rounds": plan.rounds, "seconds_per_run": plan.seconds,
+        "stream_seconds_per_run": plan.stream_seconds, "scenarios": wanted,
         "targets": {}, "logs": str(procs.log_dir), "notes": [],
     }
     results: dict[str, Any] = {"meta": meta, "scenarios": {}}

@@ -63,29 +63,33 @@ def acceptance(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _wrk_table(scenario: dict[str, Any], stream: bool) -> list[str]:
     if stream:
         head = ("| streams | target | chunks/s | ratio | streams/s | TTFB p50 ms | "
-                "TTFB added ms | stream p50 ms | non-2xx |")
-        sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+                "TTFB added ms | stream p50 ms | CPU µs/2xx proxy / engine | errors | "
+                "SYN drops |")
+        sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     else:
         head = ("| conc. | target | 2xx/s | ratio | p50 ms | p99 ms | added p50 ms | "
-                "added p99 ms | non-2xx |")
-        sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+                "added p99 ms | CPU µs/2xx proxy / engine | errors | SYN drops |")
+        sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     lines = [head, sep]
     for point in scenario["points"].values():
         for name, t in point["targets"].items():
             if "skipped" in t:
                 lines.append(f"| {point['concurrency']} | {name} | skipped: {t['skipped']} "
-                             "| | | | | | |")
+                             "| | | | | | | | |")
                 continue
             ratio = "1 (baseline)" if name == "direct" else _fmt(t.get("ratio_to_direct"))
             bad = t["non2xx"] + t["socket_errors"] + len(t.get("errors", []))
+            cpu = _fmt(t.get("proxy_cpu_us_per_2xx"), 0) + " / " + _fmt(
+                t.get("engine_cpu_us_per_2xx"), 0)
             if stream:
                 cells = [_fmt(t["chunks_per_s"], 0), ratio, _fmt(t["ok_per_s"], 0),
                          _fmt(t["ttfb_p50_ms"]), _fmt(t.get("ttfb_added_ms")),
-                         _fmt(t["p50_ms"]), _fmt(bad)]
+                         _fmt(t["p50_ms"]), cpu, _fmt(bad), _fmt(t.get("listen_overflows"))]
             else:
                 cells = [_fmt(t["ok_per_s"], 0), ratio, _fmt(t["p50_ms"], 3),
                          _fmt(t["p99_ms"], 3), _fmt(t.get("added_p50_ms"), 3),
-                         _fmt(t.get("added_p99_ms"), 3), _fmt(bad)]
+                         _fmt(t.get("added_p99_ms"), 3), cpu, _fmt(bad),
+                         _fmt(t.get("listen_overflows"))]
             lines.append(f"| {point['concurrency']} | {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -99,7 +103,8 @@ def render(results: dict[str, Any]) -> str:
         f"{meta['started']}, mode `{meta['mode']}`, {meta['cpus']} CPUs, load average "
         f"{meta['loadavg_start']} at start and {meta['loadavg_end']} at end, "
         f"{meta['elapsed_s']:.0f} s. Medians of {meta['rounds']} interleaved rounds of "
-        f"{meta['seconds_per_run']:g} s per target. Only 2xx answers count.",
+        f"{meta['seconds_per_run']:g} s ({meta['stream_seconds_per_run']:g} s streaming) per "
+        "target. Only 2xx answers count.",
         "",
         "Targets: " + "; ".join(
             f"**{name}** {'(' + t['note'] + ')' if t.get('note') else ''}".strip()
@@ -117,6 +122,11 @@ def render(results: dict[str, Any]) -> str:
                 "chunks/s counts SSE `data:` events received by wrk (`[DONE]` included); TTFB "
                 "is sampled by one extra sequential stream while wrk runs.", ""]
         out += [*_wrk_table(s, stream=True), ""]
+    if "nonstream" in sc or "stream" in sc:
+        out += ["CPU µs/2xx: CPU time (user + system, /proc) the proxy process and the sim "
+                "engine spent per 2xx answer during the run; steadier than throughput on a "
+                "shared machine. SYN drops: the kernel's ListenOverflows during the run "
+                "(machine-wide); each costs a client a 1 s SYN retransmit.", ""]
     wake = sc.get("wake")
     if wake and "skipped" not in wake:
         out += [f"## (c) Wake path: {wake['requests']:,} requests at once at an asleep model "

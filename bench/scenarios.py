@@ -29,6 +29,7 @@ class Plan:
     quick: bool
     rounds: int
     seconds: float
+    stream_seconds: float
     warmup_seconds: float
     warmup_every_point: bool
     nonstream_concurrency: tuple[int, ...] = (1, 16, 256)
@@ -46,11 +47,14 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
-        return cls(quick=False, rounds=3, seconds=5, warmup_seconds=2, warmup_every_point=True)
+        # Streams at c=512 take ~0.5 s each and wrk counts only finished ones: long runs.
+        return cls(quick=False, rounds=3, seconds=5, stream_seconds=8, warmup_seconds=2,
+                   warmup_every_point=True)
 
     @classmethod
     def quick_plan(cls) -> Plan:
-        return cls(quick=True, rounds=2, seconds=1, warmup_seconds=1, warmup_every_point=False,
+        return cls(quick=True, rounds=2, seconds=1, stream_seconds=1, warmup_seconds=1,
+                   warmup_every_point=False,
                    wake_rounds=1, wake_latency=0.5, scale_ticks=2, scale_scrapes=5,
                    scale_engines_down=False, profile_seconds=5)
 
@@ -108,6 +112,7 @@ async def _one_run(target: Target, load: Load, probe_body: str | None,
     watched = {"engine": engine,
                "proxy": target.child if target.child is not engine else None}
     cpu_before = _cpu(watched)
+    overflows = P.listen_overflows()
     stop = asyncio.Event()
     probe = (asyncio.create_task(_ttfb_probe(load.url, probe_body, stop))
              if probe_body is not None else None)
@@ -119,6 +124,7 @@ async def _one_run(target: Target, load: Load, probe_body: str | None,
         stop.set()
         samples = await probe if probe is not None else []
     cpu_after = _cpu(watched)
+    result["listen_overflows"] = diff(P.listen_overflows(), overflows)
     for key in watched:
         spent = diff(cpu_after[key], cpu_before[key])
         result[f"{key}_cpu_us_per_2xx"] = (spent / result["ok2xx"] * 1e6
@@ -144,6 +150,7 @@ def _summarize(runs: list[dict[str, Any]], sse: bool) -> dict[str, Any]:
         "engine_cpu_us_per_2xx": rnd(median([r["engine_cpu_us_per_2xx"] for r in good]), 1),
         "non2xx": sum(r["non2xx"] for r in good),
         "socket_errors": sum(r["socket_errors"] for r in good),
+        "listen_overflows": sum(r["listen_overflows"] or 0 for r in good),
         "rounds": [{k: rnd(v) if isinstance(v, float) else v for k, v in r.items()}
                    for r in runs],
     }
@@ -163,6 +170,7 @@ async def wrk_scenario(targets: list[Target], skipped: dict[str, str], plan: Pla
     levels = plan.stream_concurrency if stream else plan.nonstream_concurrency
     max_tokens = plan.stream_max_tokens if stream else plan.nonstream_max_tokens
     body = chat_body(model, max_tokens, stream)
+    seconds = plan.stream_seconds if stream else plan.seconds
     points: dict[str, Any] = {}
     for index, conc in enumerate(levels):
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
@@ -176,7 +184,7 @@ async def wrk_scenario(targets: list[Target], skipped: dict[str, str], plan: Pla
                 await _one_run(target, load(target, plan.warmup_seconds), None, engine)
         for rnd_no in range(plan.rounds):
             for target in targets:
-                result = await _one_run(target, load(target, plan.seconds),
+                result = await _one_run(target, load(target, seconds),
                                         body if stream else None, engine)
                 runs[target.name].append(result)
                 metric = (f"{result.get('events_per_s', 0):.0f} chunks/s" if stream
@@ -199,7 +207,7 @@ async def wrk_scenario(targets: list[Target], skipped: dict[str, str], plan: Pla
             summary[name] = {"skipped": why}
         points[f"c{conc}"] = {"concurrency": conc, "targets": summary}
     return {"endpoint": ENDPOINT, "max_tokens": max_tokens, "stream": stream,
-            "rounds": plan.rounds, "seconds_per_run": plan.seconds, "points": points}
+            "rounds": plan.rounds, "seconds_per_run": seconds, "points": points}
 
 
 # ---- (c) wake path ------------------------------------------------------------------------
@@ -336,9 +344,10 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
         r["hold_added_p99_ms"] = diff(r["ttfb_minus_wake_p99_ms"],
                                       r["awake_kvsleep"]["ttfb_p99_ms"])
         say(f"wake round {rnd_no + 1}: wake_calls={r['wake_calls']} errors={errors} "
-            f"ttfb-wake p50={r['ttfb_minus_wake_p50_ms']:.1f} ms "
-            f"p99={r['ttfb_minus_wake_p99_ms']:.1f} ms (awake kvsleep burst p99="
-            f"{r['awake_kvsleep']['ttfb_p99_ms']:.1f} ms)")
+            f"ttfb-wake p50={rnd(r['ttfb_minus_wake_p50_ms'], 1)} ms "
+            f"p99={rnd(r['ttfb_minus_wake_p99_ms'], 1)} ms (awake kvsleep burst p99="
+            f"{rnd(r['awake_kvsleep']['ttfb_p99_ms'], 1)} ms; one request's hold "
+            f"{rnd(r['single_hold_added_ms'], 2)} ms)")
         rounds.append({k: ({kk: rnd(vv) for kk, vv in v.items()} if isinstance(v, dict)
                            else rnd(v) if isinstance(v, float) else v) for k, v in r.items()})
 

@@ -227,7 +227,8 @@ def panels() -> list[dict[str, Any]]:
             "(499: client gone; 502/504: engine; 503: model could not be woken).",
             [
                 (
-                    f'sum by (model, code) (rate(kvsleep_requests_total{{{M}, code!~"2.."}}[{RI}]))',
+                    f"sum by (model, code) "
+                    f'(rate(kvsleep_requests_total{{{M}, code!~"2.."}}[{RI}]))',
                     "{{model}} {{code}}",
                 )
             ],

@@ -181,8 +181,7 @@ class Launcher:
         name = engine.model.name
         restarts = 0
         while True:
-            assert engine.process is not None
-            code = await engine.process.wait()
+            code = await self._wait_exit(engine)
             if self._stopping:
                 return
             now = time.monotonic()
@@ -209,6 +208,16 @@ class Launcher:
                     _signal_group(engine.process.pid, signal.SIGKILL)
                 continue
             ready.set_result(True)
+
+    async def _wait_exit(self, engine: Engine) -> int:
+        """The engine's exit code; an engine that stays up a whole window is no longer looping."""
+        assert engine.process is not None
+        exited = asyncio.ensure_future(engine.process.wait())
+        while True:
+            done, _ = await asyncio.wait([exited], timeout=CRASH_LOOP_WINDOW_SECONDS)
+            if done:
+                return exited.result()
+            self.crash_looping.labels(engine.model.name).set(0)
 
     async def stop(self) -> None:
         """Terminate every engine's process group: SIGTERM, then SIGKILL after the grace."""
