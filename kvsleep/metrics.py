@@ -173,6 +173,12 @@ class Metrics:
             "kvsleep_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful configuration load or reload.", registry=reg,
         )
+        self.policy_source_up = Gauge(
+            "kvsleep_policy_source_up",
+            "Whether idle decisions could read their traffic source at the last reconcile "
+            "(always 1 for the local source; 0: no model is slept).", registry=reg,
+        )
+        self.policy_source_up.set(1)
         Info("kvsleep_build", "kvsleep build information.", registry=reg).info(
             {"version": __version__}
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -34,15 +34,12 @@ class FleetTraffic:
 
 
 class PrometheusSource:
-    def __init__(self, config: PolicySource, registry, clock: Callable[[], float]) -> None:
+    def __init__(self, config: PolicySource, up: Gauge) -> None:
         assert config.url is not None
         self.config = config
         self.url = config.url.rstrip("/") + "/api/v1/query"
-        self.clock = clock
         self.session: aiohttp.ClientSession | None = None
-        self.up = Gauge("kvsleep_policy_source_up",
-                        "Whether the fleet-wide traffic view from Prometheus was usable at the "
-                        "last reconcile (0: no model is slept).", registry=registry)
+        self.up = up
 
     async def close(self) -> None:
         if self.session is not None:

@@ -55,7 +55,7 @@ class KvsleepServer:
             self.manager.add_model(model)
         if config.policy_source.type == "prometheus":
             self.manager.reconciler.source = PrometheusSource(
-                config.policy_source, self.metrics.registry, clock)
+                config.policy_source, self.metrics.policy_source_up)
         self.router = Router(self.manager, self.metrics, config.router)
         self.ready = False
         self._tasks: set[asyncio.Task[None]] = set()

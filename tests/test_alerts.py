@@ -44,6 +44,7 @@ EXPECTED_ALERTS = {
     "KvsleepReconcileErrors",
     "KvsleepConfigReloadFailed",
     "KvsleepModelIdle",
+    "KvsleepPolicySourceDown",
 }
 # kvsleep metrics without a `model` label (every other one must honour the $model variable).
 NO_MODEL_LABEL = {
@@ -53,9 +54,11 @@ NO_MODEL_LABEL = {
     "kvsleep_config_last_reload_successful",
     "kvsleep_config_last_reload_success_timestamp_seconds",
     "kvsleep_build_info",
+    "kvsleep_policy_source_up",
 }
 # Alerts about the kvsleep process itself carry no model label; they name the instance instead.
-PROCESS_ALERTS = {"KvsleepDown", "KvsleepReconcileErrors", "KvsleepConfigReloadFailed"}
+PROCESS_ALERTS = {"KvsleepDown", "KvsleepReconcileErrors", "KvsleepConfigReloadFailed",
+                  "KvsleepPolicySourceDown"}
 
 
 def tool(name: str) -> str:
