@@ -1,0 +1,55 @@
+"""The `kvsleep` command as a user runs it: exit codes and what it prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from kvsleep import __version__
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def kvsleep(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvsleep", *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_check_config_accepts_the_documented_examples():
+    for path in ("example-config.yaml", "tests/data/kvcached-config.yaml", "examples/demo.yaml"):
+        result = kvsleep("check-config", path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("OK: 2 models (1 vllm, 1 sglang)")
+
+
+def test_check_config_reports_every_problem_with_its_key_path():
+    path = "tests/data/five-mistakes.yaml"
+    result = kvsleep("check-config", path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 5, lines
+    for key in ("sleep_manager.idle_treshold_seconds", "sleep_manager.min_sleep_duration",
+                "models[1].engine", "models[2].name", "models[2].url"):
+        assert any(line.startswith(f"{path}: {key}: ") for line in lines), (key, lines)
+    assert "did you mean 'idle_threshold_seconds'" in result.stderr
+
+
+def test_serve_refuses_a_bad_config_with_one_line_reason():
+    result = kvsleep("serve", "--config", "tests/data/five-mistakes.yaml")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "kvsleep: refusing to start: 5 configuration problem(s)")
+
+
+def test_version_and_help():
+    assert kvsleep("--version").stdout.strip() == f"kvsleep {__version__}"
+    help_text = kvsleep("--help").stdout
+    for command in ("serve", "check-config", "sim-engine", "status", "sleep", "wake"):
+        assert command in help_text
+
+
+def test_admin_client_reports_an_unreachable_server():
+    result = kvsleep("status", "--url", "http://127.0.0.1:9", "--timeout", "2")
+    assert result.returncode == 1
+    assert "cannot reach http://127.0.0.1:9" in result.stderr
