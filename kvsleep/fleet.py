@@ -39,7 +39,7 @@ class _FleetAdapter(EngineAdapter):
     """Wraps the engine's own adapter; observing the engine is still the engine's business."""
 
     def __init__(self, inner: EngineAdapter, token: str | None) -> None:
-        super().__init__(inner.model, inner.session, inner.retry)
+        super().__init__(inner.model, inner.sessions, inner.retry)
         self.inner = inner
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 

@@ -37,8 +37,8 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 OPERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 RECONCILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
-SLEEP_REASONS = ("idle", "manual", "alert", "request", "reconcile")
-REJECT_REASONS = ("queue_full", "wake_timeout", "wake_failed", "asleep_no_wake")
+# Rejections alerts watch (`asleep_no_wake` is what `wakeup_on_request: false` asks for).
+ALERTED_REJECT_REASONS = ("queue_full", "wake_timeout", "wake_failed")
 
 
 @dataclass(frozen=True)
@@ -184,12 +184,13 @@ class Metrics:
         )
 
     def add_models(self, names: Iterable[str]) -> None:
-        """Create the zero-valued series alerts rely on, so a first failure shows as an increase."""
+        """Create the zero-valued series alerts rely on, so a first failure shows as an increase.
+
+        Only those: every series costs scrape time, and a fleet may configure a thousand models.
+        """
         for name in names:
-            for result in ("ok", "error"):
-                self.sleeps.labels(name, "idle", result)
-                self.wakes.labels(name, "request", result)
-            for reason in REJECT_REASONS:
+            self.wakes.labels(name, "request", "error")
+            for reason in ALERTED_REJECT_REASONS:
                 self.rejected_requests.labels(name, reason)
 
     def remove_model(self, name: str) -> None:

@@ -59,7 +59,7 @@ class Reconciler:
                      "up" if obs.up else f"down ({obs.detail})", state.value)
         await asyncio.gather(*(self.manager.finish_interrupted_wake(s) for s in slots
                                if s.state is ModelState.WAKING))
-        self.manager.persist()
+        await self.manager.flush()
 
     async def tick(self) -> list[policy.Action]:
         """One pass; returns the actions it took (for tests and logs)."""

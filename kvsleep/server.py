@@ -16,13 +16,18 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from kvsleep.alertmanager import PayloadError, parse_webhook
 from kvsleep.config import Config, ConfigError, ModelConfig, load_config
-from kvsleep.engines import EngineAdapter, EngineError, RetryPolicy, adapter_for
+from kvsleep.engines import (
+    EngineAdapter,
+    EngineError,
+    RetryPolicy,
+    SessionSource,
+    adapter_for,
+)
 from kvsleep.fleet import MemberAdapter, OwnerAdapter, owner_of
 from kvsleep.metrics import Metrics
 from kvsleep.policy_source import PrometheusSource
@@ -69,9 +74,9 @@ class KvsleepServer:
         owner = owner_of(model, self.config.fleet)
         return None if owner == self.config.fleet.self_url else owner
 
-    def _adapter(self, model: ModelConfig, session: aiohttp.ClientSession,
+    def _adapter(self, model: ModelConfig, sessions: SessionSource,
                  retry: RetryPolicy) -> EngineAdapter:
-        inner = adapter_for(model, session, retry)
+        inner = adapter_for(model, sessions, retry)
         if not self.config.fleet.peers:
             return inner
         token = self.config.router.admin_token

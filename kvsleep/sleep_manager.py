@@ -24,7 +24,7 @@ import aiohttp
 
 from kvsleep import policy
 from kvsleep.config import ModelConfig, SleepPolicy
-from kvsleep.engines import EngineAdapter, RetryPolicy, adapter_for
+from kvsleep.engines import EngineAdapter, RetryPolicy, SessionSource, adapter_for
 from kvsleep.metrics import Metrics, ModelSnapshot
 from kvsleep.policy_source import FleetTraffic
 from kvsleep.reconciler import Reconciler
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SleepConfig = SleepPolicy
 """The kvcached controller's name for the policy keys."""
 
-AdapterFactory = Callable[[ModelConfig, aiohttp.ClientSession, RetryPolicy], EngineAdapter]
+AdapterFactory = Callable[[ModelConfig, SessionSource, RetryPolicy], EngineAdapter]
 
 _SETTLED = (ModelState.AWAKE, ModelState.ASLEEP, ModelState.FAILED,
             ModelState.SLEEPING, ModelState.WAKING)
@@ -115,6 +115,9 @@ class SleepManager:
         self._owns_session = session is None
         self.reconciler = Reconciler(self)
         self._reconciler_task: asyncio.Task[None] | None = None
+        self._persist_task: asyncio.Task[None] | None = None
+        self._persist_lock = asyncio.Lock()
+        self._dirty = False
         self.metrics.watch(self)
 
     # ---- configuration -------------------------------------------------------------------
@@ -126,8 +129,11 @@ class SleepManager:
                 connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
+    def _get_session(self) -> aiohttp.ClientSession:
+        return self.session
+
     def add_model(self, cfg: ModelConfig, state: ModelState = ModelState.AWAKE) -> ModelSlot:
-        slot = ModelSlot(cfg, self.adapter_factory(cfg, self.session, self.retry), state,
+        slot = ModelSlot(cfg, self.adapter_factory(cfg, self._get_session, self.retry), state,
                          self.clock())
         self.slots[cfg.name] = slot
         self.traffic_monitor.add_model(cfg.name)
@@ -159,7 +165,7 @@ class SleepManager:
         """Apply a changed model config in place, keeping its state and its waiters."""
         slot = self.slots[cfg.name]
         if (cfg.url, cfg.engine) != (slot.cfg.url, slot.cfg.engine):
-            slot.adapter = self.adapter_factory(cfg, self.session, self.retry)
+            slot.adapter = self.adapter_factory(cfg, self._get_session, self.retry)
         slot.cfg = cfg
         slot.adapter.model = cfg
 
@@ -192,6 +198,7 @@ class SleepManager:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._reconciler_task = None
+        await self.flush()
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -352,6 +359,7 @@ class SleepManager:
                                              f"{slot.cfg.policy.drain_timeout_seconds:g}s")
             return
         self._set_state(slot, ModelState.SLEEPING)
+        await self.flush()
         started = time.monotonic()
         try:
             await slot.adapter.sleep()
@@ -365,6 +373,7 @@ class SleepManager:
         slot.slept_at = self.clock()
         slot.last_error = None
         self._set_state(slot, ModelState.ASLEEP)
+        await self.flush()
         log.info("model %s is asleep (reason: %s)", name, reason)
         self._settle(slot.sleep_outcomes, True)
 
@@ -379,6 +388,7 @@ class SleepManager:
     async def _wake_once(self, slot: ModelSlot) -> None:
         name, reason = slot.cfg.name, slot.wake_reason
         self._set_state(slot, ModelState.WAKING)
+        await self.flush()
         started = time.monotonic()
         try:
             await slot.adapter.wake()
@@ -474,15 +484,34 @@ class SleepManager:
         return True
 
     def persist(self) -> None:
+        """Record every model's state soon, in a thread: the event loop never waits on a disk.
+
+        Writes coalesce; each one is a whole snapshot taken when it starts.
+        """
         if self.state_store is None:
             return
-        try:
-            self.state_store.save({
-                name: StoredModel(s.state, s.state_since, s.cfg.engine, s.cfg.url)
-                for name, s in self.slots.items()
-            })
-        except OSError as exc:
-            log.error("cannot write state file %s: %s", self.state_store.path, exc)
+        self._dirty = True
+        if self._persist_task is None or self._persist_task.done():
+            self._persist_task = asyncio.create_task(self._write_state())
+
+    async def flush(self) -> None:
+        """Record the current state now, before an engine call whose effect must survive us."""
+        if self.state_store is None:
+            return
+        self._dirty = True
+        await self._write_state()
+
+    async def _write_state(self) -> None:
+        assert self.state_store is not None
+        async with self._persist_lock:
+            while self._dirty:
+                self._dirty = False
+                snapshot = {name: StoredModel(s.state, s.state_since, s.cfg.engine, s.cfg.url)
+                            for name, s in self.slots.items()}
+                try:
+                    await asyncio.to_thread(self.state_store.save, snapshot)
+                except OSError as exc:
+                    log.error("cannot write state file %s: %s", self.state_store.path, exc)
 
     # ---- views ---------------------------------------------------------------------------
 

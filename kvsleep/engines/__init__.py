@@ -7,15 +7,30 @@ entry in `ADAPTERS`.
 from __future__ import annotations
 
 from kvsleep.config import ModelConfig
-from kvsleep.engines.base import EngineAdapter, EngineError, Observation, RetryPolicy
+from kvsleep.engines.base import (
+    EngineAdapter,
+    EngineError,
+    Observation,
+    RetryPolicy,
+    SessionSource,
+)
 from kvsleep.engines.sglang import SGLangAdapter
 from kvsleep.engines.vllm import VLLMAdapter
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {"vllm": VLLMAdapter, "sglang": SGLangAdapter}
 
 
-def adapter_for(model: ModelConfig, session, retry: RetryPolicy | None = None) -> EngineAdapter:
-    return ADAPTERS[model.engine](model, session, retry or RetryPolicy())
+def adapter_for(model: ModelConfig, sessions: SessionSource,
+                retry: RetryPolicy | None = None) -> EngineAdapter:
+    return ADAPTERS[model.engine](model, sessions, retry or RetryPolicy())
 
 
-__all__ = ["ADAPTERS", "EngineAdapter", "EngineError", "Observation", "RetryPolicy", "adapter_for"]
+__all__ = [
+    "ADAPTERS",
+    "EngineAdapter",
+    "EngineError",
+    "Observation",
+    "RetryPolicy",
+    "SessionSource",
+    "adapter_for",
+]

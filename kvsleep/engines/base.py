@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,15 +47,23 @@ class RetryPolicy:
     wake_timeout_seconds: float = 600.0
 
 
+SessionSource = Callable[[], aiohttp.ClientSession]
+
+
 class EngineAdapter(ABC):
     """Sleep, wake and observe one engine. Callers guarantee one operation at a time."""
 
-    def __init__(self, model: ModelConfig, session: aiohttp.ClientSession,
-                 retry: RetryPolicy) -> None:
+    def __init__(self, model: ModelConfig, sessions: SessionSource, retry: RetryPolicy) -> None:
         self.model = model
-        self.session = session
+        self.sessions = sessions
         self.retry = retry
         self.base_url = model.url.rstrip("/")
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared control session, looked up per call: it is created inside the event loop,
+        after models may already have been added."""
+        return self.sessions()
 
     @abstractmethod
     async def sleep(self) -> None:

@@ -40,16 +40,19 @@ class VLLMAdapter(EngineAdapter):
             await self._wake_up(timeout, [("tags", "kv_cache")])
         else:
             await self._wake_up(timeout, None)
-        observed = await self.observe(ModelState.WAKING)
-        if observed.asleep:
-            raise EngineError("engine still reports is_sleeping=true after wake_up",
-                              retryable=True)
 
     async def _wake_up(self, timeout: float, params: list[tuple[str, str]] | None) -> None:
         resp = await self.call("POST", "/wake_up", params=params, timeout=timeout,
                                retry_on_timeout=True)
         if resp is None:
             raise EngineError(_NO_DEV_MODE)
+        try:
+            body = await resp.json(content_type=None)
+        except ValueError:
+            body = None  # before 0.33 the answer is empty
+        if params is None and isinstance(body, dict) and body.get("status") == "sleeping":
+            raise EngineError("engine still reports it is sleeping after wake_up",
+                              retryable=True)
 
     async def observe(self, believed: ModelState) -> Observation:
         try:
