@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 CRASH_LOOP_RESTARTS = 3
 CRASH_LOOP_WINDOW_SECONDS = 300.0
 LOG_TAIL_LINES = 20
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class LaunchError(Exception):
@@ -147,7 +149,7 @@ class Launcher:
                 engine.process = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
                     stderr=asyncio.subprocess.STDOUT, env=build_env(model),
-                    start_new_session=True)
+                    start_new_session=True, preexec_fn=_die_with_parent)
             except OSError as exc:
                 raise LaunchError(f"model {model.name}: cannot start {argv[0]!r}: {exc}") from exc
         log.info("model %s: started pid %d, log %s", model.name, engine.process.pid,
@@ -240,6 +242,17 @@ class Launcher:
         for engine in self.engines.values():
             if engine.process is not None:
                 _signal_group(engine.process.pid, signal.SIGKILL)
+
+
+# Loaded once here, so that the child between fork and exec only makes one system call.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when kvsleep dies, even by SIGKILL, so that a
+    restarted kvsleep does not find its engines' ports taken by orphans."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -260,3 +260,17 @@ def test_vllm_launch_gets_sleep_mode_added():
     model = parse_config(doc).models[0]
     assert build_command(model)[-1] == "--enable-sleep-mode"
     assert build_env(model)["VLLM_SERVER_DEV_MODE"] == "1"
+
+
+def test_engines_die_with_a_killed_kvsleep(tmp_path, serve_runs):
+    """SIGKILL gives kvsleep no chance to clean up: its engines must not outlive it."""
+    port = free_port()
+    config = write_config(tmp_path, [{
+        "name": "org/m", "engine": "sglang", "url": f"http://127.0.0.1:{port}",
+        "ready_timeout_seconds": 20, "command": sim_command("sglang", "org/m", port)}])
+    serve = Serve(config, tmp_path)
+    serve_runs.append(serve)
+    wait_for(lambda: http("GET", url_of(config) + "/-/ready")[0] == 200, 30, "kvsleep ready")
+    pids = serve.engine_pids()
+    serve.kill()
+    wait_for(lambda: not any(alive(p) for p in pids), 10, "engine gone with kvsleep")
