@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
     p.add_argument("--seconds", type=float, help="override the seconds of each wrk run")
     p.add_argument("--profile", action="store_true",
-                   help="also sample kvsleep with py-spy at concurrency 16")
+                   help="also sample kvsleep with py-spy (non-streaming c=16, streams c=64)")
     p.add_argument("--no-peers", action="store_true", help="skip vllm-router and litellm")
     p.add_argument("--vllm-router", help="vllm-router executable (default $BENCH_VLLM_ROUTER "
                    "or vllm-router on PATH)")
@@ -133,6 +133,9 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path,
     if "stream" in wanted:
         scenarios["stream"] = await wrk_scenario(targets, skipped, plan, model=FAST_MODEL,
                                                  stream=True, engine=fast.child)
+    if args.profile:
+        results["profile_stream"] = await profile_kvsleep(kv, FAST_MODEL, plan, out_dir,
+                                                          concurrency=64, stream=True)
     if "wake" in wanted:
         scenarios["wake"] = await wake_scenario(kv, wake_sim, WAKE_MODEL, plan)
     for target in (*peers, kv, wake_sim, fast):

@@ -31,7 +31,7 @@ except OSError:  # not Linux: children are still stopped by stop_all
     _LIBC = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -77,7 +77,7 @@ class Processes:
                 env={**os.environ, **(env or {})}, start_new_session=True,
                 # Only a prctl call between fork and exec (the harness's helper threads, if
                 # any, only wait on children), so the preexec_fn caveat about locks is moot.
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         child = Child(name, popen, log)
         self.children.append(child)

@@ -39,6 +39,7 @@ class Plan:
     wake_requests: int = 1000
     wake_rounds: int = 3
     wake_latency: float = 1.0
+    wake_single_cycles: int = 5
     scale_models: int = 1000
     scale_ticks: int = 5
     scale_scrapes: int = 20
@@ -55,8 +56,8 @@ class Plan:
     def quick_plan(cls) -> Plan:
         return cls(quick=True, rounds=2, seconds=1, stream_seconds=1, warmup_seconds=1,
                    warmup_every_point=False,
-                   wake_rounds=1, wake_latency=0.5, scale_ticks=2, scale_scrapes=5,
-                   scale_engines_down=False, profile_seconds=5)
+                   wake_rounds=1, wake_latency=0.5, wake_single_cycles=2, scale_ticks=2,
+                   scale_scrapes=5, scale_engines_down=False, profile_seconds=5)
 
 
 def chat_body(model: str, max_tokens: int, stream: bool) -> str:
@@ -271,23 +272,55 @@ def _metric(text: str, name: str, labels: str = "") -> float:
     return total
 
 
-async def _single_hold(session: aiohttp.ClientSession, base: str, quoted: str, body: str,
-                       wake: float) -> dict[str, Any]:
-    """One request at an asleep model: the hold's own cost, free of a burst's queueing."""
+async def _single_hold(session: aiohttp.ClientSession, base: str, sim: str, quoted: str,
+                       body: str, wake: float, cycles: int) -> dict[str, Any]:
+    """Lone requests at an asleep model: the hold's own cost, free of a burst's queueing.
+
+    The sim logs its events with time.monotonic(), the same clock as ours (CLOCK_MONOTONIC is
+    machine-wide), so each hold splits into: request sent -> /wake_up reaches the engine
+    (reaction), /wake_up answered -> the held request reaches the engine (release: the
+    post-wake probe, state file, forwarding), and engine -> client (relay).
+    """
+    url = base + ENDPOINT
     awake: list[float] = []
     errors = 0
     for _ in range(20):
-        ttfb, _, failed, _ = await _burst(session, base + ENDPOINT, body, 1)
+        ttfb, _, failed, _ = await _burst(session, url, body, 1)
         awake += ttfb
         errors += failed
-    async with session.post(f"{base}/models/{quoted}/sleep") as resp:
-        await resp.read()
-    held, _, failed, _ = await _burst(session, base + ENDPOINT, body, 1)
-    errors += failed
-    held_ms = held[0] - wake * 1000 if held else None
-    return {"single_awake_ttfb_ms": median(awake),
-            "single_asleep_ttfb_minus_wake_ms": held_ms,
-            "single_hold_added_ms": diff(held_ms, median(awake)),
+    awake_ms = median(awake)
+    added: list[float] = []
+    parts: dict[str, list[float]] = {"reaction_ms": [], "release_ms": [], "relay_ms": []}
+    for _ in range(cycles):
+        async with session.post(f"{base}/models/{quoted}/sleep") as resp:
+            await resp.read()
+        sent = time.monotonic()
+        try:
+            async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
+                first = time.monotonic()
+                await resp.read()
+                ok = resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            ok = False
+        if not ok:
+            errors += 1
+            continue
+        added.append((first - sent - wake) * 1000 - (awake_ms or 0))
+        log = (await _json(session, sim + "/sim/stats"))["log"]
+        events = [e for e in log if e["t"] >= sent]
+        woke = [e["t"] for e in events if e.get("route") == "/wake_up"]
+        done = [e["t"] for e in events
+                if e["event"] == "control_done" and e.get("route") == "/wake_up"]
+        served = [e["t"] for e in events if e["event"] == "request"]
+        if woke and done and served:
+            parts["reaction_ms"].append((woke[0] - sent) * 1000)
+            parts["release_ms"].append((served[0] - done[0]) * 1000)
+            parts["relay_ms"].append((first - served[0]) * 1000)
+    return {"single_awake_ttfb_ms": awake_ms,
+            "single_hold_added_ms": median(added),
+            "single_hold_added_max_ms": max(added) if added else None,
+            "single_hold_samples": [rnd(a) for a in added],
+            **{f"single_{k}": median(v) for k, v in parts.items()},
             "single_errors": errors}
 
 
@@ -305,9 +338,15 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
             async with aiohttp.ClientSession(
                     timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
                 await _warm(session, base + health, n)
+                # Twice, keeping the second: the first also opens kvsleep's 1,000 connections
+                # to the engine (SYN drops on its 128-deep accept queue cost 1 s each); the
+                # wake burst, a few seconds later, finds them open.
+                _, _, first_errors, _ = await _burst(session, base + ENDPOINT, body, n)
+                overflows = P.listen_overflows()
                 ttfb, _, errors, _ = await _burst(session, base + ENDPOINT, body, n)
             r[f"awake_{name}"] = {"ttfb_p50_ms": pct(ttfb, 50), "ttfb_p99_ms": pct(ttfb, 99),
-                                  "errors": errors}
+                                  "errors": errors + first_errors,
+                                  "syn_drops": diff(P.listen_overflows(), overflows)}
         async with aiohttp.ClientSession(
                 timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             async with session.post(f"{kv.url}/models/{quoted}/sleep") as resp:
@@ -316,11 +355,14 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
             before = await _json(session, sim.url + "/sim/stats")
             metrics_before = await _text(session, kv.url + "/metrics")
             await _warm(session, kv.url + "/-/healthy", n)
+            overflows = P.listen_overflows()
             burst_start = time.perf_counter()
             ttfb, firsts, errors, spread = await _burst(session, kv.url + ENDPOINT, body, n)
+            syn_drops = diff(P.listen_overflows(), overflows)
             after = await _json(session, sim.url + "/sim/stats")
             metrics_after = await _text(session, kv.url + "/metrics")
-            single = await _single_hold(session, kv.url, quoted, body, wake)
+            single = await _single_hold(session, kv.url, sim.url, quoted, body, wake,
+                                        plan.wake_single_cycles)
         since_start = [(t - burst_start) * 1000 - wake * 1000 for t in firsts]
         wake_seen = _metric(metrics_after, "kvsleep_wake_duration_seconds_sum") - _metric(
             metrics_before, "kvsleep_wake_duration_seconds_sum")
@@ -331,6 +373,7 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
             "served_while_not_awake": after["requests"]["served_while_not_awake"]
             - before["requests"]["served_while_not_awake"],
             "send_spread_ms": spread,
+            "syn_drops": syn_drops,
             "ttfb_p50_ms": pct(ttfb, 50),
             "ttfb_p99_ms": pct(ttfb, 99),
             "ttfb_minus_wake_p50_ms": diff(pct(ttfb, 50), wake * 1000),
@@ -351,6 +394,8 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
         rounds.append({k: ({kk: rnd(vv) for kk, vv in v.items()} if isinstance(v, dict)
                            else rnd(v) if isinstance(v, float) else v) for k, v in r.items()})
 
+    samples = [a for x in rounds for a in x["single_hold_samples"]]
+
     def med(key: str, sub: str | None = None) -> float | None:
         return rnd(median([(x[key][sub] if sub else x[key]) for x in rounds]))
 
@@ -367,7 +412,12 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
         "hold_added_p50_ms": med("hold_added_p50_ms"),
         "hold_added_p99_ms": med("hold_added_p99_ms"),
         "wake_call_overhead_ms": med("wake_call_overhead_ms"),
-        "single_hold_added_ms": med("single_hold_added_ms"),
+        "single_hold_added_ms": rnd(median(samples)),
+        "single_hold_added_max_ms": rnd(max(samples)) if samples else None,
+        "single_hold_count": len(samples),
+        "single_reaction_ms": med("single_reaction_ms"),
+        "single_release_ms": med("single_release_ms"),
+        "single_relay_ms": med("single_relay_ms"),
     }
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.procs import die_with_parent
+
 LUA = Path(__file__).resolve().parent / "post.lua"
 MARK = "BENCH_RESULT "
 
@@ -45,7 +47,8 @@ async def run_wrk(load: Load) -> dict[str, Any]:
             "-d", f"{max(1, round(load.seconds))}s", "--timeout", f"{load.timeout_s:g}s",
             "--latency", "-s", str(LUA), load.url, "--", load.body, "1" if load.sse else "0"]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
+                                                stderr=asyncio.subprocess.STDOUT,
+                                                preexec_fn=die_with_parent)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), load.seconds + load.timeout_s + 15)
     finally:
