@@ -18,6 +18,7 @@ from importlib import resources
 
 from kvsleep import __version__
 from kvsleep.config import Config, ConfigError, load_config, summary
+from kvsleep.eventloop import run_event_loop
 from kvsleep.server import KvsleepServer
 
 log = logging.getLogger("kvsleep")
@@ -71,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # working directory instead.
         config = dataclasses.replace(config, state_dir=".kvsleep-state", log_dir=".kvsleep-logs")
     try:
-        return asyncio.run(_serve(config, path))
+        return run_event_loop(_serve(config, path))
     except KeyboardInterrupt:
         return 0
 

@@ -51,6 +51,7 @@ class RouterConfig:
     connect_timeout_seconds: float = 5.0
     upstream_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
+    listen_backlog: int = 1024
 
 
 @dataclass(frozen=True)
@@ -577,6 +578,7 @@ _ROUTER_FIELDS: dict[str, _Converter] = {
     "connect_timeout_seconds": _positive_seconds,
     "upstream_timeout_seconds": _positive_seconds,
     "shutdown_grace_seconds": _seconds,
+    "listen_backlog": _integer(1),
     # kvcached's switch for its separately launched router; kvsleep always routes.
     "enable_router": _boolean,
 }

@@ -41,6 +41,7 @@ class _FleetAdapter(EngineAdapter):
     def __init__(self, inner: EngineAdapter, token: str | None) -> None:
         super().__init__(inner.model, inner.sessions, inner.retry)
         self.inner = inner
+        self.observable = inner.observable
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def observe(self, believed: ModelState) -> Observation:

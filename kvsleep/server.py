@@ -447,7 +447,8 @@ async def serve(server: KvsleepServer, stop: asyncio.Event) -> None:
     cfg = server.config.router
     runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, shutdown_timeout=cfg.shutdown_grace_seconds)
+    site = web.TCPSite(runner, cfg.host, cfg.port, shutdown_timeout=cfg.shutdown_grace_seconds,
+                       backlog=cfg.listen_backlog)
     await site.start()
     log.info("kvsleep listening on http://%s:%d with %d models", cfg.host, cfg.port,
              len(server.manager.slots))

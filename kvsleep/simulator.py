@@ -37,6 +37,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from kvsleep.eventloop import run_event_loop
+
 log = logging.getLogger(__name__)
 
 FLAVORS = ("vllm", "sglang")
@@ -1272,7 +1274,7 @@ async def run_sim(settings: SimSettings) -> None:
     runner = web.AppRunner(build_app(sim), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        await web.TCPSite(runner, settings.host, settings.port, backlog=1024).start()
         host, port = runner.addresses[0][:2]
         host = f"[{host}]" if ":" in host else host
         log.info(
@@ -1298,7 +1300,7 @@ def main_sim(settings: SimSettings) -> int:
             level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
         )
     try:
-        asyncio.run(run_sim(settings))
+        run_event_loop(run_sim(settings))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1

@@ -38,6 +38,7 @@ SleepConfig = SleepPolicy
 
 AdapterFactory = Callable[[ModelConfig, SessionSource, RetryPolicy], EngineAdapter]
 
+PERSIST_DELAY_SECONDS = 0.05
 _SETTLED = (ModelState.AWAKE, ModelState.ASLEEP, ModelState.FAILED,
             ModelState.SLEEPING, ModelState.WAKING)
 
@@ -359,7 +360,7 @@ class SleepManager:
                                              f"{slot.cfg.policy.drain_timeout_seconds:g}s")
             return
         self._set_state(slot, ModelState.SLEEPING)
-        await self.flush()
+        await self._record_before_engine_call(slot)
         started = time.monotonic()
         try:
             await slot.adapter.sleep()
@@ -388,7 +389,7 @@ class SleepManager:
     async def _wake_once(self, slot: ModelSlot) -> None:
         name, reason = slot.cfg.name, slot.wake_reason
         self._set_state(slot, ModelState.WAKING)
-        await self.flush()
+        await self._record_before_engine_call(slot)
         started = time.monotonic()
         try:
             await slot.adapter.wake()
@@ -492,7 +493,7 @@ class SleepManager:
             return
         self._dirty = True
         if self._persist_task is None or self._persist_task.done():
-            self._persist_task = asyncio.create_task(self._write_state())
+            self._persist_task = asyncio.create_task(self._write_state(PERSIST_DELAY_SECONDS))
 
     async def flush(self) -> None:
         """Record the current state now, before an engine call whose effect must survive us."""
@@ -501,8 +502,17 @@ class SleepManager:
         self._dirty = True
         await self._write_state()
 
-    async def _write_state(self) -> None:
+    async def _record_before_engine_call(self, slot: ModelSlot) -> None:
+        """An engine that cannot tell its state after a crash of ours needs the record first;
+        for one that can, the write goes on beside the call and the wake is not delayed."""
+        if not slot.adapter.observable:
+            await self.flush()
+
+    async def _write_state(self, delay: float = 0.0) -> None:
         assert self.state_store is not None
+        # A short delay lets the requests a wake just released reach their engine before the
+        # writer thread competes with them for the interpreter.
+        await asyncio.sleep(delay)
         async with self._persist_lock:
             while self._dirty:
                 self._dirty = False

@@ -53,6 +53,10 @@ SessionSource = Callable[[], aiohttp.ClientSession]
 class EngineAdapter(ABC):
     """Sleep, wake and observe one engine. Callers guarantee one operation at a time."""
 
+    observable = False
+    """Whether `observe` reveals the sleep state. If not, only kvsleep's state file knows it, and
+    the file must be written before each engine call, on the wake path too."""
+
     def __init__(self, model: ModelConfig, sessions: SessionSource, retry: RetryPolicy) -> None:
         self.model = model
         self.sessions = sessions

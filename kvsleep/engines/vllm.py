@@ -21,6 +21,8 @@ class VLLMAdapter(EngineAdapter):
     held requests are waiting, and `/is_sleeping` tells the manager how it ended.
     """
 
+    observable = True
+
     async def sleep(self) -> None:
         level = self.model.sleep_level
         resp = await self.call("POST", "/sleep", params={"level": str(level), "mode": "wait"},
