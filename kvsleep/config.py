@@ -52,6 +52,7 @@ class RouterConfig:
     upstream_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
     listen_backlog: int = 1024
+    hold_keepalive_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -579,6 +580,7 @@ _ROUTER_FIELDS: dict[str, _Converter] = {
     "upstream_timeout_seconds": _positive_seconds,
     "shutdown_grace_seconds": _seconds,
     "listen_backlog": _integer(1),
+    "hold_keepalive_seconds": _seconds,
     # kvcached's switch for its separately launched router; kvsleep always routes.
     "enable_router": _boolean,
 }

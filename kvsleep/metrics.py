@@ -37,6 +37,7 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 OPERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 RECONCILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
+GB = 1024**3
 # Rejections alerts watch (`asleep_no_wake` is what `wakeup_on_request: false` asks for).
 ALERTED_REJECT_REASONS = ("queue_full", "wake_timeout", "wake_failed")
 
@@ -52,10 +53,16 @@ class ModelSnapshot:
     last_request_timestamp: float
     idle_threshold_seconds: float
     engine_up: bool | None
+    wake_eta_seconds: float | None = None
+    waiting_for_memory: bool = False
 
 
 class SnapshotSource(Protocol):
     def model_snapshots(self) -> Iterable[ModelSnapshot]: ...
+
+    def gpu_snapshots(self) -> Iterable[tuple[int, float, float]]:
+        """(GPU id, budget GB, committed GB) for every budgeted GPU."""
+        ...
 
 
 class _StateCollector(Collector):
@@ -93,6 +100,16 @@ class _StateCollector(Collector):
             "Whether the model's engine answered its last probe (1) or not (0).",
             labels=["model"],
         )
+        eta = GaugeMetricFamily(
+            "kvsleep_model_wake_eta_seconds",
+            "Expected wake time: median of recent wakes, or the configured guess.",
+            labels=["model"],
+        )
+        blocked = GaugeMetricFamily(
+            "kvsleep_model_waiting_for_memory",
+            "1 while a wake of the model waits for room in its GPUs' memory budget.",
+            labels=["model"],
+        )
         for snap in self._source.model_snapshots():
             for candidate in ModelState:
                 current = 1.0 if candidate is snap.state else 0.0
@@ -103,7 +120,20 @@ class _StateCollector(Collector):
             threshold.add_metric([snap.name], snap.idle_threshold_seconds)
             if snap.engine_up is not None:
                 up.add_metric([snap.name], 1.0 if snap.engine_up else 0.0)
-        yield from (state, in_flight, held, last_seen, threshold, up)
+            if snap.wake_eta_seconds is not None:
+                eta.add_metric([snap.name], snap.wake_eta_seconds)
+            blocked.add_metric([snap.name], 1.0 if snap.waiting_for_memory else 0.0)
+        yield from (state, in_flight, held, last_seen, threshold, up, eta, blocked)
+        budget = GaugeMetricFamily("kvsleep_gpu_memory_budget_bytes",
+                                   "GPU memory the configuration lets models hold.",
+                                   labels=["gpu"])
+        committed = GaugeMetricFamily("kvsleep_gpu_memory_committed_bytes",
+                                      "GPU memory held by models that are not asleep "
+                                      "(their configured memory_gb).", labels=["gpu"])
+        for gpu, budget_gb, committed_gb in self._source.gpu_snapshots():
+            budget.add_metric([str(gpu)], budget_gb * GB)
+            committed.add_metric([str(gpu)], committed_gb * GB)
+        yield from (budget, committed)
 
 
 class Metrics:
@@ -156,6 +186,10 @@ class Metrics:
             "Requests refused because their model could not be made awake in time.",
             ["model", "reason"], registry=reg,
         )
+        self.evictions = Counter(
+            "kvsleep_evictions", "Models put to sleep to make GPU memory room for a wake.",
+            ["model"], registry=reg,
+        )
         self.reconcile_duration = Histogram(
             "kvsleep_reconcile_duration_seconds",
             "Time one reconcile pass took (probes included).",
@@ -197,7 +231,7 @@ class Metrics:
         """Drop a model's series when it leaves the configuration (hot reload)."""
         for metric in (self.requests, self.request_duration, self.sleeps, self.wakes,
                        self.sleep_duration, self.wake_duration, self.request_hold,
-                       self.rejected_requests):
+                       self.rejected_requests, self.evictions):
             for labels in [k for k in metric._metrics if k[0] == name]:
                 metric.remove(*labels)
 

@@ -164,3 +164,97 @@ def initial_state(obs: Observation, stored: StoredModel | None) -> ModelState:
     if stored.state is ModelState.FAILED:
         return ModelState.FAILED
     return ModelState.AWAKE
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    """One model's claim on GPU memory, as the budget sees it."""
+
+    name: str
+    gpus: tuple[int, ...]
+    memory_gb: float
+    state: ModelState
+    want_awake: bool
+    evictable: bool
+    last_activity: float
+
+
+@dataclass(frozen=True)
+class RoomPlan:
+    """What waking a model needs: nothing, some evictions, or waiting (with the reason)."""
+
+    ok: bool
+    evict: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def plan_room(target: MemoryView, others: list[MemoryView], budgets: dict[int, float],
+              free_gb: dict[int, float] | None = None) -> RoomPlan:
+    """Make room on the target's GPUs by sleeping least-recently-used idle models.
+
+    A model holds memory unless it is asleep; one already on its way to sleep counts as freeing.
+    Only models that are awake, idle (nothing in flight or held), not always_on and not in an
+    operation may be evicted. `free_gb` (NVML, where available) must also show the room.
+    """
+    gpus = [g for g in target.gpus if g in budgets]
+    if not gpus or not target.memory_gb:
+        return RoomPlan(ok=True)
+    on = {g: [m for m in others if g in m.gpus and m.name != target.name] for g in gpus}
+    need: dict[int, float] = {}
+    freeing: dict[int, float] = {}
+    for g in gpus:
+        held = sum(m.memory_gb for m in on[g] if m.state is not ModelState.ASLEEP)
+        need[g] = held + target.memory_gb - budgets[g]
+        freeing[g] = sum(m.memory_gb for m in on[g] if not m.want_awake and m.state in
+                         (ModelState.DRAINING, ModelState.SLEEPING))
+    if all(n <= 1e-9 for n in need.values()):
+        short = [g for g in gpus if free_gb is not None and g in free_gb
+                 and free_gb[g] + 1e-9 < target.memory_gb]
+        if short:
+            return RoomPlan(ok=False, reason=", ".join(
+                f"GPU {g} has {free_gb[g]:.1f} GB free (NVML), needs {target.memory_gb:g} GB"
+                for g in short))
+        return RoomPlan(ok=True)
+    remaining = {g: need[g] - freeing[g] for g in gpus}
+    evict: list[str] = []
+    candidates = sorted({m.name: m for g in gpus for m in on[g]
+                         if m.evictable and m.state is ModelState.AWAKE}.values(),
+                        key=lambda m: (m.last_activity, m.name))
+    for m in candidates:
+        if all(r <= 1e-9 for r in remaining.values()):
+            break
+        if any(remaining[g] > 1e-9 for g in m.gpus if g in remaining):
+            evict.append(m.name)
+            for g in m.gpus:
+                if g in remaining:
+                    remaining[g] -= m.memory_gb
+    if evict and all(r <= 1e-9 for r in remaining.values()):
+        return RoomPlan(ok=False, evict=tuple(evict), reason="sleeping " + ", ".join(evict)
+                        + " to make room")
+    if all(r <= 1e-9 for r in (need[g] - freeing[g] for g in gpus)):
+        return RoomPlan(ok=False, reason="waiting for models going to sleep to free memory")
+    return RoomPlan(ok=False, reason="; ".join(
+        f"GPU {g} needs {need[g]:g} GB more and every model on it is busy or pinned"
+        for g in gpus if need[g] - freeing[g] > 1e-9))
+
+
+def wake_eta(history: list[float], configured: float | None) -> float | None:
+    """Expected wake time: the median of recent measured wakes (one slow outlier does not move
+    it), or the configured guess until a wake has been measured."""
+    if not history:
+        return configured
+    ordered = sorted(history)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def eta_remaining(state: ModelState, state_since: float, eta: float | None,
+                  now: float) -> float | None:
+    """How long a request arriving now would wait for the model (None: unknown)."""
+    if state is ModelState.AWAKE:
+        return 0.0
+    if eta is None:
+        return None
+    if state is ModelState.WAKING:
+        return max(0.0, eta - (now - state_since))
+    return eta

@@ -62,8 +62,8 @@ def error_body(message: str, type_: str, param: str | None = None,
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def parse_model(body: bytes) -> str:
-    """The `model` of a request body, or the 400 that explains why there is none."""
+def parse_model(body: bytes) -> tuple[str, bool]:
+    """The `model` and `stream` of a request body, or the 400 that explains what is wrong."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -83,12 +83,32 @@ def parse_model(body: bytes) -> str:
     if stream is not None and not isinstance(stream, bool):
         raise OpenAIError(400, "The stream parameter must be a boolean.",
                           "invalid_request_error", param="stream", code="invalid_type")
-    return model
+    return model, bool(stream)
 
 
-def _sse_error(message: str) -> bytes:
-    event = json.dumps(error_body(message, "server_error", code=502))
+def parse_deadline(request: web.Request) -> float | None:
+    """`X-Request-Timeout`: seconds the client is willing to wait for its answer to start."""
+    raw = request.headers.get("X-Request-Timeout")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise OpenAIError(400, "X-Request-Timeout must be a positive number of seconds.",
+                          "invalid_request_error", code="invalid_header")
+    return value
+
+
+def _sse_error(message: str, type_: str = "server_error", code: str | int | None = 502,
+               body: object = None) -> bytes:
+    event = json.dumps(body if isinstance(body, dict) and "error" in body
+                       else error_body(message, type_, code=code))
     return f"data: {event}\n\ndata: [DONE]\n\n".encode()
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 class Router:
@@ -115,7 +135,8 @@ class Router:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info.route.resource.canonical
         body = await request.read()
-        model = parse_model(body)
+        model, stream = parse_model(body)
+        deadline = parse_deadline(request)
         if model not in self.manager.slots:
             self.metrics.unknown_model_requests.labels(endpoint).inc()
             raise OpenAIError(404, f"The model `{model}` does not exist.",
@@ -125,18 +146,26 @@ class Router:
         stats = traffic.record_request_start(model, endpoint)
         code = CLIENT_GONE
         try:
+            lease, early = await self._hold(request, model, stream, deadline)
+            if isinstance(lease, Rejected):
+                code = lease.status
+                rejected = OpenAIError(lease.status, str(lease), "service_unavailable",
+                                       param="model", code=lease.reason,
+                                       retry_after=lease.retry_after)
+                if early is None:
+                    return rejected.response()
+                await early.write(_sse_error(str(lease), "service_unavailable", lease.reason))
+                await early.write_eof()
+                return early
             try:
-                lease = await self.manager.acquire(model)
-            except Rejected as exc:
-                code = exc.status
-                return OpenAIError(exc.status, str(exc), "service_unavailable",
-                                   param="model", code=exc.reason,
-                                   retry_after=exc.retry_after).response()
-            try:
-                response, code = await self._forward(request, lease, body)
+                response, code = await self._forward(request, lease, body, early)
             except OpenAIError as exc:
                 code = exc.status
-                raise
+                if early is None:
+                    raise
+                await early.write(_sse_error(exc.message, exc.type, exc.code))
+                await early.write_eof()
+                return early
             finally:
                 self.manager.release(lease)
             return response
@@ -146,8 +175,36 @@ class Router:
             self.metrics.request_duration.labels(model, endpoint).observe(
                 time.perf_counter() - started)
 
-    async def _forward(self, request: web.Request, slot: ModelSlot,
-                       body: bytes) -> tuple[web.StreamResponse, int]:
+    async def _hold(self, request: web.Request, model: str, stream: bool,
+                    deadline: float | None
+                    ) -> tuple[ModelSlot | Rejected, web.StreamResponse | None]:
+        """Get the model's lease; a streaming request held for a wake gets SSE comment lines
+        (`: waking MODEL, eta Ns`) meanwhile, which OpenAI clients ignore and which keep
+        proxies and load balancers from timing the connection out."""
+        interval = self.config.hold_keepalive_seconds
+        early: web.StreamResponse | None = None
+
+        async def keepalive() -> None:
+            nonlocal early
+            if early is None:
+                early = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                await early.prepare(request)
+            eta = self.manager.eta_remaining(self.manager.slots[model])
+            note = f", eta {eta:.0f}s" if eta is not None else ""
+            await early.write(f": waking {_one_line(model)}{note}\n\n".encode())
+
+        try:
+            lease = await self.manager.acquire(
+                model, deadline, keepalive if stream and interval else None, interval or 5.0)
+        except Rejected as exc:
+            return exc, early
+        except ConnectionResetError:  # the client left while held
+            raise asyncio.CancelledError from None
+        return lease, early
+
+    async def _forward(self, request: web.Request, slot: ModelSlot, body: bytes,
+                       early: web.StreamResponse | None) -> tuple[web.StreamResponse, int]:
+        """Send to the engine and relay its answer; `early` is a stream already started."""
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items()
                               if k.lower() not in _NOT_FORWARDED)
@@ -162,32 +219,47 @@ class Router:
             raise OpenAIError(502, f"The engine of model `{slot.cfg.name}` is unreachable: "
                               f"{exc}", "server_error", code="engine_unreachable") from None
         try:
+            streamed = upstream.content_type == "text/event-stream"
+            if early is not None and not (streamed and upstream.status == 200):
+                payload = await self._read(slot, upstream)
+                try:
+                    detail = json.loads(payload)
+                except ValueError:
+                    detail = None
+                await early.write(_sse_error(payload.decode(errors="replace")[:500],
+                                             code=upstream.status, body=detail))
+                await early.write_eof()
+                return early, upstream.status
+            if early is not None:
+                return await self._relay(request, slot, upstream, early)
             out_headers = CIMultiDict((k, v) for k, v in upstream.headers.items()
                                       if k.lower() not in _NOT_RELAYED)
-            if upstream.content_length is not None and upstream.content_type != \
-                    "text/event-stream":
-                try:
-                    payload = await upstream.read()
-                except asyncio.TimeoutError:
-                    raise OpenAIError(504, f"The engine of model `{slot.cfg.name}` stopped "
-                                      "answering.", "server_error",
-                                      code="engine_timeout") from None
-                except aiohttp.ClientError as exc:
-                    raise OpenAIError(502, f"The engine of model `{slot.cfg.name}` failed "
-                                      f"mid-answer: {exc}", "server_error",
-                                      code="engine_error") from None
+            if upstream.content_length is not None and not streamed:
+                payload = await self._read(slot, upstream)
                 return (web.Response(body=payload, status=upstream.status, headers=out_headers),
                         upstream.status)
-            return await self._relay(request, slot, upstream, out_headers)
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            await response.prepare(request)
+            return await self._relay(request, slot, upstream, response)
         finally:
             upstream.release()
 
+    @staticmethod
+    async def _read(slot: ModelSlot, upstream: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await upstream.read()
+        except asyncio.TimeoutError:
+            raise OpenAIError(504, f"The engine of model `{slot.cfg.name}` stopped answering.",
+                              "server_error", code="engine_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise OpenAIError(502, f"The engine of model `{slot.cfg.name}` failed mid-answer: "
+                              f"{exc}", "server_error", code="engine_error") from None
+
     async def _relay(self, request: web.Request, slot: ModelSlot,
                      upstream: aiohttp.ClientResponse,
-                     headers: CIMultiDict[str]) -> tuple[web.StreamResponse, int]:
-        """Relay a stream chunk by chunk; an engine failure mid-stream ends it in SSE form."""
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        await response.prepare(request)
+                     response: web.StreamResponse) -> tuple[web.StreamResponse, int]:
+        """Relay a stream chunk by chunk into a started response; an engine failure
+        mid-stream ends it in SSE form."""
         try:
             async for chunk in upstream.content.iter_any():
                 try:
@@ -208,3 +280,7 @@ class Router:
             raise
         await response.write_eof()
         return response, upstream.status
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")

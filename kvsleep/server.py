@@ -29,6 +29,7 @@ from kvsleep.engines import (
     adapter_for,
 )
 from kvsleep.fleet import MemberAdapter, OwnerAdapter, owner_of
+from kvsleep.gpu import nvml_free_gb
 from kvsleep.metrics import Metrics
 from kvsleep.policy_source import PrometheusSource
 from kvsleep.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
@@ -58,6 +59,7 @@ class KvsleepServer:
                                     owns=lambda name: self.owner(name) is None)
         for model in config.models:
             self.manager.add_model(model)
+        self._apply_gpus(config)
         if config.policy_source.type == "prometheus":
             self.manager.reconciler.source = PrometheusSource(
                 config.policy_source, self.metrics.policy_source_up)
@@ -66,6 +68,10 @@ class KvsleepServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._mark_reload(True)
         self.app = self._build_app()
+
+    def _apply_gpus(self, config: Config) -> None:
+        self.manager.gpu_budgets = {gpu.id: gpu.memory_gb for gpu in config.gpus}
+        self.manager.gpu_free = nvml_free_gb(self.manager.gpu_budgets)
 
     # ---- fleet ---------------------------------------------------------------------------
 
@@ -270,7 +276,9 @@ class KvsleepServer:
                    "always_on": slot.cfg.always_on,
                    "idle_seconds": self.traffic.model_stats[name].get_idle_time()
                    if slot.state is ModelState.AWAKE else None,
-                   "seconds_in_state": now - slot.state_since}
+                   "seconds_in_state": now - slot.state_since,
+                   "wake_eta_seconds": self.manager.wake_eta(slot),
+                   "waiting_for_memory": slot.waiting_for_memory}
             for name, slot in self.manager.slots.items()
         }
         return web.json_response({
@@ -280,6 +288,8 @@ class KvsleepServer:
             "idle_threshold_seconds": policy.idle_threshold_seconds,
             "wakeup_on_request": policy.wakeup_on_request,
             "models": models,
+            "gpus": {str(gpu): {"budget_gb": budget, "committed_gb": committed}
+                     for gpu, budget, committed in self.manager.gpu_snapshots()},
         })
 
     async def sleep_candidates(self, request: web.Request) -> web.Response:
@@ -388,6 +398,7 @@ class KvsleepServer:
             else:
                 self.manager.add_model(model)
         self.manager.config = new.sleep_manager
+        self._apply_gpus(new)
         self.traffic.idle_threshold_seconds = new.sleep_manager.idle_threshold_seconds
         if (new.router.host, new.router.port) != (self.config.router.host,
                                                    self.config.router.port):

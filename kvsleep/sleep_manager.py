@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 SleepConfig = SleepPolicy
 """The kvcached controller's name for the policy keys."""
 
+HoldCallback = Callable[[], Awaitable[None]]
 AdapterFactory = Callable[[ModelConfig, SessionSource, RetryPolicy], EngineAdapter]
 
 PERSIST_DELAY_SECONDS = 0.05
+WAKE_HISTORY = 10  # measured wakes the ETA is the median of
+MEMORY_RECHECK_SECONDS = 0.5  # a wake blocked on GPU memory re-plans at least this often
 _SETTLED = (ModelState.AWAKE, ModelState.ASLEEP, ModelState.FAILED,
             ModelState.SLEEPING, ModelState.WAKING)
 
@@ -80,6 +83,8 @@ class ModelSlot:
     manual_sleep: bool = False
     deferred_wake: str | None = None
     last_error: str | None = None
+    waiting_for_memory: str | None = None
+    wake_history: deque[float] = field(default_factory=lambda: deque(maxlen=WAKE_HISTORY))
     sleep_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
     wake_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
 
@@ -119,6 +124,9 @@ class SleepManager:
         self._persist_task: asyncio.Task[None] | None = None
         self._persist_lock = asyncio.Lock()
         self._dirty = False
+        self.gpu_budgets: dict[int, float] = {}
+        self.gpu_free: Callable[[], dict[int, float] | None] = lambda: None
+        self._changed = asyncio.Event()
         self.metrics.watch(self)
 
     # ---- configuration -------------------------------------------------------------------
@@ -206,11 +214,15 @@ class SleepManager:
 
     # ---- the request path ----------------------------------------------------------------
 
-    async def acquire(self, model_name: str) -> ModelSlot:
+    async def acquire(self, model_name: str, deadline: float | None = None,
+                      on_hold: HoldCallback | None = None,
+                      hold_interval: float = 5.0) -> ModelSlot:
         """Wait until the model is awake and count the request as in the engine.
 
-        Raises Rejected when the request must not wait (queue full, wakes disabled) or waited in
-        vain (timeout, failed wake). The caller must `release` the returned slot.
+        Raises Rejected when the request must not wait (queue full, wakes disabled, a wake
+        expected to outlast `deadline` seconds or the hold timeout) or waited in vain (timeout,
+        failed wake). While held, `on_hold` is awaited every `hold_interval` seconds. The caller
+        must `release` the returned slot.
         """
         slot = self.slots[model_name]
         if slot.state is ModelState.AWAKE:
@@ -218,31 +230,42 @@ class SleepManager:
             slot.drained.clear()
             return slot
         pol = slot.cfg.policy
+        timeout = min(pol.wake_timeout_seconds, deadline or pol.wake_timeout_seconds)
+        wait = self.eta_remaining(slot)
+        retry_after = max(1.0, wait) if wait is not None else 1.0
         decision = policy.admission(slot.state, len(slot.waiters), pol)
         if decision is policy.Admission.REJECT_NO_WAKE:
-            raise self._reject(slot, "asleep_no_wake", 503, pol.wake_timeout_seconds,
+            raise self._reject(slot, "asleep_no_wake", 503, None,
                                f"model `{model_name}` is {slot.state.value} and "
                                "wakeup_on_request is off; wake it first")
         if decision is policy.Admission.REJECT_QUEUE_FULL:
-            raise self._reject(slot, "queue_full", 503, 1.0,
+            raise self._reject(slot, "queue_full", 503, retry_after,
                                f"model `{model_name}` is {slot.state.value} and "
                                f"{pol.max_held_requests} requests already wait for it")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        slot.waiters.append(fut)
         if not slot.want_awake or not slot.busy:
             self.request_wake(model_name, "request")
+        if wait is not None and wait > timeout:
+            # Waiting in vain helps nobody: say when to come back; the wake goes on.
+            raise self._reject(slot, "wake_timeout", 503, retry_after,
+                               f"model `{model_name}` is {slot.state.value}; its wake is "
+                               f"expected to take {wait:.0f}s, longer than this request's "
+                               f"{timeout:g}s deadline")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        slot.waiters.append(fut)
         started = time.monotonic()
         try:
-            await asyncio.wait_for(fut, pol.wake_timeout_seconds)
+            await self._wait_held(fut, started + timeout, on_hold, hold_interval)
         except asyncio.TimeoutError:
             self._forget_waiter(slot, fut)
-            raise self._reject(slot, "wake_timeout", 504, pol.wake_timeout_seconds,
-                               f"model `{model_name}` did not wake within "
-                               f"{pol.wake_timeout_seconds:g}s") from None
+            wait = self.eta_remaining(slot)
+            raise self._reject(slot, "wake_timeout", 504, max(1.0, wait or 1.0),
+                               f"model `{model_name}` did not wake within {timeout:g}s"
+                               + (f" ({slot.waiting_for_memory})"
+                                  if slot.waiting_for_memory else "")) from None
         except Rejected as exc:
             self.metrics.rejected_requests.labels(model_name, exc.reason).inc()
             raise
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or on_hold found the client gone
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(slot)
             else:
@@ -251,11 +274,42 @@ class SleepManager:
         self.metrics.request_hold.labels(model_name).observe(time.monotonic() - started)
         return slot
 
+    @staticmethod
+    async def _wait_held(fut: asyncio.Future[None], until: float,
+                         on_hold: HoldCallback | None, interval: float) -> None:
+        """Every held request waits the same way (asyncio.wait on its own future), so all are
+        resumed in the order their futures were resolved: the FIFO order of arrival."""
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            done, _ = await asyncio.wait({fut}, timeout=min(left, interval)
+                                         if on_hold is not None else left)
+            if done:
+                fut.result()
+                return
+            if on_hold is not None and time.monotonic() < until:
+                await on_hold()
+
     def release(self, slot: ModelSlot) -> None:
         slot.in_engine -= 1
         if slot.in_engine <= 0:
             slot.in_engine = 0
             slot.drained.set()
+            if self.gpu_budgets:
+                self._signal_change()
+
+    def _signal_change(self) -> None:
+        """Wake whoever waits for memory to be freed; they re-plan."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def wake_eta(self, slot: ModelSlot) -> float | None:
+        return policy.wake_eta(list(slot.wake_history), slot.cfg.wake_eta_seconds)
+
+    def eta_remaining(self, slot: ModelSlot) -> float | None:
+        return policy.eta_remaining(slot.state, slot.state_since, self.wake_eta(slot),
+                                    self.clock())
 
     def _reject(self, slot: ModelSlot, reason: str, status: int, retry_after: float | None,
                 message: str) -> Rejected:
@@ -388,6 +442,8 @@ class SleepManager:
 
     async def _wake_once(self, slot: ModelSlot) -> None:
         name, reason = slot.cfg.name, slot.wake_reason
+        if self.gpu_budgets and not await self._make_room(slot):
+            return
         self._set_state(slot, ModelState.WAKING)
         await self._record_before_engine_call(slot)
         started = time.monotonic()
@@ -403,13 +459,67 @@ class SleepManager:
                                  f"model `{name}` failed to wake: {exc}", 503)
             self._settle(slot.wake_outcomes, False)
             return
-        self.metrics.wake_duration.labels(name).observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        slot.wake_history.append(took)
+        self.metrics.wake_duration.labels(name).observe(took)
         self.metrics.wakes.labels(name, reason, "ok").inc()
         slot.last_error = None
         slot.manual_sleep = False
         self._set_state(slot, ModelState.AWAKE)
         log.info("model %s is awake (reason: %s)", name, reason)
         self._settle(slot.wake_outcomes, True)
+
+    async def _make_room(self, slot: ModelSlot) -> bool:
+        """Before a wake: sleep LRU idle models until the model fits its GPUs' budgets.
+
+        While no room can be made the model stays asleep and its requests stay held (each
+        bounded by its own timeout); the reason shows in /sleep/status. Gives up once nobody
+        waits for a request-driven wake, or after `wake_timeout_seconds` for any other.
+        """
+        name = slot.cfg.name
+        give_up = time.monotonic() + slot.cfg.policy.wake_timeout_seconds
+        try:
+            while True:
+                plan = policy.plan_room(self._memory_view(slot), [
+                    self._memory_view(s) for s in self.slots.values() if s is not slot],
+                    self.gpu_budgets, self.gpu_free())
+                if plan.ok:
+                    return True
+                for victim in plan.evict:
+                    log.info("model %s: sleeping %s to make room on its GPUs", name, victim)
+                    self.metrics.evictions.labels(victim).inc()
+                    self.request_sleep(victim, "idle")
+                if plan.reason != slot.waiting_for_memory:
+                    log.info("model %s waits for GPU memory: %s", name, plan.reason)
+                slot.waiting_for_memory = plan.reason
+                nobody_waits = slot.wake_reason == "request" and not slot.waiters
+                if nobody_waits or time.monotonic() > give_up:
+                    slot.want_awake = False
+                    slot.last_error = f"no GPU memory to wake: {plan.reason}"
+                    self._reject_waiters(slot, "wake_failed",
+                                         f"model `{name}` cannot wake: {plan.reason}", 503)
+                    self._settle(slot.wake_outcomes, False)
+                    return False
+                changed = self._changed
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), MEMORY_RECHECK_SECONDS)
+        finally:
+            slot.waiting_for_memory = None
+
+    def _memory_view(self, slot: ModelSlot) -> policy.MemoryView:
+        stats = self.traffic_monitor.model_stats.get(slot.cfg.name)
+        idle = slot.in_engine == 0 and not slot.waiters and (stats is None or not stats.in_flight)
+        return policy.MemoryView(
+            name=slot.cfg.name, gpus=slot.cfg.gpus, memory_gb=slot.cfg.memory_gb or 0.0,
+            state=slot.state, want_awake=slot.want_awake,
+            evictable=idle and not slot.cfg.always_on and not slot.busy,
+            last_activity=stats.last_activity_time if stats else 0.0)
+
+    def gpu_committed(self) -> dict[int, float]:
+        """GB each budgeted GPU holds for models that are not asleep."""
+        return {g: sum(s.cfg.memory_gb or 0.0 for s in self.slots.values()
+                       if g in s.cfg.gpus and s.state is not ModelState.ASLEEP)
+                for g in self.gpu_budgets}
 
     @staticmethod
     def _settle(outcomes: list[asyncio.Future[bool]], result: bool) -> None:
@@ -424,6 +534,8 @@ class SleepManager:
         slot.version += 1
         if state is ModelState.AWAKE:
             self._release_waiters(slot)
+        if self.gpu_budgets:
+            self._signal_change()
         if state in _SETTLED:
             self.persist()
 
@@ -553,8 +665,14 @@ class SleepManager:
                 in_flight=s.in_flight if s else 0, held=len(slot.waiters),
                 last_request_timestamp=s.last_activity_time if s else 0.0,
                 idle_threshold_seconds=slot.cfg.policy.idle_threshold_seconds,
-                engine_up=slot.engine_up,
+                engine_up=slot.engine_up, wake_eta_seconds=self.wake_eta(slot),
+                waiting_for_memory=slot.waiting_for_memory is not None,
             )
+
+    def gpu_snapshots(self) -> Iterator[tuple[int, float, float]]:
+        committed = self.gpu_committed()
+        for gpu, budget in self.gpu_budgets.items():
+            yield gpu, budget, committed[gpu]
 
     # ---- the kvcached controller's API ---------------------------------------------------
 

@@ -125,6 +125,9 @@ def exported_metric_names() -> set[str]:
         def model_snapshots(self) -> list[Any]:
             return []
 
+        def gpu_snapshots(self) -> list[Any]:
+            return []
+
     metrics = Metrics()
     metrics.watch(NoModels())
     Launcher(None, metrics, "unused")  # type: ignore[arg-type]  # registers its two metrics

@@ -21,12 +21,13 @@ JSON = st.recursive(
 @given(st.binary(max_size=512))
 def test_any_bytes_give_a_model_or_a_400(body: bytes) -> None:
     try:
-        model = parse_model(body)
+        model, stream = parse_model(body)
     except OpenAIError as exc:
         assert exc.status == 400
         assert exc.type == "invalid_request_error"
     else:
         assert isinstance(model, str) and model
+        assert isinstance(stream, bool)
 
 
 @settings(max_examples=300)
@@ -37,7 +38,7 @@ def test_objects_with_a_model_string_are_routed_by_it(extra, model, stream) -> N
         doc["stream"] = stream
     body = json.dumps(doc).encode()
     if stream is None or isinstance(stream, bool):
-        assert parse_model(body) == model
+        assert parse_model(body) == (model, bool(stream))
     else:
         try:
             parse_model(body)

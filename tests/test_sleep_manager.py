@@ -177,26 +177,26 @@ async def arm(session: aiohttp.ClientSession, sim: Any, **faults: Any) -> None:
 
 class Tracker:
     """Records, for every routed request, its arrival number, whether it had to be held, and the
-    order in which requests were let through to the engine (`_forward` is called right after
-    the lease is granted, with no await in between)."""
+    order in which requests were let through to the engine (`_forward` is called as soon as
+    the lease is granted)."""
 
     def __init__(self, kv: Any) -> None:
         self.forwarded: list[tuple[str, int, bool]] = []
         manager, router = kv.manager, kv.server.router
         numbers = itertools.count()
         ticket: contextvars.ContextVar[tuple[str, int, bool]] = contextvars.ContextVar("ticket")
-        acquire, forward = manager.acquire, router._forward
+        hold, forward = router._hold, router._forward
 
-        async def tracked_acquire(model: str):
+        async def tracked_hold(request, model: str, stream: bool, deadline=None):
             held = model in manager.slots and manager.slots[model].state is not ModelState.AWAKE
             ticket.set((model, next(numbers), held))
-            return await acquire(model)
+            return await hold(request, model, stream, deadline)
 
-        async def tracked_forward(request, slot, body):
+        async def tracked_forward(request, slot, body, early):
             self.forwarded.append(ticket.get())
-            return await forward(request, slot, body)
+            return await forward(request, slot, body, early)
 
-        manager.acquire = tracked_acquire
+        router._hold = tracked_hold
         router._forward = tracked_forward
 
     def held(self, model: str) -> list[int]:
