@@ -399,6 +399,59 @@ def panels() -> list[dict[str, Any]]:
     )
     add(text_panel(lay, "GPU memory", GPU_NOTE, w=24, h=3))
 
+    add(row(lay, "GPU memory and wake ETA"))
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "GPU memory budget vs committed",
+            "Per budgeted GPU: what the configuration lets models hold, and what models that "
+            "are not asleep hold (their memory_gb). A wake that would exceed the budget first "
+            "sleeps least-recently-used idle models.",
+            [
+                ("max by (gpu) (kvsleep_gpu_memory_budget_bytes)", "GPU {{gpu}} budget"),
+                ("max by (gpu) (kvsleep_gpu_memory_committed_bytes)", "GPU {{gpu}} committed"),
+            ],
+            "bytes",
+            w=8,
+            min_value=0,
+            overrides=[dashed("budget$")],
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Wakes waiting for GPU memory",
+            "1 while a wake of the model waits for room in its GPUs' budget (every model on "
+            "them busy or pinned); its requests stay held meanwhile.",
+            [(f"max by (model) (kvsleep_model_waiting_for_memory{{{M}}})", "{{model}}")],
+            "none",
+            w=8,
+            min_value=0,
+        )
+    )
+    add(
+        panel(
+            lay,
+            "timeseries",
+            "Wake ETA vs measured",
+            "The ETA kvsleep gives clients (median of recent wakes) against the mean measured "
+            "wake time; a gap means Retry-After and deadline checks mislead.",
+            [
+                (f"max by (model) (kvsleep_model_wake_eta_seconds{{{M}}})", "{{model}} ETA"),
+                (
+                    f"sum by (model) (rate(kvsleep_wake_duration_seconds_sum{{{M}}}[{RI}]))"
+                    f" / sum by (model) (rate(kvsleep_wake_duration_seconds_count{{{M}}}[{RI}]))",
+                    "{{model}} measured",
+                ),
+            ],
+            "s",
+            w=8,
+            min_value=0,
+            overrides=[dashed("ETA$")],
+        )
+    )
     add(row(lay, "Engines and kvsleep"))
     add(
         panel(

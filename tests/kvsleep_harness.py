@@ -60,15 +60,20 @@ class RunningKvsleep:
 
 
 def config_doc(models: list[dict[str, Any]], state_dir: Path, *,
-               router: dict[str, Any] | None = None, **sleep_manager: Any) -> dict[str, Any]:
-    """A canonical config document; sleep_manager keys override test defaults, and `router`
-    keys (e.g. `upstream_timeout_seconds`, `max_body_bytes`) override the router section."""
+               router: dict[str, Any] | None = None, gpus: list[dict[str, Any]] | None = None,
+               **sleep_manager: Any) -> dict[str, Any]:
+    """A canonical config document; sleep_manager keys override test defaults, `router` keys
+    (e.g. `upstream_timeout_seconds`, `max_body_bytes`) override the router section, and
+    `gpus` gives GPU memory budgets."""
     policy = {"check_interval_seconds": 3600, "idle_threshold_seconds": 60,
               "auto_sleep_enabled": True, "min_awake_seconds": 0, "min_sleep_duration": 0,
               "wake_timeout_seconds": 10, **sleep_manager}
-    return {"router": {"host": "127.0.0.1", "port": 8080, **(router or {})},
-            "sleep_manager": policy, "models": models, "state_dir": str(state_dir),
-            "log_dir": str(state_dir / "logs")}
+    doc = {"router": {"host": "127.0.0.1", "port": 8080, **(router or {})},
+           "sleep_manager": policy, "models": models, "state_dir": str(state_dir),
+           "log_dir": str(state_dir / "logs")}
+    if gpus:
+        doc["gpus"] = gpus
+    return doc
 
 
 async def start_kvsleep(doc: dict[str, Any], clock: FakeClock | None = None,

@@ -45,6 +45,8 @@ EXPECTED_ALERTS = {
     "KvsleepConfigReloadFailed",
     "KvsleepModelIdle",
     "KvsleepPolicySourceDown",
+    "KvsleepWakeBlockedOnMemory",
+    "KvsleepWakeEtaDrift",
 }
 # kvsleep metrics without a `model` label (every other one must honour the $model variable).
 NO_MODEL_LABEL = {
@@ -55,6 +57,8 @@ NO_MODEL_LABEL = {
     "kvsleep_config_last_reload_success_timestamp_seconds",
     "kvsleep_build_info",
     "kvsleep_policy_source_up",
+    "kvsleep_gpu_memory_budget_bytes",
+    "kvsleep_gpu_memory_committed_bytes",
 }
 # Alerts about the kvsleep process itself carry no model label; they name the instance instead.
 PROCESS_ALERTS = {"KvsleepDown", "KvsleepReconcileErrors", "KvsleepConfigReloadFailed",
