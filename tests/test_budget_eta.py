@@ -45,7 +45,7 @@ async def three_on_room_for_two(sim_factory, tmp_path):
 
 async def test_waking_the_third_model_sleeps_the_least_recently_used_idle_one(
         three_on_room_for_two):
-    kv, sims = three_on_room_for_two
+    kv, _ = three_on_room_for_two
     async with aiohttp.ClientSession() as session:
         assert await complete(session, kv, "org/b") == 200
         kv.clock.advance(5)
@@ -162,11 +162,11 @@ async def test_held_stream_gets_comment_lines_and_parses_with_the_openai_client(
         body = {"model": "org/m", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 5, "stream": True}
         assert await kv.manager.put_model_to_sleep("org/m", manual=True)
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{kv.url}/v1/chat/completions", json=body) as r:
-                assert r.status == 200
-                assert r.headers["Content-Type"].startswith("text/event-stream")
-                raw = (await r.read()).decode()
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{kv.url}/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            raw = (await r.read()).decode()
         comments = [line for line in raw.splitlines() if line.startswith(":")]
         assert len(comments) >= 2, raw
         assert comments[0].startswith(": waking org/m, eta ")
