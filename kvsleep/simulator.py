@@ -84,6 +84,7 @@ class SimSettings:
     weights_cpu_backup: bool = False
     weights_path: str | None = None
     embedding_dim: int = 8
+    cuda_device: int | None = None
     fail_next: dict[str, int] = field(default_factory=dict)
     hang_next: dict[str, int] = field(default_factory=dict)
 
@@ -172,6 +173,31 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+class _GpuBacking:
+    """Real GPU memory (torch) that follows the simulated residency, so that NVML sees what a
+    real engine would: sleep frees it, wake takes it back. Only with --cuda-device."""
+
+    def __init__(self, device: int, weights_gb: float, kv_cache_gb: float) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device("cuda", device)
+        self.sizes = {"weights": int(weights_gb * GIB), "kv_cache": int(kv_cache_gb * GIB)}
+        self.tensors: dict[str, Any] = {}
+
+    def sync(self, weights: bool, kv_cache: bool) -> None:
+        for part, wanted in (("weights", weights), ("kv_cache", kv_cache)):
+            if wanted and part not in self.tensors and self.sizes[part]:
+                tensor = self.torch.empty(self.sizes[part], dtype=self.torch.uint8,
+                                          device=self.device)
+                tensor.fill_(1)  # touch it, as loading weights would
+                self.tensors[part] = tensor
+            elif not wanted and part in self.tensors:
+                del self.tensors[part]
+        self.torch.cuda.synchronize(self.device)
+        self.torch.cuda.empty_cache()
+
+
 class SimEngine:
     """State, counters and metrics of one simulated engine, shared by both flavors."""
 
@@ -198,6 +224,8 @@ class SimEngine:
         self._closing = False
         self._ready_at = 0.0
         self._token_times: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.gpu = (_GpuBacking(settings.cuda_device, settings.weights_gb, settings.kv_cache_gb)
+                    if settings.cuda_device is not None else None)
 
         self.registry = CollectorRegistry(auto_describe=True)
         self._memory_gauge = Gauge(
@@ -218,6 +246,8 @@ class SimEngine:
             registry=self.registry,
         )
         self.behaviour: _Behaviour = (_Vllm if settings.flavor == "vllm" else _Sglang)(self)
+        if self.gpu is not None:
+            self.gpu.sync(*self.behaviour.resident())
 
     # -- shared state -------------------------------------------------------------------
 
@@ -290,6 +320,8 @@ class SimEngine:
 
     def notify(self) -> None:
         """Wake every waiter so it re-checks the state it waits for."""
+        if self.gpu is not None:
+            self.gpu.sync(*self.behaviour.resident())
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -1230,6 +1262,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         help="SGLang: keep weights across release (no reload needed after resume)",
     )
     parser.add_argument("--weights-path", help="SGLang: path update_weights_from_disk expects")
+    parser.add_argument("--cuda-device", type=int, default=None, metavar="N",
+                        help="hold real GPU memory on cuda:N (needs torch) while resident")
     for flag, verb in (("--fail-next", "answer 500 to"), ("--hang-next", "never answer")):
         parser.add_argument(
             flag,
@@ -1262,6 +1296,7 @@ def settings_from_args(ns: argparse.Namespace) -> SimSettings:
         weights_cpu_backup=ns.weights_cpu_backup,
         weights_path=ns.weights_path,
         embedding_dim=ns.embedding_dim,
+        cuda_device=ns.cuda_device,
         fail_next=dict(ns.fail_next),
         hang_next=dict(ns.hang_next),
     )
