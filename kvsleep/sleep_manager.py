@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from kvsleep import policy
+from kvsleep.adaptive import Thresholds
 from kvsleep.config import ModelConfig, SleepPolicy
 from kvsleep.engines import EngineAdapter, RetryPolicy, SessionSource, adapter_for
 from kvsleep.metrics import Metrics, ModelSnapshot
 from kvsleep.policy_source import FleetTraffic
 from kvsleep.reconciler import Reconciler
-from kvsleep.sleep_state import ModelState, StateStore, StoredModel
+from kvsleep.sleep_state import ModelState, StateStore, StateWriter, StoredModel
 from kvsleep.traffic_monitor import TrafficMonitor
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ SleepConfig = SleepPolicy
 HoldCallback = Callable[[], Awaitable[None]]
 AdapterFactory = Callable[[ModelConfig, SessionSource, RetryPolicy], EngineAdapter]
 
-PERSIST_DELAY_SECONDS = 0.05
 WAKE_HISTORY = 10  # measured wakes the ETA is the median of
 MEMORY_RECHECK_SECONDS = 0.5  # a wake blocked on GPU memory re-plans at least this often
 _SETTLED = (ModelState.AWAKE, ModelState.ASLEEP, ModelState.FAILED,
@@ -119,11 +119,10 @@ class SleepManager:
         self.slots: dict[str, ModelSlot] = {}
         self._session = session
         self._owns_session = session is None
+        self.thresholds = Thresholds.watching(self.traffic_monitor)  # adaptive idle thresholds
         self.reconciler = Reconciler(self)
         self._reconciler_task: asyncio.Task[None] | None = None
-        self._persist_task: asyncio.Task[None] | None = None
-        self._persist_lock = asyncio.Lock()
-        self._dirty = False
+        self.writer = StateWriter(state_store, self._stored)
         self.gpu_budgets: dict[int, float] = {}
         self.gpu_free: Callable[[], dict[int, float] | None] = lambda: None
         self._changed = asyncio.Event()
@@ -597,22 +596,10 @@ class SleepManager:
         return True
 
     def persist(self) -> None:
-        """Record every model's state soon, in a thread: the event loop never waits on a disk.
-
-        Writes coalesce; each one is a whole snapshot taken when it starts.
-        """
-        if self.state_store is None:
-            return
-        self._dirty = True
-        if self._persist_task is None or self._persist_task.done():
-            self._persist_task = asyncio.create_task(self._write_state(PERSIST_DELAY_SECONDS))
+        self.writer.schedule()
 
     async def flush(self) -> None:
-        """Record the current state now, before an engine call whose effect must survive us."""
-        if self.state_store is None:
-            return
-        self._dirty = True
-        await self._write_state()
+        await self.writer.flush()
 
     async def _record_before_engine_call(self, slot: ModelSlot) -> None:
         """An engine that cannot tell its state after a crash of ours needs the record first;
@@ -620,20 +607,9 @@ class SleepManager:
         if not slot.adapter.observable:
             await self.flush()
 
-    async def _write_state(self, delay: float = 0.0) -> None:
-        assert self.state_store is not None
-        # A short delay lets the requests a wake just released reach their engine before the
-        # writer thread competes with them for the interpreter.
-        await asyncio.sleep(delay)
-        async with self._persist_lock:
-            while self._dirty:
-                self._dirty = False
-                snapshot = {name: StoredModel(s.state, s.state_since, s.cfg.engine, s.cfg.url)
-                            for name, s in self.slots.items()}
-                try:
-                    await asyncio.to_thread(self.state_store.save, snapshot)
-                except OSError as exc:
-                    log.error("cannot write state file %s: %s", self.state_store.path, exc)
+    def _stored(self) -> dict[str, StoredModel]:
+        return {name: StoredModel(s.state, s.state_since, s.cfg.engine, s.cfg.url)
+                for name, s in self.slots.items()}
 
     # ---- views ---------------------------------------------------------------------------
 
@@ -650,7 +626,8 @@ class SleepManager:
             name=slot.cfg.name, state=slot.state, state_since=slot.state_since,
             version=slot.version, busy=slot.busy, in_flight=in_flight,
             held=len(slot.waiters), last_activity=last_activity,
-            policy=slot.cfg.policy, always_on=slot.cfg.always_on, engine_up=slot.engine_up,
+            policy=self.thresholds.policy_for(slot.cfg), always_on=slot.cfg.always_on,
+            engine_up=slot.engine_up,
             observation=observation, slept_at=slot.slept_at, deferred_wake=slot.deferred_wake,
             owned=self.owns(slot.cfg.name),
             sleep_allowed=fleet is not None or not fleet_mode,
@@ -664,7 +641,7 @@ class SleepManager:
                 name=name, state=slot.state,
                 in_flight=s.in_flight if s else 0, held=len(slot.waiters),
                 last_request_timestamp=s.last_activity_time if s else 0.0,
-                idle_threshold_seconds=slot.cfg.policy.idle_threshold_seconds,
+                idle_threshold_seconds=self.thresholds.threshold_for(slot.cfg),
                 engine_up=slot.engine_up, wake_eta_seconds=self.wake_eta(slot),
                 waiting_for_memory=slot.waiting_for_memory is not None,
             )

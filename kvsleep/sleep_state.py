@@ -7,12 +7,14 @@ fsync, rename) so that a crash mid-write leaves either the old or the new file, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +83,44 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+class StateWriter:
+    """Writes snapshots of every model's state in a thread: the event loop never waits on a
+    disk. `schedule` coalesces writes and starts them after a short delay, so that requests a
+    wake just released reach their engine before the writer competes with them for the
+    interpreter; `flush` writes now, for a record that must exist before an engine call."""
+
+    DELAY_SECONDS = 0.05
+
+    def __init__(self, store: StateStore | None,
+                 snapshot: Callable[[], dict[str, StoredModel]]) -> None:
+        self.store = store
+        self.snapshot = snapshot
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._dirty = False
+
+    def schedule(self) -> None:
+        if self.store is None:
+            return
+        self._dirty = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write(self.DELAY_SECONDS))
+
+    async def flush(self) -> None:
+        if self.store is None:
+            return
+        self._dirty = True
+        await self._write(0.0)
+
+    async def _write(self, delay: float) -> None:
+        assert self.store is not None
+        await asyncio.sleep(delay)
+        async with self._lock:
+            while self._dirty:
+                self._dirty = False
+                try:
+                    await asyncio.to_thread(self.store.save, self.snapshot())
+                except OSError as exc:
+                    log.error("cannot write state file %s: %s", self.store.path, exc)
