@@ -1,4 +1,4 @@
-"""The `kvsleep` command: serve, check-config, sim-engine, and a small admin client."""
+"""The `kvsleep` command: serve, check-config, sim-engine, simulate, and a small admin client."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -112,6 +113,59 @@ def cmd_sim_engine(args: argparse.Namespace) -> int:
     return main_sim(settings_from_args(args)) or 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from kvsleep import simulate, traces
+    from kvsleep.config import parse_config
+
+    try:
+        if args.config:
+            config = load_config(args.config)
+        elif args.synthetic:
+            config = parse_config(traces.SYNTHETIC_CONFIG, "<synthetic models>")
+        else:
+            print("kvsleep simulate: --config is required with --trace and --prometheus",
+                  file=sys.stderr)
+            return 2
+        sweep = (tuple(float(x) for x in args.thresholds.split(",") if x.strip())
+                 if args.thresholds else simulate.DEFAULT_SWEEP)
+        wake_history: dict[str, float] = {}
+        if args.trace:
+            trace = simulate.load_csv(args.trace)
+        elif args.synthetic:
+            trace = traces.synthetic(args.synthetic, args.seed)
+        else:
+            end = simulate._timestamp(args.end) if args.end else time.time()
+            trace, wake_history = simulate.trace_from_prometheus(
+                args.prometheus, simulate.parse_duration(args.range), end)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except (simulate.TraceError, ValueError, KeyError) as exc:
+        print(f"kvsleep simulate: {exc}", file=sys.stderr)
+        return 2
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"kvsleep simulate: cannot read {args.prometheus}: {exc}", file=sys.stderr)
+        return 1
+    if args.save_trace:
+        simulate.write_csv(trace, args.save_trace)
+    comparison = simulate.simulate_config(config, trace, wake_history=wake_history, sweep=sweep,
+                                          sleep_seconds=args.sleep_seconds,
+                                          timeline=bool(args.plot))
+    if args.json:
+        print(json.dumps(comparison.as_dict(), indent=2))
+    else:
+        print(simulate.format_table(comparison))
+    if args.plot:
+        try:
+            simulate.plot(comparison, args.plot)
+        except ImportError:
+            print("kvsleep simulate: --plot needs matplotlib (pip install 'kvsleep[plot]')",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
 def _admin(args: argparse.Namespace, method: str, path: str) -> int:
     token = args.token or os.environ.get("KVSLEEP_ADMIN_TOKEN")
     req = urllib.request.Request(args.url.rstrip("/") + path, method=method)
@@ -167,6 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_arguments(sim)
     sim.add_argument("--log-level", default="info")
     sim.set_defaults(func=cmd_sim_engine)
+
+    simulate = sub.add_parser(
+        "simulate", help="replay request arrivals through the sleep policy; compare thresholds",
+        description="Replay per-model request arrivals through the same policy code the live "
+        "reconciler runs, on a virtual clock, and compare always-on, the config's thresholds, "
+        "a fixed 300 s, adaptive thresholds and a sweep of fixed ones.")
+    simulate.add_argument("--config", help="kvsleep config: models, memory_gb, wake_eta_seconds, "
+                          "policy (optional with --synthetic)")
+    source = simulate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", metavar="CSV", help="timestamp,model,duration per request")
+    source.add_argument("--prometheus", metavar="URL",
+                        help="rebuild arrivals from kvsleep's own metrics in this Prometheus")
+    source.add_argument("--synthetic", choices=["poisson", "bursty", "diurnal", "batch"],
+                        help="a seeded synthetic trace (see kvsleep/traces.py)")
+    simulate.add_argument("--range", default="7d", help="with --prometheus: how far back (7d)")
+    simulate.add_argument("--end", help="with --prometheus: end of the range, Unix time or "
+                          "ISO 8601 (default: now)")
+    simulate.add_argument("--seed", type=int, default=0, help="with --synthetic")
+    simulate.add_argument("--thresholds", help="fixed thresholds to sweep, comma-separated "
+                          "seconds (default: 15 to 3600)")
+    simulate.add_argument("--sleep-seconds", type=float, default=0.0,
+                          help="how long a sleep takes in the replay (default: instant)")
+    simulate.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    simulate.add_argument("--plot", metavar="PNG", help="plot memory held over time, wakes "
+                          "marked (needs matplotlib: pip install 'kvsleep[plot]')")
+    simulate.add_argument("--save-trace", metavar="CSV", help="also write the replayed trace")
+    simulate.set_defaults(func=cmd_simulate)
 
     for name, func, helptext in (("status", cmd_status, "show every model's sleep state"),
                                  ("sleep", cmd_sleep, "put a model to sleep (drains first)"),

@@ -36,6 +36,14 @@ class SleepPolicy:
     max_held_requests: int = 1024
     min_awake_seconds: float = 10.0
     drain_timeout_seconds: float = 120.0
+    # `adaptive` learns each model's idle gaps and picks its threshold (kvsleep/adaptive.py)
+    # within these bounds; `idle_threshold_seconds` is then what one wake is worth.
+    idle_policy: str = "fixed"
+    min_idle_threshold_seconds: float = 30.0
+    max_idle_threshold_seconds: float = 3600.0
+
+
+IDLE_POLICIES = ("fixed", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,11 @@ def load_config(path: str) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
 
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:  # control characters (e.g. NUL) are refused up front
+        raise ConfigError([f"{path}: character {exc.position + 1}: YAML syntax error: "
+                           f"unacceptable character #x{exc.character:04x}"]) from exc
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
@@ -181,6 +193,8 @@ def load_config(path: str) -> Config:
         raise ConfigError([f"{path}: {where}: YAML syntax error: {reason}"]) from exc
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: PyYAML's int() of a huge number
         raise ConfigError([f"{path}: YAML: {exc}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{path}: YAML: nested too deeply"]) from exc
     finally:
         loader.dispose()
 
@@ -569,6 +583,9 @@ _POLICY_FIELDS: dict[str, _Converter] = {
     "max_held_requests": _integer(0),
     "min_awake_seconds": _seconds,
     "drain_timeout_seconds": _seconds,
+    "idle_policy": _choice(*IDLE_POLICIES),
+    "min_idle_threshold_seconds": _seconds,
+    "max_idle_threshold_seconds": _positive_seconds,
 }
 
 _ROUTER_FIELDS: dict[str, _Converter] = {
@@ -666,6 +683,7 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
             _POLICY_FIELDS,
         ),
     )
+    _check_bounds(check, "sleep_manager", policy)
     gpus = _parse_gpus(check, data.get("gpus"))
     gpu_ids = None if data.get("gpus") is None else {gpu.id for gpu in gpus}
     if kvcached_form:
@@ -882,7 +900,18 @@ def _finish_model(
         for i, gpu in enumerate(values.get("gpus", ())):
             if gpu not in gpu_ids:
                 check.report(f"{path}.gpus[{i}]", f"GPU {gpu} is not in the gpus section")
-    return ModelConfig(policy=dataclasses.replace(policy, **overrides), **values)
+    merged = dataclasses.replace(policy, **overrides)
+    if overrides.keys() & {"min_idle_threshold_seconds", "max_idle_threshold_seconds"}:
+        _check_bounds(check, path, merged)
+    return ModelConfig(policy=merged, **values)
+
+
+def _check_bounds(check: _Checker, path: str, policy: SleepPolicy) -> None:
+    """The adaptive threshold's bounds must leave it somewhere to be."""
+    low, high = policy.min_idle_threshold_seconds, policy.max_idle_threshold_seconds
+    if low > high:
+        check.report(f"{path}.min_idle_threshold_seconds",
+                     f"must be <= max_idle_threshold_seconds ({high:g}), got {low:g}")
 
 
 def _check_addresses(check: _Checker, entries: list[_Entry], router: RouterConfig) -> None:

@@ -79,8 +79,13 @@ class Reconciler:
             previous_up, slot.engine_up = slot.engine_up, obs.up
             if previous_up and not obs.up:
                 log.warning("model %s: engine unreachable: %s", slot.cfg.name, obs.detail)
-        actions = policy.decide(views, manager.clock())
+        now = manager.clock()
+        manager.thresholds.keep_only(manager.slots)
+        actions = policy.decide(views, now)
         for action in actions:
+            if isinstance(action, policy.Sleep):
+                # An adaptive threshold judges its sleeps by when the next request comes.
+                manager.thresholds.note_sleep(action.model, now)
             try:
                 self._apply(action)
             except Exception:

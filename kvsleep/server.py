@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import time
@@ -17,6 +18,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from kvsleep.alertmanager import PayloadError, parse_webhook
@@ -167,6 +170,15 @@ class KvsleepServer:
             return await handler(request)
         except OpenAIError as exc:
             return exc.response()
+        except RequestPayloadError:
+            # A body aiohttp cannot decode (e.g. bad gzip): its parser has given up on this
+            # connection, so answer and close it; nothing is left to read (no lingering read).
+            request.content.feed_eof()
+            response = OpenAIError(400, "The request body cannot be decoded (Content-Encoding "
+                                   "or framing).", "invalid_request_error",
+                                   code="invalid_body").response()
+            response.force_close()
+            return response
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -185,11 +197,16 @@ class KvsleepServer:
         async def guarded(request: web.Request) -> web.StreamResponse:
             token = self.config.router.admin_token
             if token:
-                given = request.headers.get("Authorization", "")
-                expected = f"Bearer {token}"
-                if not hmac.compare_digest(given.encode(), expected.encode()):
-                    raise OpenAIError(401, "A valid bearer token is required for control routes.",
-                                      "authentication_error", code="unauthorized")
+                scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+                # surrogateescape: a header with non-UTF-8 bytes is a wrong token, not a 500.
+                same = hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                           token.encode("utf-8", "surrogateescape"))
+                if not (same and scheme.lower() == "bearer"):
+                    refused = OpenAIError(401, "A valid bearer token is required for control "
+                                          "routes.", "authentication_error",
+                                          code="unauthorized").response()
+                    refused.headers["WWW-Authenticate"] = 'Bearer realm="kvsleep"'
+                    return refused
             elif not _is_loopback(request.remote):
                 raise OpenAIError(403, "Control routes answer loopback clients only unless an "
                                   "admin token is configured.", "permission_error",
@@ -271,7 +288,7 @@ class KvsleepServer:
                    "engine": slot.cfg.engine, "held_requests": len(slot.waiters),
                    "in_flight": self.traffic.model_stats[name].in_flight,
                    "engine_up": slot.engine_up, "last_error": slot.last_error,
-                   "idle_threshold_seconds": slot.cfg.policy.idle_threshold_seconds,
+                   "idle_threshold_seconds": self.manager.thresholds.threshold_for(slot.cfg),
                    "auto_sleep_enabled": slot.cfg.policy.auto_sleep_enabled,
                    "always_on": slot.cfg.always_on,
                    "idle_seconds": self.traffic.model_stats[name].get_idle_time()
@@ -342,9 +359,9 @@ class KvsleepServer:
                        f"{'successful' if ok else 'failed'}{detail}", 200 if ok else 400)
 
     async def alertmanager_webhook(self, request: web.Request) -> web.Response:
-        try:
-            payload = await request.json()
-        except ValueError:
+        try:  # bytes: json detects UTF-8/16/32 itself, whatever charset the header claims
+            payload = json.loads(await request.read())
+        except (ValueError, RecursionError):
             payload = None
         try:
             actions = parse_webhook(payload, self.manager.slots)
@@ -367,7 +384,7 @@ class KvsleepServer:
                     outcome = "wake requested"
             except NotAllowed as exc:
                 outcome = f"ignored: {exc}"
-            log.info("alert %s: %s %s: %s", act.alertname, act.action, act.model, outcome)
+            log.info("alert %r: %s %s: %s", act.alertname, act.action, act.model, outcome)
             results.append({"model": act.model, "action": act.action, "result": outcome})
         return web.json_response({"status": "accepted", "actions": results})
 
@@ -453,13 +470,31 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     return {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
 
 
+class _ClientErrorsQuietly(logging.Filter):
+    """aiohttp logs a malformed request (bad framing, a header too long) as an ERROR with a
+    traceback; it is the client's fault and anyone can send one, so it becomes one DEBUG line
+    instead of a way to flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = "malformed request from a client: %s", (exc,)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("aiohttp.server").addFilter(_ClientErrorsQuietly())
+
+
 async def serve(server: KvsleepServer, stop: asyncio.Event) -> None:
     """Serve until `stop` is set, then stop accepting and let in-flight requests finish."""
     cfg = server.config.router
-    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=cfg.shutdown_grace_seconds)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, shutdown_timeout=cfg.shutdown_grace_seconds,
-                       backlog=cfg.listen_backlog)
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=cfg.listen_backlog)
     await site.start()
     log.info("kvsleep listening on http://%s:%d with %d models", cfg.host, cfg.port,
              len(server.manager.slots))

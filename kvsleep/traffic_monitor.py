@@ -13,6 +13,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+# Called on every arrival with (model, now, idle gap): the seconds since the model's last
+# activity when nothing was in flight, else None (a request joining others is no idle gap).
+ArrivalListener = Callable[[str, float, float | None], None]
+
 # Request-rate history is kept in one-second buckets for at most this long, so memory stays
 # bounded whatever the request rate.
 MAX_WINDOW_SECONDS = 3600
@@ -81,6 +85,7 @@ class TrafficMonitor:
         self.idle_threshold_seconds = idle_threshold_seconds
         self.clock = clock
         self.model_stats: dict[str, ModelActivityStats] = {}
+        self.arrival_listeners: list[ArrivalListener] = []
         for name in models:
             self.add_model(name)
 
@@ -103,6 +108,11 @@ class TrafficMonitor:
     def record_request_start(self, model_name: str, endpoint_path: str) -> RequestStats:
         now = self.clock()
         stats = self.add_model(model_name)
+        if self.arrival_listeners:
+            idle = stats.in_flight == 0 and stats.total_requests > 0
+            gap = max(0.0, now - stats.last_activity_time) if idle else None
+            for listener in self.arrival_listeners:
+                listener(model_name, now, gap)
         stats.in_flight += 1
         stats.last_activity_time = now
         stats.note_arrival(now)

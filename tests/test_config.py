@@ -176,10 +176,14 @@ def test_per_model_override_merges_over_sleep_manager() -> None:
 
 
 def test_every_policy_key_is_accepted_globally_and_per_model() -> None:
-    values = {
-        f.name: (not f.default if isinstance(f.default, bool) else f.default + 1)
-        for f in dataclasses.fields(SleepPolicy)
-    }
+    def changed(default: object) -> object:
+        if isinstance(default, bool):
+            return not default
+        if isinstance(default, str):  # idle_policy
+            return "adaptive" if default == "fixed" else "fixed"
+        return default + 1
+
+    values = {f.name: changed(f.default) for f in dataclasses.fields(SleepPolicy)}
     data = minimal(**values)
     data["sleep_manager"] = values
     config = parse_config(data)

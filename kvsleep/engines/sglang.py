@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
+import aiohttp
+
 from kvsleep.engines.base import EngineAdapter, EngineError, Observation
 from kvsleep.sleep_state import ModelState
 
@@ -18,19 +22,26 @@ class SGLangAdapter(EngineAdapter):
     # True between a resume that succeeded and the weight reload that completes the wake: a
     # wake retried after a failed reload must not resume again (that kills the scheduler).
     _resumed = False
+    # True once a resume found nothing listening: the process that released its memory is gone,
+    # and whatever answers next is a fresh one holding its memory, which a resume would kill.
+    _gone = False
 
     async def sleep(self) -> None:
         resp = await self.call("POST", "/release_memory_occupation", json={},
                                timeout=self.retry.sleep_timeout_seconds)
         if resp is None:
             raise EngineError("POST /release_memory_occupation is missing (404)")
-        self._resumed = False
+        self._resumed = self._gone = False
 
     async def wake(self) -> None:
         timeout = self.retry.wake_timeout_seconds
-        if not self._resumed:
-            resp = await self.call("POST", "/resume_memory_occupation", json={},
-                                   timeout=timeout)
+        if not self._resumed and not self._gone:
+            try:
+                resp = await self.call("POST", "/resume_memory_occupation", json={},
+                                       timeout=timeout)
+            except EngineError as exc:
+                self._gone = _refused(exc)
+                raise
             if resp is None:
                 raise EngineError("POST /resume_memory_occupation is missing (404)")
             self._resumed = True
@@ -45,7 +56,7 @@ class SGLangAdapter(EngineAdapter):
         if isinstance(body, dict) and body.get("success") is False:
             raise EngineError(f"update_weights_from_disk({weights!r}) failed: "
                               f"{body.get('message')}")
-        self._resumed = False
+        self._resumed = self._gone = False
 
     async def finish_wake(self) -> None:
         """A previous kvsleep sent the resume: only the weight reload may remain."""
@@ -57,3 +68,10 @@ class SGLangAdapter(EngineAdapter):
         if seen.up and seen.detail == "HTTP 404":
             seen = await self.reachable("/get_server_info")
         return Observation(up=seen.up, asleep=None, detail=seen.detail)
+
+
+def _refused(exc: EngineError) -> bool:
+    """The call found no process listening (not a timeout, not a network failure)."""
+    cause = exc.__cause__
+    return (isinstance(cause, aiohttp.ClientConnectorError)
+            and cause.os_error.errno == errno.ECONNREFUSED)

@@ -1,0 +1,788 @@
+"""`kvsleep simulate`: replay request arrivals through the live sleep policy on a virtual clock.
+
+Nothing here decides anything: every reconcile tick builds `policy.ModelView`s the way
+`SleepManager.view` does and calls `policy.decide`, admission goes through `policy.admission`,
+idle time through the real `TrafficMonitor` and adaptive thresholds through the real
+`adaptive.Thresholds`. What the replay adds is time: requests arrive and end on a virtual clock,
+a wake takes the model's wake latency (requests arriving meanwhile wait for it), a sleep is
+instant or takes `sleep_seconds`, and a reconcile tick runs every check interval.
+
+Inputs: a CSV trace (`timestamp,model,duration`), kvsleep's own request counters in Prometheus,
+or a seeded synthetic trace (`kvsleep.traces`). Outputs, per model and in total and for every
+policy compared: GPU memory-hours held, the share saved against always-on, requests that waited
+for a wake, the latency those waits added (p50/p99 over all requests), sleep cycles per hour.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import heapq
+import itertools
+import json
+import math
+import re
+import urllib.parse
+import urllib.request
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvsleep import policy
+from kvsleep.adaptive import Thresholds
+from kvsleep.config import Config, ModelConfig
+from kvsleep.sleep_state import ModelState
+from kvsleep.traffic_monitor import RequestStats, TrafficMonitor
+
+# Events at the same instant run in this order (the live equivalence test follows it too).
+OP_DONE, END, ARRIVAL, TICK = range(4)
+
+DEFAULT_SWEEP = (15, 30, 60, 90, 120, 180, 300, 450, 600, 900, 1200, 1800, 2700, 3600)
+MAIN_POLICIES = ("always-on", "config", "fixed-300", "adaptive")
+ENDPOINT = "/v1/completions"
+
+
+class TraceError(Exception):
+    """A trace that cannot be read; the message names the file and line."""
+
+
+# ---- traces ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    t: float
+    model: str
+    duration: float = 0.0
+
+
+@dataclass
+class Trace:
+    """Requests sorted by arrival, and the window [start, end] they were observed in."""
+
+    requests: list[Request]
+    start: float
+    end: float
+    name: str = "trace"
+
+    @classmethod
+    def of(cls, requests: Iterable[Request], start: float | None = None,
+           end: float | None = None, name: str = "trace") -> Trace:
+        ordered = sorted(requests, key=lambda r: r.t)
+        first = ordered[0].t if ordered else 0.0
+        last = max((r.t + r.duration for r in ordered), default=first)
+        return cls(ordered, first if start is None else start, last if end is None else end,
+                   name)
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({r.model for r in self.requests})
+
+
+def _timestamp(text: str) -> float:
+    """Unix seconds, or ISO 8601 (a time without a zone is UTC)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def load_csv(path: str) -> Trace:
+    """Read a trace: a header `timestamp,model,duration` (duration optional), one request a line.
+
+    timestamp: arrival, Unix seconds or ISO 8601; duration: seconds from arrival to the last byte
+    (0 when absent). Blank lines and lines starting with `#` are skipped.
+    """
+    requests: list[Request] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            lines = (line for line in stream if line.strip() and not line.startswith("#"))
+            reader = csv.DictReader(lines)
+            fields = [f.strip() for f in reader.fieldnames or []]
+            if "timestamp" not in fields or "model" not in fields:
+                raise TraceError(f"{path}: the header must name timestamp,model[,duration], "
+                                 f"got {','.join(fields) or 'nothing'}")
+            for row in reader:
+                row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                where = f"{path}: request {reader.line_num - 1}"
+                try:
+                    t = _timestamp(row["timestamp"])
+                    duration = float(row.get("duration") or 0.0)
+                except ValueError as exc:
+                    raise TraceError(f"{where}: {exc}") from None
+                if not row["model"]:
+                    raise TraceError(f"{where}: empty model")
+                if not (math.isfinite(t) and math.isfinite(duration)) or duration < 0:
+                    raise TraceError(f"{where}: timestamp and duration must be finite, "
+                                     "duration >= 0")
+                requests.append(Request(t, row["model"], duration))
+    except OSError as exc:
+        raise TraceError(f"{path}: {exc.strerror or exc}") from exc
+    if not requests:
+        raise TraceError(f"{path}: no requests")
+    return Trace.of(requests, name=path)
+
+
+def write_csv(trace: Trace, path: str) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        out = csv.writer(stream)
+        out.writerow(["timestamp", "model", "duration"])
+        for r in trace.requests:
+            out.writerow([f"{r.t:.3f}", r.model, f"{r.duration:.3f}"])
+
+
+# ---- Prometheus ------------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Prometheus-style durations: `90s`, `36h`, `7d`, `1w2d`, or plain seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.fullmatch(r"(?:\d+(?:\.\d+)?[smhdw])+", text.strip())
+    if not parts:
+        raise ValueError(f"bad duration {text!r} (e.g. 7d, 36h, 90m)")
+    return sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text))
+
+
+class PrometheusReader:
+    """Raw samples of kvsleep's own series, fetched a day at a time."""
+
+    CHUNK_SECONDS = 86400
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def query(self, promql: str, at: float) -> list[dict[str, Any]]:
+        params = urllib.parse.urlencode({"query": promql, "time": f"{at:.3f}"})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}",
+                                    timeout=self.timeout) as resp:
+            body = json.loads(resp.read())
+        if body.get("status") != "success":
+            raise TraceError(f"Prometheus {self.url}: {promql}: {body.get('error', body)}")
+        return body["data"]["result"]
+
+    def samples(self, selector: str, start: float, end: float
+                ) -> dict[tuple[tuple[str, str], ...], list[tuple[float, float]]]:
+        """Every raw sample of `selector` in [start, end], per series (labels sorted)."""
+        series: dict[tuple[tuple[str, str], ...], dict[float, float]] = defaultdict(dict)
+        chunk_end = end
+        while chunk_end > start:
+            width = min(self.CHUNK_SECONDS, chunk_end - start)
+            for item in self.query(f"{selector}[{math.ceil(width)}s]", chunk_end):
+                key = tuple(sorted(item["metric"].items()))
+                for t, v in item["values"]:
+                    if start <= float(t) <= end:
+                        series[key][float(t)] = float(v)
+            chunk_end -= width
+        return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def _increases(samples: list[tuple[float, float]]) -> list[tuple[float, float, float]]:
+    """(previous time, time, increase) between consecutive samples of one counter; a drop is a
+    counter reset, after which the new value is the increase."""
+    out = []
+    for (t0, v0), (t1, v1) in itertools.pairwise(samples):
+        delta = v1 - v0 if v1 >= v0 else v1
+        if delta > 0:
+            out.append((t0, t1, delta))
+    return out
+
+
+def trace_from_prometheus(url: str, range_seconds: float, end: float
+                          ) -> tuple[Trace, dict[str, float]]:
+    """Rebuild arrivals from `kvsleep_requests_total` over (end - range, end].
+
+    The counter moves when a request finishes, so for every scrape interval with n finished
+    requests of a model, n completions are spread evenly over the interval and each arrival is
+    its completion minus the interval's mean request duration (`kvsleep_request_duration_seconds`
+    sum over count). Resolution is the scrape interval. Also returns each model's mean wake time
+    over the range, from `kvsleep_wake_duration_seconds`.
+    """
+    reader = PrometheusReader(url)
+    start = end - range_seconds
+    counts = reader.samples("kvsleep_requests_total", start, end)
+    dur_sum = reader.samples("kvsleep_request_duration_seconds_sum", start, end)
+    dur_count = reader.samples("kvsleep_request_duration_seconds_count", start, end)
+    # Mean duration per (model, scrape time), over every endpoint.
+    spent: dict[tuple[str, float], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for source, slot in ((dur_sum, 0), (dur_count, 1)):
+        for labels, samples in source.items():
+            model = dict(labels).get("model", "")
+            for _, t1, delta in _increases(samples):
+                spent[(model, t1)][slot] += delta
+    requests: list[Request] = []
+    for labels, samples in counts.items():
+        model = dict(labels).get("model")
+        if not model:
+            continue
+        for t0, t1, delta in _increases(samples):
+            n = round(delta)
+            total, finished = spent.get((model, t1), (0.0, 0.0))
+            duration = max(0.0, total / finished) if finished > 0 else 0.0
+            step = (t1 - t0) / max(n, 1)
+            for k in range(n):
+                done = t0 + (k + 0.5) * step
+                requests.append(Request(max(start, done - duration), model, duration))
+    if not counts:
+        raise TraceError(f"Prometheus {url}: no kvsleep_requests_total samples between "
+                         f"{_iso(start)} and {_iso(end)}")
+    window = f"{math.ceil(range_seconds)}s"
+    wake = {}
+    for item in reader.query(
+            f"sum by (model) (increase(kvsleep_wake_duration_seconds_sum[{window}])) / "
+            f"sum by (model) (increase(kvsleep_wake_duration_seconds_count[{window}]))", end):
+        value = float(item["value"][1])
+        if math.isfinite(value) and value >= 0:
+            wake[item["metric"].get("model", "")] = value
+    return Trace.of(requests, start, end, name=f"prometheus {url} {_iso(start)}..{_iso(end)}"), wake
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- what is replayed ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """A model as the replay needs it: its config, what it holds awake, how long it wakes."""
+
+    cfg: ModelConfig
+    memory_gb: float
+    wake_seconds: float
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A policy to compare: a rewrite of each model's config."""
+
+    name: str
+    rewrite: Callable[[ModelConfig], ModelConfig]
+
+
+def _with_policy(cfg: ModelConfig, **changes: Any) -> ModelConfig:
+    return dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, **changes))
+
+
+def always_on() -> Variant:
+    return Variant("always-on", lambda c: _with_policy(c, auto_sleep_enabled=False))
+
+
+def as_is() -> Variant:
+    """The config exactly as written (adaptive where it says so)."""
+    return Variant("as-is", lambda c: c)
+
+
+def as_configured() -> Variant:
+    """The config's own fixed thresholds (and its auto_sleep_enabled, always_on as given)."""
+    return Variant("config", lambda c: _with_policy(c, idle_policy="fixed"))
+
+
+def fixed(seconds: float) -> Variant:
+    return Variant(f"fixed-{seconds:g}", lambda c: _with_policy(
+        c, idle_policy="fixed", idle_threshold_seconds=float(seconds), auto_sleep_enabled=True))
+
+
+def adaptive() -> Variant:
+    """Adaptive thresholds for every model (bounds and break-even from the config)."""
+    return Variant("adaptive", lambda c: _with_policy(c, idle_policy="adaptive",
+                                                      auto_sleep_enabled=True))
+
+
+def variants(sweep: Sequence[float] = DEFAULT_SWEEP) -> list[Variant]:
+    """The compared policies: always-on, config, fixed 300 s (kvcached's default and Ollama's
+    5 min), adaptive, and the fixed thresholds of `sweep` (for the best-fixed comparison)."""
+    main = [always_on(), as_configured(), fixed(300), adaptive()]
+    return main + [fixed(s) for s in sweep if s != 300]
+
+
+def sim_models(config: Config, trace_models: Iterable[str],
+               wake_history: dict[str, float] | None = None) -> tuple[list[SimModel], list[str]]:
+    """The replayed models (the trace's, with their config) and notes about guesses made."""
+    notes: list[str] = []
+    out: list[SimModel] = []
+    wake_history = wake_history or {}
+    for name in trace_models:
+        cfg = config.model(name)
+        if cfg is None:
+            cfg = ModelConfig(name, "vllm", "http://replay.invalid", policy=config.sleep_manager)
+            notes.append(f"{name}: not in the config; replayed with the sleep_manager policy")
+        if name in wake_history:
+            cfg = dataclasses.replace(cfg, wake_eta_seconds=wake_history[name])
+        if cfg.memory_gb is None:
+            notes.append(f"{name}: no memory_gb; counted as 1 GB")
+        if cfg.wake_eta_seconds is None:
+            notes.append(f"{name}: no wake_eta_seconds and no wake history; wakes take 0 s")
+        out.append(SimModel(cfg, cfg.memory_gb or 1.0, cfg.wake_eta_seconds or 0.0))
+    return out, notes
+
+
+def tick_interval(config: Config, models: Iterable[SimModel]) -> float:
+    """The live reconciler's cadence: the shortest check interval in force."""
+    return min([config.sleep_manager.check_interval_seconds,
+                *(m.cfg.policy.check_interval_seconds for m in models)])
+
+
+# ---- the replay ------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelResult:
+    """One model under one policy."""
+
+    model: str
+    memory_gb: float
+    requests: int = 0
+    waited: int = 0
+    rejected: int = 0
+    sleeps: int = 0
+    wakes: int = 0
+    gb_seconds: float = 0.0
+    waits: list[float] = field(default_factory=list)  # added latency of every waiting request
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (t, GB held from t)
+    wake_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    policy: str
+    start: float
+    end: float
+    models: dict[str, ModelResult]
+    log: list[tuple[float, str, str]] = field(default_factory=list)  # (t, model, sleep|wake)
+    thresholds: list[tuple[float, str, float]] = field(default_factory=list)  # at each tick
+
+
+@dataclass(eq=False)
+class _Model:
+    spec: SimModel
+    cfg: ModelConfig
+    result: ModelResult
+    state: ModelState = ModelState.AWAKE
+    state_since: float = 0.0
+    version: int = 0
+    busy: bool = False
+    want_awake: bool = True
+    slept_at: float | None = None
+    waiters: deque[tuple[Request, RequestStats]] = field(default_factory=deque)
+    held_since: float | None = None  # memory held since (None: asleep)
+
+
+class Replay:
+    """One policy over one trace. `run()` returns its RunResult."""
+
+    def __init__(self, trace: Trace, models: Sequence[SimModel], variant: Variant,
+                 tick_seconds: float, sleep_seconds: float = 0.0, timeline: bool = False,
+                 trace_thresholds: bool = False) -> None:
+        self.trace = trace
+        self.variant = variant
+        self.tick_seconds = tick_seconds
+        self.sleep_seconds = sleep_seconds
+        self.keep_timeline = timeline
+        self.keep_thresholds = trace_thresholds
+        self.now = trace.start
+        self.traffic = TrafficMonitor(clock=lambda: self.now)
+        configs = [variant.rewrite(spec.cfg) for spec in models]
+        # Live, every model's learner listens; here only a policy that reads one needs it.
+        learning = any(c.policy.idle_policy == "adaptive" for c in configs)
+        self.thresholds = Thresholds.watching(self.traffic) if learning else Thresholds()
+        self.models: dict[str, _Model] = {}
+        for spec, cfg in zip(models, configs, strict=True):
+            self.traffic.add_model(cfg.name)
+            m = _Model(spec, cfg, ModelResult(cfg.name, spec.memory_gb),
+                       state_since=trace.start, held_since=trace.start)
+            if timeline:
+                m.result.timeline.append((trace.start, spec.memory_gb))
+            self.models[cfg.name] = m
+        self.result = RunResult(variant.name, trace.start, trace.end,
+                                {n: m.result for n, m in self.models.items()})
+        self._events: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+
+    def _at(self, t: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, kind, self._seq, payload))
+
+    def run(self) -> RunResult:
+        for r in self.trace.requests:
+            if r.model in self.models:
+                self._at(r.t, ARRIVAL, r)
+        if self.tick_seconds > 0:
+            self._at(self.trace.start + self.tick_seconds, TICK, None)
+        while self._events:
+            t, kind, _, payload = heapq.heappop(self._events)
+            self.now = t
+            if kind == TICK:
+                self._tick()
+                if t + self.tick_seconds <= self.trace.end:
+                    self._at(t + self.tick_seconds, TICK, None)
+            elif kind == ARRIVAL:
+                self._arrive(payload)
+            elif kind == END:
+                self.traffic.record_request_end(payload)
+            else:
+                payload()
+        for m in self.models.values():
+            self._hold(m, False, self.trace.end)
+        return self.result
+
+    # -- what the live request path does -----------------------------------------------------
+
+    def _arrive(self, r: Request) -> None:
+        m = self.models[r.model]
+        m.result.requests += 1
+        stats = self.traffic.record_request_start(r.model, ENDPOINT)
+        if m.state is ModelState.AWAKE:
+            self._at(self.now + r.duration, END, stats)
+            return
+        decision = policy.admission(m.state, len(m.waiters), m.cfg.policy)
+        if decision is not policy.Admission.HOLD:
+            self._reject(m, stats)
+            return
+        if not m.want_awake or not m.busy:
+            self._request_wake(m)
+        wait = policy.eta_remaining(m.state, m.state_since, m.spec.wake_seconds, self.now)
+        if wait is not None and wait > m.cfg.policy.wake_timeout_seconds:
+            self._reject(m, stats)
+            return
+        m.waiters.append((r, stats))
+
+    def _reject(self, m: _Model, stats: RequestStats) -> None:
+        m.result.rejected += 1
+        self.traffic.record_request_end(stats, success=False)
+
+    def _request_wake(self, m: _Model) -> None:
+        m.want_awake = True
+        if not m.busy:
+            self._start_wake(m)
+
+    def _start_wake(self, m: _Model) -> None:
+        m.busy = True
+        m.result.wakes += 1
+        m.result.wake_times.append(self.now)
+        self.result.log.append((self.now, m.cfg.name, "wake"))
+        self._set_state(m, ModelState.WAKING)
+        self._at(self.now + m.spec.wake_seconds, OP_DONE, lambda: self._woken(m))
+
+    def _woken(self, m: _Model) -> None:
+        m.busy = False
+        self._set_state(m, ModelState.AWAKE)
+        while m.waiters:
+            r, stats = m.waiters.popleft()
+            m.result.waited += 1
+            m.result.waits.append(self.now - r.t)
+            self._at(self.now + r.duration, END, stats)
+
+    # -- what the live reconciler does ---------------------------------------------------------
+
+    def _view(self, m: _Model) -> policy.ModelView:
+        """As SleepManager.view builds it (local traffic, this replica owns the model)."""
+        stats = self.traffic.model_stats[m.cfg.name]
+        return policy.ModelView(
+            name=m.cfg.name, state=m.state, state_since=m.state_since, version=m.version,
+            busy=m.busy, in_flight=stats.in_flight, held=len(m.waiters),
+            last_activity=stats.last_activity_time,
+            policy=self.thresholds.policy_for(m.cfg), always_on=m.cfg.always_on,
+            engine_up=True, observation=None, slept_at=m.slept_at, deferred_wake=None,
+            owned=True, sleep_allowed=True)
+
+    def _tick(self) -> None:
+        now = self.now
+        if self.keep_thresholds:
+            self.result.thresholds.extend(
+                (now, m.cfg.name, self.thresholds.threshold_for(m.cfg))
+                for m in self.models.values())
+        views = [self._view(m) for m in self.models.values() if not m.busy]
+        for action in policy.decide(views, now):
+            if isinstance(action, policy.Sleep):
+                self.thresholds.note_sleep(action.model, now)
+                self._sleep(self.models[action.model])
+
+    def _sleep(self, m: _Model) -> None:
+        m.want_awake = False
+        m.result.sleeps += 1
+        self.result.log.append((self.now, m.cfg.name, "sleep"))
+        if self.sleep_seconds <= 0:
+            self._slept(m)
+            return
+        m.busy = True
+        self._set_state(m, ModelState.SLEEPING)
+        self._at(self.now + self.sleep_seconds, OP_DONE, lambda: self._slept(m))
+
+    def _slept(self, m: _Model) -> None:
+        m.busy = False
+        m.slept_at = self.now
+        self._set_state(m, ModelState.ASLEEP)
+        if m.waiters or m.want_awake:
+            self._request_wake(m)
+
+    def _set_state(self, m: _Model, state: ModelState) -> None:
+        m.state = state
+        m.state_since = self.now
+        m.version += 1
+        self._hold(m, state is not ModelState.ASLEEP, self.now)
+
+    def _hold(self, m: _Model, held: bool, now: float) -> None:
+        """Integrate memory held up to `now` (clipped to the trace window), then switch."""
+        if m.held_since is not None:
+            lo, hi = max(m.held_since, self.trace.start), min(now, self.trace.end)
+            if hi > lo:
+                m.result.gb_seconds += m.spec.memory_gb * (hi - lo)
+        if held and m.held_since is None:
+            m.held_since = now
+            if self.keep_timeline:
+                m.result.timeline.append((now, m.spec.memory_gb))
+        elif held:
+            m.held_since = now
+        elif m.held_since is not None:
+            m.held_since = None
+            if self.keep_timeline:
+                m.result.timeline.append((now, 0.0))
+
+
+def replay(trace: Trace, models: Sequence[SimModel], variant: Variant, tick_seconds: float,
+           sleep_seconds: float = 0.0, timeline: bool = False,
+           trace_thresholds: bool = False) -> RunResult:
+    return Replay(trace, models, variant, tick_seconds, sleep_seconds, timeline,
+                  trace_thresholds).run()
+
+
+# ---- summaries -------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class Summary:
+    policy: str
+    requests: int
+    gb_hours: float
+    always_on_gb_hours: float
+    waited: int
+    rejected: int
+    p50: float  # added latency over all requests
+    p99: float
+    waited_p50: float  # over the requests that waited
+    waited_p99: float
+    sleeps: int
+    cycles_per_hour: float
+
+    @property
+    def saved(self) -> float:
+        if self.always_on_gb_hours <= 0:
+            return 0.0
+        return round(1.0 - self.gb_hours / self.always_on_gb_hours, 12) + 0.0  # no "-0.0%"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "requests": self.requests,
+                "gb_hours": round(self.gb_hours, 3),
+                "always_on_gb_hours": round(self.always_on_gb_hours, 3),
+                "saved_share": round(self.saved, 4), "waited": self.waited,
+                "rejected": self.rejected, "added_latency_p50_s": round(self.p50, 3),
+                "added_latency_p99_s": round(self.p99, 3),
+                "waited_latency_p50_s": round(self.waited_p50, 3),
+                "waited_latency_p99_s": round(self.waited_p99, 3),
+                "sleeps": self.sleeps, "cycles_per_hour": round(self.cycles_per_hour, 3)}
+
+
+def summarize(run: RunResult, models: Iterable[str] | None = None) -> Summary:
+    """Per model (one name) or in total (None: every model)."""
+    chosen = [run.models[n] for n in (models if models is not None else run.models)]
+    hours = max(run.end - run.start, 1e-9) / 3600
+    waits = [w for m in chosen for w in m.waits]
+    requests = sum(m.requests for m in chosen)
+    everyone = waits + [0.0] * (requests - len(waits))
+    sleeps = sum(m.sleeps for m in chosen)
+    return Summary(
+        policy=run.policy, requests=requests,
+        gb_hours=sum(m.gb_seconds for m in chosen) / 3600,
+        always_on_gb_hours=sum(m.memory_gb for m in chosen) * hours,
+        waited=sum(m.waited for m in chosen), rejected=sum(m.rejected for m in chosen),
+        p50=percentile(everyone, 50), p99=percentile(everyone, 99),
+        waited_p50=percentile(waits, 50), waited_p99=percentile(waits, 99),
+        sleeps=sleeps, cycles_per_hour=sleeps / hours)
+
+
+def best_fixed(summaries: Iterable[Summary], adaptive_summary: Summary) -> Summary | None:
+    """The fixed threshold that saves most with no more waits than the adaptive policy."""
+    fair = [s for s in summaries if s.policy.startswith("fixed-")
+            and s.waited <= adaptive_summary.waited]
+    return max(fair, key=lambda s: (s.saved, -s.waited), default=None)
+
+
+@dataclass
+class Comparison:
+    """Every policy's run over one trace."""
+
+    trace: Trace
+    models: list[SimModel]
+    runs: dict[str, RunResult]
+    tick_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, policy_name: str, model: str | None = None) -> Summary:
+        return summarize(self.runs[policy_name], None if model is None else [model])
+
+    def scopes(self) -> list[str | None]:
+        return [m.cfg.name for m in self.models] + [None]
+
+    def best_fixed(self, model: str | None = None) -> Summary | None:
+        fixed_runs = [self.summary(p, model) for p in self.runs if p.startswith("fixed-")]
+        return best_fixed(fixed_runs, self.summary("adaptive", model))
+
+    def as_dict(self) -> dict[str, Any]:
+        def scope(model: str | None) -> dict[str, Any]:
+            best = self.best_fixed(model)
+            adapt = self.summary("adaptive", model)
+            return {
+                "policies": {p: self.summary(p, model).as_dict() for p in self.runs},
+                "best_fixed_with_no_more_waits": best.policy if best else None,
+                "adaptive_saves_at_least_best_fixed": (
+                    best is None or adapt.saved + 1e-9 >= best.saved),
+            }
+
+        return {
+            "trace": {"name": self.trace.name, "start": self.trace.start, "end": self.trace.end,
+                      "hours": round((self.trace.end - self.trace.start) / 3600, 3),
+                      "requests": len(self.trace.requests)},
+            "tick_seconds": self.tick_seconds,
+            "models": {m.cfg.name: {"memory_gb": m.memory_gb, "wake_seconds": m.wake_seconds,
+                                    "idle_threshold_seconds": m.cfg.policy.idle_threshold_seconds,
+                                    "min_idle_threshold_seconds":
+                                        m.cfg.policy.min_idle_threshold_seconds,
+                                    "max_idle_threshold_seconds":
+                                        m.cfg.policy.max_idle_threshold_seconds,
+                                    **scope(m.cfg.name)}
+                       for m in self.models},
+            "total": scope(None),
+            "notes": self.notes,
+        }
+
+
+def compare(trace: Trace, models: Sequence[SimModel], tick_seconds: float, *,
+            sweep: Sequence[float] = DEFAULT_SWEEP, sleep_seconds: float = 0.0,
+            timeline: bool = False, notes: Iterable[str] = ()) -> Comparison:
+    runs = {v.name: replay(trace, models, v, tick_seconds, sleep_seconds,
+                           timeline=timeline and v.name in MAIN_POLICIES)
+            for v in variants(sweep)}
+    return Comparison(trace, list(models), runs, tick_seconds, list(notes))
+
+
+def simulate_config(config: Config, trace: Trace, *, wake_history: dict[str, float] | None = None,
+                    sweep: Sequence[float] = DEFAULT_SWEEP, sleep_seconds: float = 0.0,
+                    timeline: bool = False) -> Comparison:
+    idle = [m.name for m in config.models if m.name not in set(trace.models)]
+    models, notes = sim_models(config, [*trace.models, *idle], wake_history)
+    notes += [f"{name}: no request in the trace (idle throughout)" for name in idle]
+    return compare(trace, models, tick_interval(config, models), sweep=sweep,
+                   sleep_seconds=sleep_seconds, timeline=timeline, notes=notes)
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+_HEADER = (f"{'policy':<14}{'GB-h held':>11}{'saved':>8}{'waits':>7}{'wait%':>7}"
+           f"{'p50 s':>8}{'p99 s':>8}{'waited p99':>11}{'cycles/h':>10}")
+
+
+def _row(s: Summary, label: str | None = None) -> str:
+    share = s.waited / s.requests if s.requests else 0.0
+    return (f"{label or s.policy:<14}{s.gb_hours:>11.1f}{s.saved:>8.1%}{s.waited:>7d}"
+            f"{share:>7.1%}{s.p50:>8.2f}{s.p99:>8.2f}{s.waited_p99:>11.2f}"
+            f"{s.cycles_per_hour:>10.2f}")
+
+
+def format_table(comparison: Comparison) -> str:
+    """Per model then in total: the main policies side by side, and the best fixed threshold
+    that needs no more waits than adaptive."""
+    c = comparison
+    hours = (c.trace.end - c.trace.start) / 3600
+    lines = [f"trace: {c.trace.name}: {len(c.trace.requests)} requests over {hours:.1f} h, "
+             f"reconcile every {c.tick_seconds:g} s"]
+    for scope in c.scopes():
+        if scope is None:
+            title = "TOTAL"
+        else:
+            m = next(x for x in c.models if x.cfg.name == scope)
+            pol = m.cfg.policy
+            title = (f"{scope}  ({m.memory_gb:g} GB, wake {m.wake_seconds:g} s, config "
+                     f"threshold {pol.idle_threshold_seconds:g} s, adaptive bounds "
+                     f"{pol.min_idle_threshold_seconds:g}..{pol.max_idle_threshold_seconds:g} s)")
+        lines += ["", title, _HEADER]
+        lines += [_row(c.summary(p, scope)) for p in MAIN_POLICIES if p in c.runs]
+        best = c.best_fixed(scope)
+        adapt = c.summary("adaptive", scope)
+        if best is None:
+            lines.append("  no fixed threshold of the sweep needs as few waits as adaptive")
+        else:
+            verdict = "adaptive saves at least as much" if adapt.saved + 1e-9 >= best.saved \
+                else "adaptive saves LESS"
+            lines.append(_row(best, f"best {best.policy}"))
+            lines.append(f"  best fixed threshold with <= {adapt.waited} waits: {best.policy} "
+                         f"({verdict})")
+    if c.notes:
+        lines += ["", *(f"note: {n}" for n in c.notes)]
+    return "\n".join(lines)
+
+
+def plot(comparison: Comparison, path: str) -> None:
+    """PNG: GPU memory held over time under each sleeping policy, wakes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [p for p in MAIN_POLICIES if p in comparison.runs and p != "always-on"]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(12, 2.6 * len(shown)), sharex=True,
+                             squeeze=False)
+    start = comparison.trace.start
+    total_gb = sum(m.memory_gb for m in comparison.models)
+    for ax, name in zip(axes[:, 0], shown, strict=True):
+        run = comparison.runs[name]
+        changes: list[tuple[float, float, str]] = []
+        for m in run.models.values():
+            last = 0.0
+            for t, gb in m.timeline:
+                changes.append((t, gb - last, m.model))
+                last = gb
+        changes.sort(key=lambda c: c[0])
+        xs, ys, level = [0.0], [0.0], 0.0
+        for t, delta, _ in changes:
+            level += delta
+            xs.append((t - start) / 3600)
+            ys.append(level)
+        xs.append((comparison.trace.end - start) / 3600)
+        ys.append(level)
+        ax.fill_between(xs, ys, step="post", alpha=0.35, label="GB held")
+        ax.axhline(total_gb, color="grey", linestyle="--", linewidth=0.8, label="always-on")
+        wakes = sorted((t - start) / 3600 for m in run.models.values() for t in m.wake_times)
+        ax.plot(wakes, [total_gb * 1.02] * len(wakes), "|", color="tab:red", markersize=6,
+                label=f"wakes ({len(wakes)})")
+        s = comparison.summary(name)
+        ax.set_title(f"{name}: {s.gb_hours:.0f} GB-h held, {s.saved:.0%} saved, "
+                     f"{s.waited} waits", fontsize=9)
+        ax.set_ylabel("GB")
+        ax.set_ylim(0, total_gb * 1.08)
+        ax.legend(loc="upper right", fontsize=7)
+    axes[-1, 0].set_xlabel("hours since trace start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
