@@ -16,6 +16,8 @@ from aiohttp import web
 
 from kvsleep.simulator import SimEngine, SimSettings, build_app
 
+pytest_plugins = ["tests.prometheus_server"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Test defaults that keep a sleep/wake cycle and a 16-token answer well under 0.1 s;

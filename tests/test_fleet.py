@@ -4,27 +4,15 @@ sleeping engine because one replica slept it while another still routed to it.""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
 from kvsleep.config import FleetConfig
 from kvsleep.fleet import owner_of
 from tests.kvsleep_harness import FakeClock, config_doc, sim_model, start_kvsleep
-
-PROMETHEUS = shutil.which("prometheus")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.prometheus_server import Prometheus, free_port
 
 
 def test_every_replica_computes_the_same_owner():
@@ -36,50 +24,37 @@ def test_every_replica_computes_the_same_owner():
     assert owner_of("org/m", FleetConfig(urls[0], ())) is None
 
 
-class Prometheus:
-    def __init__(self, tmp: Path, targets: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": "kvsleep", "scrape_interval": "500ms",
-                                      "static_configs": [{"targets": targets}]}]}
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = tmp / "prometheus.log"
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
-
-    async def query(self, session: aiohttp.ClientSession, promql: str) -> dict[str, float]:
-        async with session.get(f"{self.url}/api/v1/query", params={"query": promql}) as resp:
-            body = await resp.json()
-        return {r["metric"].get("model", ""): float(r["value"][1])
-                for r in body["data"]["result"]}
-
-    async def until(self, session, promql: str, predicate, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if predicate(await self.query(session, promql)):
-                    return
-            except (aiohttp.ClientError, KeyError):
-                pass
-            assert time.monotonic() < deadline, f"{promql}: {self.log.read_text()[-2000:]}"
-            await asyncio.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+async def query(session: aiohttp.ClientSession, prom: Prometheus,
+                promql: str) -> dict[str, float]:
+    async with session.get(f"{prom.url}/api/v1/query", params={"query": promql}) as resp:
+        body = await resp.json()
+    return {r["metric"].get("model", ""): float(r["value"][1]) for r in body["data"]["result"]}
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (scripts/test "
-                    "installs it)")
+async def until(session: aiohttp.ClientSession, prom: Prometheus, promql: str, predicate,
+                timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate(await query(session, prom, promql)):
+                return
+        except (aiohttp.ClientError, KeyError):
+            pass
+        assert time.monotonic() < deadline, f"{promql}: {prom.log_tail()}"
+        await asyncio.sleep(0.2)
+
+
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
-async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, tmp_path, flavor):
+async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, prometheus_factory,
+                                                            tmp_path, flavor):
     sim = await sim_factory(flavor, "org/m", tokens_per_second=20, wake_latency=0.1)
     ports = [free_port(), free_port()]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    prom = Prometheus(tmp_path, [u.removeprefix("http://") for u in urls])
+    prom = prometheus_factory({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "kvsleep", "scrape_interval": "500ms",
+                            "static_configs": [{"targets": [u.removeprefix("http://")
+                                                            for u in urls]}]}]})
     clock = FakeClock()
     replicas = []
     try:
@@ -103,9 +78,9 @@ async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, tmp_pat
                     return await r.read()
 
             # Prometheus syncs new targets about every 5 s: wait until it scrapes both replicas.
-            await prom.until(session, "sum(up)", lambda r: r.get("") == 2, timeout=20)
+            await until(session, prom, "sum(up)", lambda r: r.get("") == 2, timeout=20)
             streaming = asyncio.create_task(stream(other))
-            await prom.until(session, "sum by (model) (kvsleep_requests_in_flight)",
+            await until(session, prom, "sum by (model) (kvsleep_requests_in_flight)",
                              lambda r: r.get("org/m") == 1)
             clock.advance(600)
             assert await owner.reconcile() == []  # busy on the other replica: not slept
@@ -113,9 +88,9 @@ async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, tmp_pat
             body = await streaming
             assert body.endswith(b"data: [DONE]\n\n")
 
-            await prom.until(session, "sum by (model) (kvsleep_requests_in_flight)",
+            await until(session, prom, "sum by (model) (kvsleep_requests_in_flight)",
                              lambda r: r.get("org/m") == 0)
-            await prom.until(session, "max by (model) "
+            await until(session, prom, "max by (model) "
                              "(kvsleep_model_last_request_timestamp_seconds)",
                              lambda r: r.get("org/m", 0) >= clock.now - 1)
             assert await owner.reconcile() == []  # the stream just ended fleet-wide
@@ -154,7 +129,6 @@ async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, tmp_pat
     finally:
         for kv in replicas:
             await kv.close()
-        prom.stop()
 
 
 async def _until(predicate) -> None:

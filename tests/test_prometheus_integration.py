@@ -23,21 +23,18 @@ import itertools
 import json
 import math
 import re
-import shutil
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from kvsleep.launcher import Launcher
 from tests.kvsleep_harness import sim_model
+from tests.prometheus_server import Prometheus, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "alerts" / "kvsleep-rules.yml"
@@ -48,12 +45,6 @@ DASHBOARD = REPO / "grafana" / "dashboards" / "kvsleep.json"
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*", "${datasource}": ""}
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hostport(url: str) -> str:
@@ -80,57 +71,6 @@ def dashboard_queries() -> list[tuple[str, str]]:
             assert "$" not in expr, f"{panel['title']}: unsubstituted variable in {expr}"
             queries.append((panel["title"], expr))
     return queries
-
-
-class Prometheus:
-    def __init__(self, url: str, log: Path) -> None:
-        self.url = url
-        self.log = log
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-
-@pytest.fixture
-def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Prometheus]]:
-    """`start(config)` runs a real `prometheus` on a free loopback port; killed at teardown."""
-    binary = shutil.which("prometheus")
-    running: list[subprocess.Popen[bytes]] = []
-
-    def start(config: dict[str, Any]) -> Prometheus:
-        if binary is None:
-            pytest.skip(
-                "prometheus is not installed (scripts/test installs it: apt-get install prometheus)"
-            )
-        config_file = tmp_path / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
-        port = free_port()
-        log = tmp_path / "prometheus.log"
-        with log.open("wb") as out:
-            running.append(
-                subprocess.Popen(
-                    [
-                        binary,
-                        f"--config.file={config_file}",
-                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
-                        "--log.level=warn",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        return Prometheus(f"http://127.0.0.1:{port}", log)
-
-    yield start
-    for proc in running:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 async def eventually(
