@@ -14,6 +14,11 @@ tasks are not measured (a task leak shows as memory growth). It reports the tren
 the first quartile of samples vs the last, after a warm-up) with a verdict, every answer's
 status, and the engines' hazard counters. Writes `soak.json` and `soak.md` to `--out`
 (default bench/results).
+
+Meanwhile (unless `--no-hostile`) one hostile client keeps 300 idle connections, 50 that stop
+halfway through their head and 50 halfway through their body open, reopening each one kvsleep
+closes, and sends a 16 MiB request every 2 s: kvsleep's memory and descriptors must stay flat
+and the legitimate requests above must all be answered.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ MODELS = {
 }
 RATE = 60.0  # requests started per second (the machine also runs the engines and kvsleep)
 CONCURRENCY = 24
+HOSTILE = {"idle": 300, "half head": 50, "half body": 50}  # connections kept open
+BIG_BODY_BYTES = 16 * 1024 * 1024
+BIG_BODY_EVERY_SECONDS = 2.0
+# Client limits short enough that a few minutes see many hostile connections closed.
+ROUTER_LIMITS = {"idle_timeout_seconds": 5, "header_timeout_seconds": 3,
+                 "body_timeout_seconds": 3, "max_body_bytes": 2 * BIG_BODY_BYTES,
+                 "max_held_bytes": 4 * BIG_BODY_BYTES}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="where soak.json/.md go")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--rate", type=float, default=RATE, help="requests per second")
+    p.add_argument("--no-hostile", dest="hostile", action="store_false",
+                   help="without the slowloris and big-body client")
     return p.parse_args(argv)
 
 
@@ -100,7 +114,7 @@ def start_sim(procs: P.Processes, name: str, flavor: str) -> str:
 def start_kvsleep(procs: P.Processes, workdir: Path, urls: dict[str, str]) -> tuple[P.Child, str]:
     port = P.free_port()
     config = {
-        "router": {"host": P.HOST, "port": port},
+        "router": {"host": P.HOST, "port": port, **ROUTER_LIMITS},
         "sleep_manager": {
             "auto_sleep_enabled": True,
             "idle_threshold_seconds": 2,
@@ -277,6 +291,55 @@ async def traffic(
         await asyncio.gather(*tasks)
 
 
+async def hostile(url: str, seconds: float, counts: Counter[str]) -> None:
+    """Slowloris connections (idle, half a head, half a body), each reopened when kvsleep
+    closes it, and a 16 MiB request every few seconds."""
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    end = time.monotonic() + seconds
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: soak\r\n"
+    first = {"idle": b"", "half head": head,
+             "half body": head + b"Content-Length: 1000\r\n\r\n" + b'{"model": "' + b"x" * 400}
+
+    async def keep(kind: str) -> None:
+        while (left := end - time.monotonic()) > 0:
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+            except OSError as exc:
+                counts[f"{kind}: {type(exc).__name__}"] += 1
+                await asyncio.sleep(0.5)
+                continue
+            counts[f"{kind}: opened"] += 1
+            try:
+                if first[kind]:
+                    writer.write(first[kind])
+                    await writer.drain()
+                await asyncio.wait_for(reader.read(), left)
+                counts[f"{kind}: closed by kvsleep"] += 1
+            except (OSError, asyncio.TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+    async def big_bodies() -> None:
+        model = next(iter(MODELS))
+        body = b'{"model": "%s", "max_tokens": 1, "prompt": "' % model.encode()
+        body += b"x" * (BIG_BODY_BYTES - len(body) - 2) + b'"}'
+        headers = {"Content-Type": "application/json"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            while time.monotonic() < end:
+                try:
+                    async with session.post(url + "/v1/completions", data=body,
+                                            headers=headers) as resp:
+                        await resp.read()
+                        counts[f"16 MiB request: {resp.status}"] += 1
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    counts[f"16 MiB request: {type(exc).__name__}"] += 1
+                await asyncio.sleep(BIG_BODY_EVERY_SECONDS)
+
+    await asyncio.gather(big_bodies(), *(keep(kind) for kind, n in HOSTILE.items()
+                                         for _ in range(n)))
+
+
 async def sampler(
     pid: int,
     sim_pids: list[int],
@@ -315,7 +378,11 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path) -> di
     sampling = asyncio.create_task(
         sampler(kvsleep.pid, [c.pid for c in sim_children], started, every, samples, statuses, stop)
     )
+    hostile_counts: Counter[str] = Counter()
+    attack = asyncio.create_task(hostile(url, seconds, hostile_counts)) if args.hostile else None
     await traffic(url, seconds, args.seed, args.rate, statuses, controls)
+    if attack is not None:
+        await attack
     stop.set()
     await sampling
     elapsed = time.monotonic() - started
@@ -366,6 +433,7 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path) -> di
             "requests_ok": statuses.get("200", 0),
             "statuses": dict(statuses),
             "control_answers": dict(controls),
+            "hostile_client": dict(sorted(hostile_counts.items())),
             "kvsleep_exit_code": exit_code,
             "tracebacks_in_kvsleep_log": log.count("Traceback"),
             "final_states": states,
@@ -422,6 +490,9 @@ def render(result: dict[str, Any]) -> str:
         f"Requests answered: {summ['requests']:,}, of which 200 with a complete body: "
         f"{summ['requests_ok']:,}. All answers: `{json.dumps(summ['statuses'])}`; control "
         f"routes and webhook: `{json.dumps(summ['control_answers'])}`.",
+        "",
+        "Hostile client (slowloris connections kept open and reopened, 16 MiB requests): "
+        + (f"`{json.dumps(summ['hostile_client'])}`." if summ["hostile_client"] else "off."),
         "",
         f"Engine hazards: `{json.dumps(hazards)}`; served while not awake: "
         f"{sum(e['served_while_not_awake'] for e in result['engines'].values())}; "

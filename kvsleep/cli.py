@@ -19,7 +19,7 @@ from importlib import resources
 
 from kvsleep import __version__
 from kvsleep.config import Config, ConfigError, load_config, summary
-from kvsleep.eventloop import run_event_loop
+from kvsleep.eventloop import return_large_buffers_to_the_os, run_event_loop
 from kvsleep.server import KvsleepServer
 
 log = logging.getLogger("kvsleep")
@@ -46,13 +46,19 @@ def _default_config_path() -> str:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.file)
+        config = load_config(args.file, secrets=False)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
+    _print_warnings(config)
     print(summary(config))
     return 0
+
+
+def _print_warnings(config: Config) -> None:
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -72,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The embedded file lives in the installed package: keep its state and logs in the
         # working directory instead.
         config = dataclasses.replace(config, state_dir=".kvsleep-state", log_dir=".kvsleep-logs")
+    return_large_buffers_to_the_os()
     try:
         return run_event_loop(_serve(config, path))
     except KeyboardInterrupt:
@@ -119,7 +126,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     try:
         if args.config:
-            config = load_config(args.config)
+            config = load_config(args.config, secrets=False)
         elif args.synthetic:
             config = parse_config(traces.SYNTHETIC_CONFIG, "<synthetic models>")
         else:
@@ -147,6 +154,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"kvsleep simulate: cannot read {args.prometheus}: {exc}", file=sys.stderr)
         return 1
+    _print_warnings(config)
     if args.save_trace:
         simulate.write_csv(trace, args.save_trace)
     comparison = simulate.simulate_config(config, trace, wake_history=wake_history, sweep=sweep,

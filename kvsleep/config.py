@@ -34,6 +34,8 @@ class SleepPolicy:
     min_sleep_duration: float = 80.0
     wake_timeout_seconds: float = 300.0
     max_held_requests: int = 1024
+    # Bodies of held requests stay in memory until the wake: bound them by size too.
+    max_held_bytes: int = 256 * 1024 * 1024
     min_awake_seconds: float = 10.0
     drain_timeout_seconds: float = 120.0
     # `adaptive` learns each model's idle gaps and picks its threshold (kvsleep/adaptive.py)
@@ -61,6 +63,13 @@ class RouterConfig:
     shutdown_grace_seconds: float = 30.0
     listen_backlog: int = 1024
     hold_keepalive_seconds: float = 5.0
+    # What one client can cost (kvsleep/connections.py): 0 connections = from the file limit.
+    max_client_connections: int = 0
+    idle_timeout_seconds: float = 75.0
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    body_min_bytes_per_second: int = 64 * 1024
+    max_held_bytes: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ class Config:
     policy_source: PolicySource = field(default_factory=PolicySource)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     source: str = "<config>"
+    warnings: tuple[str, ...] = ()  # what parsing let pass (see parse_config's `secrets`)
 
     def model(self, name: str) -> ModelConfig | None:
         for model in self.models:
@@ -160,17 +170,22 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def parse_config(data: object, source: str = "<config>") -> Config:
-    """Validate a decoded YAML document (either form) into a Config, or raise ConfigError."""
-    check = _Checker(source)
+def parse_config(data: object, source: str = "<config>", *, secrets: bool = True) -> Config:
+    """Validate a decoded YAML document (either form) into a Config, or raise ConfigError.
+
+    `secrets=False` (checking or replaying a config, not serving it) turns a missing secret
+    such as the admin token into a warning (`Config.warnings`), so that CI or a laptop need not
+    hold production secrets."""
+    check = _Checker(source, secrets)
     config = _parse_document(check, data)
     if check.problems or config is None:
         raise ConfigError(check.problems)
-    return config
+    return dataclasses.replace(config, warnings=tuple(check.warnings))
 
 
-def load_config(path: str) -> Config:
-    """Read and parse a YAML file; unreadable files and YAML syntax errors are ConfigErrors too."""
+def load_config(path: str, *, secrets: bool = True) -> Config:
+    """Read and parse a YAML file (see parse_config); unreadable files and YAML syntax errors
+    are ConfigErrors too."""
     try:
         with open(path, encoding="utf-8") as stream:
             text = stream.read()
@@ -198,13 +213,41 @@ def load_config(path: str) -> Config:
     finally:
         loader.dispose()
 
-    check = _Checker(path)
+    check = _Checker(path, secrets)
     for line, key in loader.duplicate_keys:
         check.report(f"line {line}", f"duplicate key '{key}' (the later value would silently win)")
     config = _parse_document(check, data)
     if check.problems or config is None:
         raise ConfigError(check.problems)
+    config = dataclasses.replace(config, warnings=tuple(check.warnings))
     return _resolve_paths(config, os.path.dirname(os.path.abspath(path)))
+
+
+# What a running kvsleep cannot change: its listener, its files, its peers, the engines it runs.
+_RESTART_ROUTER_KEYS = ("host", "port", "listen_backlog", "shutdown_grace_seconds")
+_RESTART_KEYS = ("state_dir", "log_dir", "fleet", "policy_source")
+_LAUNCH_KEYS = ("url", "command", "engine_args", "env", "venv_path", "log_file",
+                "ready_timeout_seconds")
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The keys whose change `new` makes and a reload cannot apply (a reload applies every
+    other key, or none)."""
+    keys = [f"router.{key}" for key in _RESTART_ROUTER_KEYS
+            if getattr(old.router, key) != getattr(new.router, key)]
+    keys += [key for key in _RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+    before = {model.name: model for model in old.models}
+    for i, model in enumerate(new.models):
+        was = before.pop(model.name, None)
+        if was is None:
+            if model.launched:
+                keys.append(f"models[{i}] ({model.name}, a new engine to launch)")
+        elif was.launched or model.launched:
+            keys += [f"models[{i}].{key}" for key in _LAUNCH_KEYS
+                     if getattr(was, key) != getattr(model, key)]
+    keys += [f"models ({name}, a launched engine removed)"
+             for name, was in before.items() if was.launched]
+    return keys
 
 
 def summary(config: Config) -> str:
@@ -238,9 +281,18 @@ _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""})
 class _Checker:
     """Records problems with the key path they concern, so one pass reports them all."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, secrets: bool = True) -> None:
         self.source = source
+        self.secrets = secrets
         self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def missing_secret(self, path: str, message: str) -> None:
+        """A problem where the config is to be served, a warning where it is only checked."""
+        if self.secrets:
+            self.report(path, message)
+        else:
+            self.warnings.append(f"{self.source}: {path}: {message} (needed by kvsleep serve)")
 
     def report(self, path: str, message: str) -> Any:
         self.problems.append(f"{self.source}: {path or '(top level)'}: {message}")
@@ -581,6 +633,7 @@ _POLICY_FIELDS: dict[str, _Converter] = {
     "min_sleep_duration": _seconds,
     "wake_timeout_seconds": _positive_seconds,
     "max_held_requests": _integer(0),
+    "max_held_bytes": _integer(0),
     "min_awake_seconds": _seconds,
     "drain_timeout_seconds": _seconds,
     "idle_policy": _choice(*IDLE_POLICIES),
@@ -598,6 +651,12 @@ _ROUTER_FIELDS: dict[str, _Converter] = {
     "shutdown_grace_seconds": _seconds,
     "listen_backlog": _integer(1),
     "hold_keepalive_seconds": _seconds,
+    "max_client_connections": _integer(0),
+    "idle_timeout_seconds": _positive_seconds,
+    "header_timeout_seconds": _positive_seconds,
+    "body_timeout_seconds": _positive_seconds,
+    "body_min_bytes_per_second": _integer(1),
+    "max_held_bytes": _integer(0),
     # kvcached's switch for its separately launched router; kvsleep always routes.
     "enable_router": _boolean,
 }
@@ -651,7 +710,6 @@ class _Entry(NamedTuple):
     """A parsed model and where it came from, for problems that involve two models."""
 
     path: str
-    name_key: str
     address_key: str
     model: ModelConfig
 
@@ -690,8 +748,10 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
         shared_env = _env_mapping(check, "kvcached", data.get("kvcached"))
         shared_env = {key.upper(): value for key, value in shared_env.items()}
         entries = _parse_instances(check, data["instances"], policy, gpu_ids, shared_env)
+        _check_names(check, "instances", "model", data["instances"])
     else:
         entries = _parse_models(check, data.get("models"), policy, gpu_ids)
+        _check_names(check, "models", "name", data.get("models"))
     _check_addresses(check, entries, router)
 
     dirs = {key: _text(check, key, data[key]) for key in ("state_dir", "log_dir") if key in data}
@@ -719,7 +779,8 @@ def _parse_router(check: _Checker, value: object) -> RouterConfig:
             values["admin_token"] = token
         else:
             state = "empty" if token == "" else "not set"
-            check.report("router.admin_token_env", f"environment variable {env_name} is {state}")
+            check.missing_secret("router.admin_token_env",
+                                 f"environment variable {env_name} is {state}")
     return RouterConfig(**values)
 
 
@@ -801,7 +862,7 @@ def _parse_models(
         values = check.fields(path, item, _MODEL_FIELDS, required=("name", "engine", "url"))
         if {"name", "engine", "url"} <= values.keys():
             model = _finish_model(check, path, values, policy, gpu_ids)
-            entries.append(_Entry(path, "name", "url", model))
+            entries.append(_Entry(path, "url", model))
     return entries
 
 
@@ -847,7 +908,7 @@ def _parse_instances(
             continue
         values["name"] = values.pop("model")
         model = _finish_model(check, path, {**values, "url": url, "env": env}, policy, gpu_ids)
-        entries.append(_Entry(path, "model", args_key, model))
+        entries.append(_Entry(path, args_key, model))
     return entries
 
 
@@ -914,18 +975,27 @@ def _check_bounds(check: _Checker, path: str, policy: SleepPolicy) -> None:
                      f"must be <= max_idle_threshold_seconds ({high:g}), got {low:g}")
 
 
+def _check_names(check: _Checker, key: str, name_key: str, items: object) -> None:
+    """Names must be unique to route. Checked on the raw entries, so that a duplicate shows
+    in the same report as the other problems of those entries."""
+    if not isinstance(items, list):
+        return
+    seen: dict[str, str] = {}
+    for i, item in enumerate(items):
+        name = item.get(name_key) if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name:
+            continue
+        path = f"{key}[{i}]"
+        if name in seen:
+            check.report(f"{path}.{name_key}", f"duplicate model name {name!r} (also {seen[name]})")
+        seen.setdefault(name, path)
+
+
 def _check_addresses(check: _Checker, entries: list[_Entry], router: RouterConfig) -> None:
-    """Names must be unique to route; addresses too, or two engines fight over one port."""
-    names: dict[str, str] = {}
+    """Addresses must be unique, or two engines fight over one port."""
     addresses: dict[tuple[str, int], str] = {}
     router_address = (_host_key(router.host), router.port)
-    for path, name_key, address_key, model in entries:
-        if model.name in names:
-            check.report(
-                f"{path}.{name_key}",
-                f"duplicate model name {model.name!r} (also {names[model.name]})",
-            )
-        names.setdefault(model.name, path)
+    for path, address_key, model in entries:
         address = (_host_key(model.host), model.port)
         if address in addresses:
             check.report(

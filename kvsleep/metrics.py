@@ -213,6 +213,17 @@ class Metrics:
             "(always 1 for the local source; 0: no model is slept).", registry=reg,
         )
         self.policy_source_up.set(1)
+        self.client_connections = Gauge(
+            "kvsleep_client_connections", "Client connections open now.", registry=reg,
+        )
+        self.client_connections_closed = Counter(
+            "kvsleep_client_connections_closed",
+            "Client connections kvsleep closed to bound what clients can cost: idle_timeout, "
+            "header_timeout, body_timeout, or limit (max_client_connections reached).",
+            ["reason"], registry=reg,
+        )
+        for reason in ("idle_timeout", "header_timeout", "body_timeout", "limit"):
+            self.client_connections_closed.labels(reason)
         Info("kvsleep_build", "kvsleep build information.", registry=reg).info(
             {"version": __version__}
         )
@@ -232,8 +243,7 @@ class Metrics:
         for metric in (self.requests, self.request_duration, self.sleeps, self.wakes,
                        self.sleep_duration, self.wake_duration, self.request_hold,
                        self.rejected_requests, self.evictions):
-            for labels in [k for k in metric._metrics if k[0] == name]:
-                metric.remove(*labels)
+            metric.remove_by_labels({"model": name})
 
     def watch(self, source: SnapshotSource) -> None:
         self.registry.register(_StateCollector(source))

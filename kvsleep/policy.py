@@ -135,13 +135,18 @@ class Admission(enum.Enum):
     REJECT_NO_WAKE = "asleep_no_wake"
 
 
-def admission(state: ModelState, held: int, policy: SleepPolicy) -> Admission:
-    """What to do with a request that arrives for a model in `state` with `held` waiting."""
+def admission(state: ModelState, held: int, policy: SleepPolicy, *, size: int = 0,
+              held_bytes: int = 0, room_bytes: float = float("inf")) -> Admission:
+    """What to do with a request of `size` body bytes that arrives for a model in `state`
+    with `held` requests (`held_bytes` bytes) waiting; `room_bytes` is what the overall
+    budget for held bodies has left."""
     if state is ModelState.AWAKE:
         return Admission.ADMIT
     if not policy.wakeup_on_request and state is not ModelState.WAKING:
         return Admission.REJECT_NO_WAKE
     if held >= policy.max_held_requests:
+        return Admission.REJECT_QUEUE_FULL
+    if held_bytes + size > policy.max_held_bytes or size > room_bytes:
         return Admission.REJECT_QUEUE_FULL
     return Admission.HOLD
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 
 import aiohttp
@@ -51,8 +52,8 @@ class OpenAIError(Exception):
 
     def response(self) -> web.Response:
         headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        if self.retry_after is not None:  # rounded up: a client that obeys it comes back in time
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         return web.json_response(error_body(self.message, self.type, self.param, self.code),
                                  status=self.status, headers=headers)
 
@@ -137,7 +138,8 @@ class Router:
         body = await request.read()
         model, stream = parse_model(body)
         deadline = parse_deadline(request)
-        if model not in self.manager.slots:
+        configured = self.manager.slots.get(model)
+        if configured is None:
             self.metrics.unknown_model_requests.labels(endpoint).inc()
             raise OpenAIError(404, f"The model `{model}` does not exist.",
                               "invalid_request_error", param="model", code="model_not_found")
@@ -146,7 +148,7 @@ class Router:
         stats = traffic.record_request_start(model, endpoint)
         code = CLIENT_GONE
         try:
-            lease, early = await self._hold(request, model, stream, deadline)
+            lease, early = await self._hold(request, model, stream, deadline, len(body))
             if isinstance(lease, Rejected):
                 code = lease.status
                 rejected = OpenAIError(lease.status, str(lease), "service_unavailable",
@@ -154,8 +156,7 @@ class Router:
                                        retry_after=lease.retry_after)
                 if early is None:
                     return rejected.response()
-                await early.write(_sse_error(str(lease), "service_unavailable", lease.reason))
-                await early.write_eof()
+                await _finish(early, _sse_error(str(lease), "service_unavailable", lease.reason))
                 return early
             try:
                 response, code = await self._forward(request, lease, body, early)
@@ -163,20 +164,20 @@ class Router:
                 code = exc.status
                 if early is None:
                     raise
-                await early.write(_sse_error(exc.message, exc.type, exc.code))
-                await early.write_eof()
+                await _finish(early, _sse_error(exc.message, exc.type, exc.code))
                 return early
             finally:
                 self.manager.release(lease)
             return response
         finally:
             traffic.record_request_end(stats, success=code < 400)
-            self.metrics.requests.labels(model, endpoint, str(code)).inc()
-            self.metrics.request_duration.labels(model, endpoint).observe(
-                time.perf_counter() - started)
+            if self.manager.slots.get(model) is configured:  # a removed model leaves no series
+                self.metrics.requests.labels(model, endpoint, str(code)).inc()
+                self.metrics.request_duration.labels(model, endpoint).observe(
+                    time.perf_counter() - started)
 
     async def _hold(self, request: web.Request, model: str, stream: bool,
-                    deadline: float | None
+                    deadline: float | None, size: int
                     ) -> tuple[ModelSlot | Rejected, web.StreamResponse | None]:
         """Get the model's lease; a streaming request held for a wake gets SSE comment lines
         (`: waking MODEL, eta Ns`) meanwhile, which OpenAI clients ignore and which keep
@@ -195,7 +196,8 @@ class Router:
 
         try:
             lease = await self.manager.acquire(
-                model, deadline, keepalive if stream and interval else None, interval or 5.0)
+                model, deadline, keepalive if stream and interval else None, interval or 5.0,
+                size)
         except Rejected as exc:
             return exc, early
         except ConnectionResetError:  # the client left while held
@@ -208,10 +210,15 @@ class Router:
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items()
                               if k.lower() not in _NOT_FORWARDED)
-        url = slot.cfg.url.rstrip("/") + request.raw_path
+        # rel_url, not raw_path: an absolute-form target (`POST http://host/v1/...`) is routed
+        # by its path, as HTTP/1.1 servers must accept it.
+        url = slot.cfg.url.rstrip("/") + request.rel_url.raw_path_qs
+        cfg = self.config  # per request, so that a reload applies to the next one
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_seconds,
+                                        sock_read=cfg.upstream_timeout_seconds)
         try:
             upstream = await self.session.request(request.method, url, data=body,
-                                                  headers=headers)
+                                                  headers=headers, timeout=timeout)
         except asyncio.TimeoutError:
             raise OpenAIError(504, f"The engine of model `{slot.cfg.name}` did not answer in "
                               "time.", "server_error", code="engine_timeout") from None
@@ -226,9 +233,8 @@ class Router:
                     detail = json.loads(payload)
                 except ValueError:
                     detail = None
-                await early.write(_sse_error(payload.decode(errors="replace")[:500],
-                                             code=upstream.status, body=detail))
-                await early.write_eof()
+                await _finish(early, _sse_error(payload.decode(errors="replace")[:500],
+                                                code=upstream.status, body=detail))
                 return early, upstream.status
             if early is not None:
                 return await self._relay(request, slot, upstream, early)
@@ -278,8 +284,18 @@ class Router:
         except asyncio.CancelledError:
             upstream.close()
             raise
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionResetError:  # the client left as the stream ended
+            return response, CLIENT_GONE
         return response, upstream.status
+
+
+async def _finish(response: web.StreamResponse, last: bytes) -> None:
+    """Write a started stream's last event and end it; a client already gone is no error."""
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(last)
+        await response.write_eof()
 
 
 def _one_line(text: str) -> str:

@@ -13,6 +13,8 @@ import ipaddress
 import json
 import logging
 import math
+import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -23,7 +25,15 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from kvsleep.alertmanager import PayloadError, parse_webhook
-from kvsleep.config import Config, ConfigError, ModelConfig, load_config
+from kvsleep.config import Config, ConfigError, ModelConfig, load_config, needs_restart
+from kvsleep.connections import (
+    ConnectionPool,
+    GuardedSite,
+    Phase,
+    bind,
+    connection_limit,
+    raise_file_limit,
+)
 from kvsleep.engines import (
     EngineAdapter,
     EngineError,
@@ -67,10 +77,20 @@ class KvsleepServer:
             self.manager.reconciler.source = PrometheusSource(
                 config.policy_source, self.metrics.policy_source_up)
         self.router = Router(self.manager, self.metrics, config.router)
+        self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.connections = ConnectionPool(lambda: self.config.router,
+                                          self.metrics.client_connections_closed,
+                                          self.metrics.client_connections.set, 0)
+        self._apply_router(config)
         self.ready = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._mark_reload(True)
         self.app = self._build_app()
+
+    def _apply_router(self, config: Config) -> None:
+        self.manager.max_held_bytes = config.router.max_held_bytes
+        self.connections.max_connections = connection_limit(
+            config.router.max_client_connections, self.file_limit)
 
     def _apply_gpus(self, config: Config) -> None:
         self.manager.gpu_budgets = {gpu.id: gpu.memory_gb for gpu in config.gpus}
@@ -117,8 +137,9 @@ class KvsleepServer:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.router.max_body_bytes,
-                              middlewares=[self._errors])
+        self._app_max_body = self.config.router.max_body_bytes
+        app = web.Application(client_max_size=self._app_max_body,
+                              middlewares=[self._errors, self._client_limits])
         add = app.router
         for path in INFERENCE_ENDPOINTS:
             add.add_post(path, self.router.handle)
@@ -168,6 +189,8 @@ class KvsleepServer:
         """Every error leaves in the OpenAI shape, including aiohttp's own (413, 404, 405)."""
         try:
             return await handler(request)
+        except _Answered as answered:
+            return answered.response
         except OpenAIError as exc:
             return exc.response()
         except RequestPayloadError:
@@ -190,6 +213,43 @@ class KvsleepServer:
                            f"{self.config.router.max_body_bytes} bytes.")
             return web.json_response(error_body(message, kind, code=exc.status),
                                      status=exc.status, headers=_kept_headers(exc))
+
+    @web.middleware
+    async def _client_limits(self, request: web.Request,
+                             handler: Handler) -> web.StreamResponse:
+        """Mark the connection as inside a request (no idle or head timer: a held request or a
+        long generation is never cut), and read the body within its deadline."""
+        guard = self.connections.find(request.transport)
+        if guard is not None:
+            self.connections.enter(guard, Phase.REQUEST)
+        try:
+            if request.body_exists:
+                request = await self._read_body(request)
+            return await handler(request)
+        finally:
+            if guard is not None:
+                self.connections.enter(guard, Phase.IDLE)
+
+    async def _read_body(self, request: web.Request) -> web.Request:
+        """The whole body, read now, within `body_timeout_seconds` plus its size at
+        `body_min_bytes_per_second`; handlers' `read()` then returns it at once."""
+        cfg = self.config.router
+        if cfg.max_body_bytes != self._app_max_body:  # changed by a reload
+            request = request.clone(client_max_size=cfg.max_body_bytes)
+        length = request.content_length
+        if length is not None and length > cfg.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=cfg.max_body_bytes, actual_size=length)
+        expected = length if length is not None else cfg.max_body_bytes
+        limit = cfg.body_timeout_seconds + expected / cfg.body_min_bytes_per_second
+        try:
+            await asyncio.wait_for(request.read(), limit)
+        except asyncio.TimeoutError:
+            self.connections.count("body_timeout", f"a request body took over {limit:g}s")
+            response = OpenAIError(408, f"The request body was not received within {limit:g}s.",
+                                   "invalid_request_error", code="body_timeout").response()
+            response.force_close()
+            raise _Answered(response) from None
+        return request
 
     def _control(self, handler: Handler) -> Handler:
         """Bearer token when one is configured; otherwise loopback clients only."""
@@ -405,6 +465,13 @@ class KvsleepServer:
             self._mark_reload(False)
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
             raise
+        if restart := needs_restart(self.config, new):
+            self._mark_reload(False)
+            problems = [f"{new.source}: {key}: changed; this takes a restart of kvsleep "
+                        "(reload refused, nothing applied)" for key in restart]
+            log.error("reload rejected, keeping the running configuration:\n%s",
+                      "\n".join(problems))
+            raise ConfigError(problems)
         old_names = {m.name for m in self.config.models}
         new_names = {m.name for m in new.models}
         for name in old_names - new_names:
@@ -417,11 +484,9 @@ class KvsleepServer:
         self.manager.config = new.sleep_manager
         self._apply_gpus(new)
         self.traffic.idle_threshold_seconds = new.sleep_manager.idle_threshold_seconds
-        if (new.router.host, new.router.port) != (self.config.router.host,
-                                                   self.config.router.port):
-            log.warning("router.host/port changes take effect at the next restart")
         self.router.config = new.router
         self.config = new
+        self._apply_router(new)
         self._mark_reload(True)
         log.info("configuration reloaded: %d models", len(new.models))
 
@@ -438,6 +503,14 @@ class KvsleepServer:
             raise OpenAIError(404, f"The model `{name}` does not exist.", "invalid_request_error",
                               param="model", code="model_not_found")
         return name
+
+
+class _Answered(Exception):
+    """A middleware's final answer, passed out through the error middleware."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.reason)
+        self.response = response
 
 
 def _action(name: str, success: bool, message: str, status: int) -> web.Response:
@@ -488,14 +561,24 @@ class _ClientErrorsQuietly(logging.Filter):
 logging.getLogger("aiohttp.server").addFilter(_ClientErrorsQuietly())
 
 
-async def serve(server: KvsleepServer, stop: asyncio.Event) -> None:
-    """Serve until `stop` is set, then stop accepting and let in-flight requests finish."""
+async def listen(server: KvsleepServer, sock: socket.socket) -> web.AppRunner:
+    """Serve `server.app` on a bound socket, each connection under the server's limits."""
     cfg = server.config.router
+    server.file_limit = raise_file_limit()
+    server.connections.max_connections = connection_limit(cfg.max_client_connections,
+                                                          server.file_limit)
     runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=cfg.shutdown_grace_seconds)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=cfg.listen_backlog)
-    await site.start()
+    await GuardedSite(runner, sock, server.connections, {"access_log": None},
+                      backlog=cfg.listen_backlog).start()
+    return runner
+
+
+async def serve(server: KvsleepServer, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set, then stop accepting and let in-flight requests finish."""
+    cfg = server.config.router
+    runner = await listen(server, bind(cfg.host, cfg.port))
     log.info("kvsleep listening on http://%s:%d with %d models", cfg.host, cfg.port,
              len(server.manager.slots))
     try:

@@ -1068,7 +1068,9 @@ class _Sglang(_Behaviour):
 
 def build_app(sim: SimEngine) -> web.Application:
     """The engine's HTTP surface, plus /sim/stats and /sim/faults for tests and demos."""
-    app = web.Application(middlewares=[sim.middleware])
+    # Real engines (uvicorn) set no body limit; aiohttp's default of 1 MiB would refuse what kvsleep
+    # forwards.
+    app = web.Application(middlewares=[sim.middleware], client_max_size=1024**3)
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
         app.router.add_post(path, sim.handle_inference)
     app.router.add_get("/v1/models", sim.handle_models)

@@ -74,6 +74,7 @@ class ModelSlot:
     in_engine: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    held_bytes: int = 0  # body bytes of the waiters
     want_awake: bool = True
     wake_reason: str = "request"
     sleep_reason: str = "idle"
@@ -124,6 +125,8 @@ class SleepManager:
         self._reconciler_task: asyncio.Task[None] | None = None
         self.writer = StateWriter(state_store, self._stored)
         self.gpu_budgets: dict[int, float] = {}
+        self.max_held_bytes: float = float("inf")  # bodies held over all models (router's)
+        self.held_bytes = 0
         self.gpu_free: Callable[[], dict[int, float] | None] = lambda: None
         self._changed = asyncio.Event()
         self.metrics.watch(self)
@@ -215,13 +218,13 @@ class SleepManager:
 
     async def acquire(self, model_name: str, deadline: float | None = None,
                       on_hold: HoldCallback | None = None,
-                      hold_interval: float = 5.0) -> ModelSlot:
+                      hold_interval: float = 5.0, size: int = 0) -> ModelSlot:
         """Wait until the model is awake and count the request as in the engine.
 
-        Raises Rejected when the request must not wait (queue full, wakes disabled, a wake
-        expected to outlast `deadline` seconds or the hold timeout) or waited in vain (timeout,
-        failed wake). While held, `on_hold` is awaited every `hold_interval` seconds. The caller
-        must `release` the returned slot.
+        Raises Rejected when the request must not wait (queue full by count or by the `size`
+        bytes of held bodies, wakes disabled, a wake expected to outlast `deadline` seconds or
+        the hold timeout) or waited in vain (timeout, failed wake). While held, `on_hold` is
+        awaited every `hold_interval` seconds. The caller must `release` the returned slot.
         """
         slot = self.slots[model_name]
         if slot.state is ModelState.AWAKE:
@@ -232,15 +235,18 @@ class SleepManager:
         timeout = min(pol.wake_timeout_seconds, deadline or pol.wake_timeout_seconds)
         wait = self.eta_remaining(slot)
         retry_after = max(1.0, wait) if wait is not None else 1.0
-        decision = policy.admission(slot.state, len(slot.waiters), pol)
+        decision = policy.admission(slot.state, len(slot.waiters), pol, size=size,
+                                    held_bytes=slot.held_bytes,
+                                    room_bytes=self.max_held_bytes - self.held_bytes)
         if decision is policy.Admission.REJECT_NO_WAKE:
             raise self._reject(slot, "asleep_no_wake", 503, None,
                                f"model `{model_name}` is {slot.state.value} and "
                                "wakeup_on_request is off; wake it first")
         if decision is policy.Admission.REJECT_QUEUE_FULL:
             raise self._reject(slot, "queue_full", 503, retry_after,
-                               f"model `{model_name}` is {slot.state.value} and "
-                               f"{pol.max_held_requests} requests already wait for it")
+                               f"model `{model_name}` is {slot.state.value} and its hold "
+                               f"queue is full ({len(slot.waiters)} requests, "
+                               f"{slot.held_bytes} body bytes wait for it)")
         if not slot.want_awake or not slot.busy:
             self.request_wake(model_name, "request")
         if wait is not None and wait > timeout:
@@ -251,6 +257,8 @@ class SleepManager:
                                f"{timeout:g}s deadline")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         slot.waiters.append(fut)
+        slot.held_bytes += size
+        self.held_bytes += size
         started = time.monotonic()
         try:
             await self._wait_held(fut, started + timeout, on_hold, hold_interval)
@@ -262,7 +270,8 @@ class SleepManager:
                                + (f" ({slot.waiting_for_memory})"
                                   if slot.waiting_for_memory else "")) from None
         except Rejected as exc:
-            self.metrics.rejected_requests.labels(model_name, exc.reason).inc()
+            if self.slots.get(model_name) is slot:  # a removed model leaves no series behind
+                self.metrics.rejected_requests.labels(model_name, exc.reason).inc()
             raise
         except BaseException:  # cancelled, or on_hold found the client gone
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -270,7 +279,11 @@ class SleepManager:
             else:
                 self._forget_waiter(slot, fut)
             raise
-        self.metrics.request_hold.labels(model_name).observe(time.monotonic() - started)
+        finally:
+            slot.held_bytes -= size
+            self.held_bytes -= size
+        if self.slots.get(model_name) is slot:
+            self.metrics.request_hold.labels(model_name).observe(time.monotonic() - started)
         return slot
 
     @staticmethod

@@ -129,7 +129,9 @@ class TrafficMonitor:
                                        if response_time is None else response_time)
         request_stats.success = success
         request_stats.error_message = error_message
-        stats = self.add_model(request_stats.model_name)
+        stats = self.model_stats.get(request_stats.model_name)
+        if stats is None:  # removed while the request ran: it must not come back
+            return
         stats.in_flight = max(0, stats.in_flight - 1)
         stats.last_activity_time = now
         stats.total_requests += 1

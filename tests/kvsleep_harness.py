@@ -15,9 +15,10 @@ import aiohttp
 from aiohttp import web
 
 from kvsleep.config import parse_config
+from kvsleep.connections import bind
 from kvsleep.engines import RetryPolicy
 from kvsleep.policy import Action
-from kvsleep.server import KvsleepServer
+from kvsleep.server import KvsleepServer, listen
 
 # Retries fast enough for tests: three attempts within about 30 ms.
 FAST_RETRY = RetryPolicy(attempts=3, initial_wait_seconds=0.005, max_wait_seconds=0.02,
@@ -83,11 +84,7 @@ async def start_kvsleep(doc: dict[str, Any], clock: FakeClock | None = None,
     clock = clock or FakeClock()
     server = KvsleepServer(parse_config(doc, "<test>"), clock=clock, retry=retry,
                            config_path=config_path)
-    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
+    runner = await listen(server, bind("127.0.0.1", port))  # the listener `serve` uses
     port = runner.addresses[0][1]
     return RunningKvsleep(server, runner, f"http://127.0.0.1:{port}", clock)
 

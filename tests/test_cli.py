@@ -53,3 +53,25 @@ def test_admin_client_reports_an_unreachable_server():
     result = kvsleep("status", "--url", "http://127.0.0.1:9", "--timeout", "2")
     assert result.returncode == 1
     assert "cannot reach http://127.0.0.1:9" in result.stderr
+
+
+def test_an_unset_admin_token_warns_in_check_config_and_simulate_but_stops_serve(tmp_path):
+    """Validating a production config in CI, or replaying its traffic on a laptop, must not
+    need the production secret; serving it does."""
+    config = tmp_path / "prod.yaml"
+    config.write_text(
+        "router: {admin_token_env: KVSLEEP_TEST_UNSET_TOKEN, port: 9}\n"
+        "models: [{name: m, engine: vllm, url: 'http://127.0.0.1:8001'}]\n")
+    trace = tmp_path / "trace.csv"
+    trace.write_text("timestamp,model,duration\n0,m,1\n600,m,1\n")
+    warning = ("warning: " f"{config}: router.admin_token_env: environment variable "
+               "KVSLEEP_TEST_UNSET_TOKEN is not set (needed by kvsleep serve)")
+    checked = kvsleep("check-config", str(config))
+    assert checked.returncode == 0 and checked.stdout.startswith("OK: 1 model")
+    assert warning in checked.stderr.splitlines()
+    replayed = kvsleep("simulate", "--config", str(config), "--trace", str(trace))
+    assert replayed.returncode == 0, replayed.stderr
+    assert warning in replayed.stderr.splitlines()
+    served = kvsleep("serve", "--config", str(config))
+    assert served.returncode == 2
+    assert "KVSLEEP_TEST_UNSET_TOKEN is not set" in served.stderr

@@ -74,8 +74,8 @@ def test_example_config_documents_every_key() -> None:
         *(f.name for f in dataclasses.fields(ModelConfig)),
         *(f.name for f in dataclasses.fields(Config)),
     }
-    # Not keys of the canonical form: derived (policy, source) or kvcached-only.
-    documented -= {"policy", "engine_args", "venv_path", "source"}
+    # Not keys of the canonical form: derived (policy, source, warnings) or kvcached-only.
+    documented -= {"policy", "engine_args", "venv_path", "source", "warnings"}
     missing = sorted(key for key in documented if f"{key}:" not in text)
     assert missing == []
 
@@ -627,3 +627,32 @@ def test_mutated_valid_documents_give_config_or_config_error(data: st.DataObject
         parent = parent[key]
     parent[path[-1]] = data.draw(DOCUMENTS)
     check_never_crashes(document)
+
+
+def test_a_duplicate_name_is_reported_with_the_other_problems_of_its_entries() -> None:
+    """Reported on the raw entries, so fixing one problem never reveals another."""
+    data = {
+        "models": [
+            {"name": "m", "engine": "vllm", "url": "http://127.0.0.1:8001"},
+            {"name": "m", "engine": "vlm", "url": "ftp://127.0.0.1:8002"},
+        ]
+    }
+    problems = problems_of(data)
+    assert "cfg.yaml: models[1].name: duplicate model name 'm' (also models[0])" in problems
+    assert any(p.startswith("cfg.yaml: models[1].engine: ") for p in problems)
+    assert any(p.startswith("cfg.yaml: models[1].url: ") for p in problems)
+
+
+def test_a_missing_admin_token_only_warns_where_the_config_is_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KVSLEEP_ADMIN_TOKEN", raising=False)
+    data = minimal()
+    data["router"] = {"admin_token_env": "KVSLEEP_ADMIN_TOKEN"}
+    config = parse_config(data, "cfg.yaml", secrets=False)
+    assert config.router.admin_token is None
+    assert config.warnings == (
+        "cfg.yaml: router.admin_token_env: environment variable KVSLEEP_ADMIN_TOKEN is not set "
+        "(needed by kvsleep serve)",
+    )
+    assert parse_config(minimal(), "cfg.yaml", secrets=False).warnings == ()

@@ -135,7 +135,6 @@ async def completion(session: aiohttp.ClientSession, url: str, model: str) -> in
 async def test_prometheus_scrapes_kvsleep_evaluates_rules_and_dashboard_queries(
     sim_factory, kvsleep_factory, prometheus_factory, tmp_path: Path
 ) -> None:
-    started = time.monotonic()
     llama = await sim_factory("vllm", "org/llama", wake_latency=0.2)
     qwen = await sim_factory("sglang", "org/qwen")
     flaky = await sim_factory("vllm", "org/flaky")
@@ -178,7 +177,6 @@ async def test_prometheus_scrapes_kvsleep_evaluates_rules_and_dashboard_queries(
             await check_dashboard(session, prom)
     finally:
         await launcher.stop()
-    assert time.monotonic() - started < 60
 
 
 async def drive_scenario(

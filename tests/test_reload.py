@@ -128,3 +128,60 @@ def test_sighup_reloads_the_running_server(tmp_path):
         assert proc.wait(20) == 0
     finally:
         proc.kill()
+
+
+async def test_reload_applies_router_limits_to_the_next_request(sim_factory, tmp_path):
+    """`max_body_bytes` and `upstream_timeout_seconds` used to keep their start-up values."""
+    sim = await sim_factory("vllm", "org/a")
+    path = tmp_path / "kvsleep.yaml"
+    doc = config_doc([sim_model(sim)], tmp_path / "state",
+                     router={"max_body_bytes": 4096, "upstream_timeout_seconds": 60})
+    path.write_text(yaml.safe_dump(doc))
+    kv = await start_kvsleep(doc, config_path=str(path))
+    body = {"model": "org/a", "prompt": "x" * 8000, "max_tokens": 2}
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{kv.url}/v1/completions", json=body) as resp:
+                assert resp.status == 413
+            doc["router"].update(max_body_bytes=65536, upstream_timeout_seconds=0.3)
+            path.write_text(yaml.safe_dump(doc))
+            async with session.post(f"{kv.url}/-/reload") as resp:
+                assert resp.status == 200, await resp.text()
+            async with session.post(f"{kv.url}/v1/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+            async with session.post(f"{sim.url}/sim/faults", json={"hang_requests": 1}) as resp:
+                assert resp.status == 200
+            async with session.post(f"{kv.url}/v1/completions", json=body) as resp:
+                assert resp.status == 504
+                assert (await resp.json())["error"]["code"] == "engine_timeout"
+    finally:
+        await kv.close()
+
+
+async def test_reload_refuses_keys_that_need_a_restart_and_names_them(sim_factory, tmp_path):
+    """A reload applies every key or none: the listener, the state directory and launched
+    engines cannot change under a running kvsleep, so such a file is refused whole."""
+    sim = await sim_factory("vllm", "org/a")
+    path = tmp_path / "kvsleep.yaml"
+    doc = config_doc([sim_model(sim)], tmp_path / "state", idle_threshold_seconds=600)
+    path.write_text(yaml.safe_dump(doc))
+    kv = await start_kvsleep(doc, config_path=str(path))
+    try:
+        doc["router"]["port"] += 1
+        doc["state_dir"] = str(tmp_path / "elsewhere")
+        doc["sleep_manager"]["idle_threshold_seconds"] = 5
+        doc["models"].append({"name": "org/new", "engine": "vllm", "url": "http://127.0.0.1:9",
+                              "command": ["true"]})
+        path.write_text(yaml.safe_dump(doc))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{kv.url}/-/reload") as resp:
+                assert resp.status == 400
+                errors = (await resp.json())["errors"]
+        assert [e.split(": ")[1] for e in errors] == [
+            "router.port", "state_dir", "models[1] (org/new, a new engine to launch)"]
+        assert all("restart" in e for e in errors)
+        assert metric(kv, "kvsleep_config_last_reload_successful") == 0
+        assert kv.server.config.sleep_manager.idle_threshold_seconds == 600  # nothing applied
+        assert set(kv.manager.slots) == {"org/a"}
+    finally:
+        await kv.close()

@@ -419,13 +419,11 @@ async def test_engine_that_never_answers_is_504(flavor, sim_factory, kvsleep_fac
     kv = await kvsleep_factory([sim_model(sim)], router={"upstream_timeout_seconds": 0.3})
     async with http.post(f"{sim.url}/sim/faults", json={"hang_requests": 1}) as resp:
         assert resp.status == 200
-    started = time.monotonic()
     status, ctype, body, _ = await asyncio.wait_for(
         post_raw(http, f"{kv.url}/v1/completions", {"model": MODELS[flavor], "prompt": "x"}), 10
     )
     assert (status, ctype) == (504, "application/json")
     assert_openai_error(json.loads(body), type_="server_error", code="engine_timeout")
-    assert time.monotonic() - started < 5
     assert sim.sim.hung == 1
     # The next request is served normally.
     status, _, _, _ = await post_raw(
