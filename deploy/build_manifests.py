@@ -100,6 +100,10 @@ def outputs() -> dict[Path, str]:
     }
 
 
+def _show(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a file is out of date")
@@ -110,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         if current == text:
             continue
         if args.check:
-            stale.append(path.relative_to(REPO))
+            stale.append(_show(path))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-            print(f"wrote {path.relative_to(REPO)}")
+            print(f"wrote {_show(path)}")
     if stale:
-        names = ", ".join(str(p) for p in stale)
+        names = ", ".join(stale)
         print(f"stale: {names}; run python deploy/build_manifests.py", file=sys.stderr)
         return 1
     return 0
