@@ -262,3 +262,11 @@ def test_systemd_unit_is_hardened_and_takes_its_engines_down_with_it() -> None:
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
     assert "serve --config /etc/kvsleep/kvsleep.yaml" in service["ExecStart"]
+
+
+def test_deploy_guide_names_only_files_that_exist() -> None:
+    text = (REPO / "docs" / "deploy.md").read_text()
+    paths = set(re.findall(r"`((?:deploy|examples|grafana|alerts|docs)/[\w./-]+)`", text))
+    assert "deploy/kvsleep.service" in paths
+    assert [p for p in sorted(paths) if not (REPO / p.rstrip("/")).exists()] == []
+    assert "docs/deploy.md" in (REPO / "README.md").read_text()
