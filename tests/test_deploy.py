@@ -26,7 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "kubernetes" / "base"
 NODE_LOCAL = DEPLOY / "kubernetes" / "overlays" / "node-local"
-KUSTOMIZATIONS = [BASE, NODE_LOCAL]
+FLEET = DEPLOY / "kubernetes" / "overlays" / "fleet"
+KUSTOMIZATIONS = [BASE, NODE_LOCAL, FLEET]
+CONFIGS = [
+    BASE / "kvsleep.yaml",
+    NODE_LOCAL / "kvsleep.yaml",
+    *sorted(FLEET.glob("kvsleep-*.yaml")),
+]
 RULES = REPO / "alerts" / "kvsleep-rules.yml"
 DASHBOARD = REPO / "grafana" / "dashboards" / "kvsleep.json"
 STATE_MOUNT = "/var/lib/kvsleep"
@@ -70,7 +76,12 @@ def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
     found = [
         d
         for d in docs
-        if d["kind"] == kind and (name is None or d["metadata"]["name"].startswith(name))
+        if d["kind"] == kind
+        # kustomize appends a content hash to generated ConfigMaps' names
+        and (
+            name is None
+            or re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]{{10}})?", d["metadata"]["name"])
+        )
     ]
     assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
     return found[0]
@@ -126,7 +137,7 @@ def test_prometheusrule_holds_exactly_the_alert_rules() -> None:
 # --- configs --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [BASE / "kvsleep.yaml", NODE_LOCAL / "kvsleep.yaml"])
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_configs_are_valid_and_fit_the_container(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,15 +214,48 @@ def test_probes_use_the_health_routes(rendered: list[dict[str, Any]]) -> None:
 
 
 def test_config_and_token_reach_kvsleep(rendered: list[dict[str, Any]]) -> None:
-    pod = workload(rendered)["spec"]["template"]["spec"]
+    """Each pod's --config names a file of the mounted ConfigMap (per replica in a StatefulSet,
+    through $(POD_NAME)), whose token variable and port the container provides."""
+    controller = workload(rendered)
+    pod = controller["spec"]["template"]["spec"]
     kvsleep = kvsleep_container(pod)
     (config_volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    (mount,) = [m for m in kvsleep["volumeMounts"] if m["name"] == "config"]
     config_map = one(rendered, "ConfigMap", config_volume["configMap"]["name"])
-    config = yaml.safe_load(config_map["data"]["kvsleep.yaml"])
-    assert kvsleep["args"] == ["serve", "--config", "/etc/kvsleep/kvsleep.yaml"]
-    token_env = config["router"]["admin_token_env"]
-    assert any(e["name"] == token_env and "secretKeyRef" in e["valueFrom"] for e in kvsleep["env"])
-    assert kvsleep["ports"] == [{"name": "http", "containerPort": config["router"]["port"]}]
+    assert kvsleep["args"][:2] == ["serve", "--config"]
+    path = kvsleep["args"][2]
+    if "$(POD_NAME)" in path:
+        assert controller["kind"] == "StatefulSet"
+        assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
+            kvsleep["env"]
+        )
+        name = controller["metadata"]["name"]
+        replicas = [f"{name}-{i}" for i in range(controller["spec"]["replicas"])]
+        paths = [path.replace("$(POD_NAME)", replica) for replica in replicas]
+    else:
+        paths = [path]
+    assert sorted(paths) == sorted(f"{mount['mountPath']}/{key}" for key in config_map["data"])
+    for key in config_map["data"]:
+        config = yaml.safe_load(config_map["data"][key])
+        token_env = config["router"]["admin_token_env"]
+        assert any(
+            e["name"] == token_env and "secretKeyRef" in e["valueFrom"] for e in kvsleep["env"]
+        )
+        assert kvsleep["ports"] == [{"name": "http", "containerPort": config["router"]["port"]}]
+
+
+def test_fleet_replicas_agree_on_models_and_replicas() -> None:
+    rendered = yaml.safe_load((FLEET / "statefulset.yaml").read_text())
+    replicas = rendered["spec"]["replicas"]
+    service = rendered["spec"]["serviceName"]
+    configs = {p.stem: yaml.safe_load(p.read_text()) for p in FLEET.glob("kvsleep-*.yaml")}
+    assert sorted(configs) == [f"kvsleep-{i}" for i in range(replicas)]
+    everyone = {f"http://{name}.{service}:8080" for name in configs}
+    for name, config in configs.items():
+        assert config["fleet"]["self_url"] == f"http://{name}.{service}:8080"
+        assert {config["fleet"]["self_url"], *config["fleet"]["peers"]} == everyone
+        assert config["policy_source"]["type"] == "prometheus"
+        assert config["models"] == configs["kvsleep-0"]["models"]
 
 
 def test_dashboard_config_map_for_the_grafana_sidecar(rendered: list[dict[str, Any]]) -> None:
@@ -223,10 +267,16 @@ def test_dashboard_config_map_for_the_grafana_sidecar(rendered: list[dict[str, A
 def test_service_monitor_scrapes_kvsleep_as_the_alerts_expect(
     rendered: list[dict[str, Any]],
 ) -> None:
-    service = one(rendered, "Service")
+    service = one(rendered, "Service", "kvsleep")
     monitor = one(rendered, "ServiceMonitor")
     labels = service["metadata"]["labels"]
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    scraped = [
+        d
+        for d in rendered
+        if d["kind"] == "Service" and selector <= d["metadata"]["labels"].items()
+    ]
+    assert scraped == [service]  # each pod scraped once, not also through a peers' Service
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
         p["name"] for p in service["spec"]["ports"]
     }
