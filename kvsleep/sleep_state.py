@@ -57,7 +57,7 @@ class StateStore:
             }
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             log.warning("state file %s is unreadable (%s); recovering state from engine probes",
                         self.path, exc)
             return {}

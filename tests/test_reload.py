@@ -173,10 +173,10 @@ async def test_reload_refuses_keys_that_need_a_restart_and_names_them(sim_factor
         doc["models"].append({"name": "org/new", "engine": "vllm", "url": "http://127.0.0.1:9",
                               "command": ["true"]})
         path.write_text(yaml.safe_dump(doc))
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{kv.url}/-/reload") as resp:
-                assert resp.status == 400
-                errors = (await resp.json())["errors"]
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{kv.url}/-/reload") as resp:
+            assert resp.status == 400
+            errors = (await resp.json())["errors"]
         assert [e.split(": ")[1] for e in errors] == [
             "router.port", "state_dir", "models[1] (org/new, a new engine to launch)"]
         assert all("restart" in e for e in errors)

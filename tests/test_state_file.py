@@ -76,6 +76,7 @@ def test_a_missing_file_is_no_record_and_no_warning(tmp_path, caplog):
         b'{"version": 1, "models": {"m": {"state": "asleep", "since": "soon", '
         b'"engine": "sglang", "url": "u"}}}',
         b'{"version": 1, "models": {"m": {"state": "asleep", "engine": "sglang"}}}',
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON parser's recursion limit
     ],
 )
 def test_a_corrupt_file_is_logged_and_yields_nothing(tmp_path, caplog, content):
