@@ -78,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The embedded file lives in the installed package: keep its state and logs in the
         # working directory instead.
         config = dataclasses.replace(config, state_dir=".kvsleep-state", log_dir=".kvsleep-logs")
+    if args.attach:
+        config = dataclasses.replace(config, attach=True)
     return_large_buffers_to_the_os()
     try:
         return run_event_loop(_serve(config, path))
@@ -96,8 +98,10 @@ async def _serve(config: Config, path: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload_on_hup, server)
+    if config.attach:
+        _log_attach(config)
     try:
-        await launcher.start([m for m in config.models if m.launched])
+        await launcher.start([m for m in config.models if m.launched and not config.attach])
         await serve(server, stop)
     except LaunchError as exc:
         print(f"kvsleep: {exc}", file=sys.stderr)
@@ -105,6 +109,15 @@ async def _serve(config: Config, path: str) -> int:
     finally:
         await launcher.stop()
     return 0
+
+
+def _log_attach(config: Config) -> None:
+    log.info("attach mode: routing to %d running engines, launching none", len(config.models))
+    host = config.router.host
+    if host in ("localhost", "127.0.0.1", "::1"):
+        log.info("listening on %s only (kvcached's frontend listens on 0.0.0.0): to serve other "
+                 "machines set router.host (router_host) to 0.0.0.0, and router.admin_token_env "
+                 "so that control routes need a token", host)
 
 
 def _reload_on_hup(server: KvsleepServer) -> None:
@@ -217,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the router, the reconcile loop and launched engines")
     serve.add_argument("--config", help="YAML config (default: the embedded two-engine demo)")
+    serve.add_argument("--attach", action="store_true",
+                       help="route to the engines the config names without launching them "
+                       "(as the config key attach: true)")
     serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     serve.set_defaults(func=cmd_serve)

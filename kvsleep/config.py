@@ -152,6 +152,8 @@ class Config:
     log_dir: str = "./.kvsleep-logs"
     policy_source: PolicySource = field(default_factory=PolicySource)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    # Route to engines that already run, launching none (kvcached's frontend.py alone).
+    attach: bool = False
     source: str = "<config>"
     warnings: tuple[str, ...] = ()  # what parsing let pass (see parse_config's `secrets`)
 
@@ -623,6 +625,7 @@ _TOP_KEYS = (
     "fleet",
     "kvcached",
     "instances",
+    "attach",
 )
 
 _POLICY_FIELDS: dict[str, _Converter] = {
@@ -755,6 +758,7 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
     _check_addresses(check, entries, router)
 
     dirs = {key: _text(check, key, data[key]) for key in ("state_dir", "log_dir") if key in data}
+    attach = _boolean(check, "attach", data.get("attach", False))
     return Config(
         router=router,
         sleep_manager=policy,
@@ -762,6 +766,7 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
         gpus=gpus,
         policy_source=_parse_policy_source(check, data.get("policy_source")),
         fleet=_parse_fleet(check, data.get("fleet")),
+        attach=attach is True,
         source=check.source,
         **{key: value for key, value in dirs.items() if value is not _INVALID},
     )

@@ -1,8 +1,8 @@
 """The HTTP server: wires config, metrics, traffic, sleep manager and router into one aiohttp app.
 
-Routes: the OpenAI data path (router.py), the kvcached controller's JSON routes, control routes
-(sleep, wake, reload) behind bearer-token or loopback-only access, and Prometheus conventions
-(`/metrics`, `/-/reload`, `/-/healthy`, `/-/ready`).
+Routes: the OpenAI data path (router.py), the kvcached controller's JSON routes
+(kvcached_routes.py), control routes (sleep, wake, reload) behind bearer-token or loopback-only
+access, and Prometheus conventions (`/metrics`, `/-/reload`, `/-/healthy`, `/-/ready`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
 import resource
 import socket
 import time
@@ -43,11 +42,12 @@ from kvsleep.engines import (
 )
 from kvsleep.fleet import MemberAdapter, OwnerAdapter, owner_of
 from kvsleep.gpu import nvml_free_gb
+from kvsleep.kvcached_routes import KvcachedRoutes
 from kvsleep.metrics import Metrics
 from kvsleep.policy_source import PrometheusSource
 from kvsleep.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
 from kvsleep.sleep_manager import NotAllowed, SleepManager
-from kvsleep.sleep_state import ModelState, StateStore
+from kvsleep.sleep_state import StateStore
 from kvsleep.traffic_monitor import TrafficMonitor
 
 log = logging.getLogger(__name__)
@@ -138,23 +138,15 @@ class KvsleepServer:
 
     def _build_app(self) -> web.Application:
         self._app_max_body = self.config.router.max_body_bytes
+        kvcached = KvcachedRoutes(self)
         app = web.Application(client_max_size=self._app_max_body,
-                              middlewares=[self._errors, self._client_limits])
+                              middlewares=[kvcached.plain_errors, self._errors,
+                                           self._client_limits])
         add = app.router
         for path in INFERENCE_ENDPOINTS:
             add.add_post(path, self.router.handle)
         add.add_get("/v1/models", self.v1_models)
-        add.add_get("/health", self.health)
-        add.add_get("/models", self.models)
-        add.add_get("/health/{model:.+}", self.model_health)
-        add.add_get("/traffic/stats", self.traffic_stats)
-        add.add_get("/traffic/stats/{model:.+}", self.model_traffic_stats)
-        add.add_get("/models/idle", self.idle_models)
-        add.add_get("/models/active", self.active_models)
-        add.add_get("/sleep/status", self.sleep_status)
-        add.add_get("/sleep/candidates", self.sleep_candidates)
-        add.add_post("/action/sleep/{model:.+}", self._control(self.sleep))
-        add.add_post("/action/wakeup/{model:.+}", self._control(self.wake))
+        kvcached.register(add)
         add.add_post("/models/{model:.+}/sleep", self._control(self.sleep))
         add.add_post("/models/{model:.+}/wake", self._control(self.wake))
         add.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
@@ -275,7 +267,7 @@ class KvsleepServer:
 
         return guarded
 
-    # ---- OpenAI and kvcached read routes -------------------------------------------------
+    # ---- OpenAI and operator read routes -------------------------------------------------
 
     async def v1_models(self, request: web.Request) -> web.Response:
         created = int(self.clock())
@@ -286,9 +278,6 @@ class KvsleepServer:
         ]
         return web.json_response({"object": "list", "data": data})
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "healthy"})
-
     async def healthy(self, request: web.Request) -> web.Response:
         return web.Response(text="kvsleep is Healthy.\n")
 
@@ -296,93 +285,6 @@ class KvsleepServer:
         if not self.ready:
             return web.Response(status=503, text="kvsleep is not ready.\n")
         return web.Response(text="kvsleep is Ready.\n")
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": {
-            name: {"endpoint": slot.cfg.url, "engine": slot.cfg.engine,
-                   "state": slot.state.value}
-            for name, slot in self.manager.slots.items()
-        }})
-
-    async def model_health(self, request: web.Request) -> web.Response:
-        slot = self.manager.slots[self._model(request)]
-        observed = await slot.adapter.observe(slot.state)
-        return web.json_response({"model": slot.cfg.name, "health": {slot.cfg.url: observed.up},
-                                  "state": slot.state.value})
-
-    async def traffic_stats(self, request: web.Request) -> web.Response:
-        window = _number(request, "window", 60)
-        return web.json_response({"traffic_stats": self.traffic.get_traffic_summary(window),
-                                  "window_seconds": window})
-
-    async def model_traffic_stats(self, request: web.Request) -> web.Response:
-        name = self._model(request)
-        window = _number(request, "window", 60)
-        stats = {"model_name": name, **self.traffic.describe(name, window)}
-        return web.json_response({"model_stats": stats, "window_seconds": window})
-
-    async def idle_models(self, request: web.Request) -> web.Response:
-        threshold = _number(request, "threshold", self.config.sleep_manager.idle_threshold_seconds)
-        idle = self.traffic.get_idle_models(threshold)
-        details = {name: self._brief(name, ("idle_time_seconds", "total_requests",
-                                            "last_activity_time")) for name in idle}
-        return web.json_response({"idle_models": idle, "idle_threshold_seconds": threshold,
-                                  "idle_model_details": details, "idle_models_count": len(idle)})
-
-    async def active_models(self, request: web.Request) -> web.Response:
-        threshold = _number(request, "threshold", self.config.sleep_manager.idle_threshold_seconds)
-        window = _number(request, "window", 60)
-        active = self.traffic.get_active_models(threshold)
-        details = {name: self._brief(name, ("request_rate", "total_requests",
-                                            "avg_response_time", "last_activity_time"), window)
-                   for name in active}
-        return web.json_response({"active_models": active, "idle_threshold_seconds": threshold,
-                                  "window_seconds": window, "active_model_details": details,
-                                  "active_models_count": len(active)})
-
-    async def sleep_status(self, request: web.Request) -> web.Response:
-        policy = self.manager.config
-        now = self.clock()
-        models = {
-            name: {"state": slot.state.value, "state_since": slot.state_since,
-                   "engine": slot.cfg.engine, "held_requests": len(slot.waiters),
-                   "in_flight": self.traffic.model_stats[name].in_flight,
-                   "engine_up": slot.engine_up, "last_error": slot.last_error,
-                   "idle_threshold_seconds": self.manager.thresholds.threshold_for(slot.cfg),
-                   "auto_sleep_enabled": slot.cfg.policy.auto_sleep_enabled,
-                   "always_on": slot.cfg.always_on,
-                   "idle_seconds": self.traffic.model_stats[name].get_idle_time()
-                   if slot.state is ModelState.AWAKE else None,
-                   "seconds_in_state": now - slot.state_since,
-                   "wake_eta_seconds": self.manager.wake_eta(slot),
-                   "waiting_for_memory": slot.waiting_for_memory}
-            for name, slot in self.manager.slots.items()
-        }
-        return web.json_response({
-            "sleeping_models": self.manager.get_sleeping_models(),
-            "sleep_candidates": self.manager.get_sleep_candidates(),
-            "auto_sleep_enabled": policy.auto_sleep_enabled,
-            "idle_threshold_seconds": policy.idle_threshold_seconds,
-            "wakeup_on_request": policy.wakeup_on_request,
-            "models": models,
-            "gpus": {str(gpu): {"budget_gb": budget, "committed_gb": committed}
-                     for gpu, budget, committed in self.manager.gpu_snapshots()},
-        })
-
-    async def sleep_candidates(self, request: web.Request) -> web.Response:
-        candidates = self.manager.get_sleep_candidates()
-        details = {name: {**self._brief(name, ("idle_time_seconds", "total_requests",
-                                               "last_activity_time")), "can_sleep": True}
-                   for name in candidates}
-        return web.json_response({
-            "sleep_candidates": candidates, "candidate_details": details,
-            "idle_threshold_seconds": self.manager.config.idle_threshold_seconds,
-            "auto_sleep_enabled": self.manager.config.auto_sleep_enabled,
-        })
-
-    def _brief(self, name: str, keys: tuple[str, ...], window: float = 60) -> dict[str, Any]:
-        full = self.traffic.describe(name, window)
-        return {k: full[k] for k in keys}
 
     # ---- control routes ------------------------------------------------------------------
 
@@ -516,20 +418,6 @@ class _Answered(Exception):
 def _action(name: str, success: bool, message: str, status: int) -> web.Response:
     return web.json_response({"model_name": name, "success": success, "message": message},
                              status=status)
-
-
-def _number(request: web.Request, key: str, default: float) -> float:
-    raw = request.query.get(key)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise OpenAIError(400, f"Query parameter `{key}` must be a non-negative number of "
-                          "seconds.", "invalid_request_error", param=key, code="invalid_value")
-    return value
 
 
 def _is_loopback(remote: str | None) -> bool:

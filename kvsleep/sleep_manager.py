@@ -6,7 +6,8 @@ model drains, sleeps or wakes they wait in a bounded FIFO and are let through, i
 the moment a wake completes. The reconciler (reconciler.py) decides when to sleep; this module
 decides nothing, it only carries out safely.
 
-Also the kvcached controller's SleepManager API (`SleepConfig`, `add_vllm_model`, ...).
+Also the kvcached controller's SleepManager API (`SleepConfig`, `add_vllm_model`, ...), with its
+signatures, defaults and return values, carried out by the same machinery (docs/kvcached.md).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import contextlib
 import dataclasses
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -34,8 +37,60 @@ from kvsleep.traffic_monitor import TrafficMonitor
 
 log = logging.getLogger(__name__)
 
-SleepConfig = SleepPolicy
-"""The kvcached controller's name for the policy keys."""
+POLICY_KEYS = tuple(f.name for f in dataclasses.fields(SleepPolicy))
+
+
+@dataclass
+class SleepConfig:
+    """The kvcached controller's SleepConfig: mutable, its fields and class defaults first.
+
+    Assigning a policy field of a manager's config (`manager.config.min_sleep_duration = 120`)
+    applies it to every model of that manager, as `update_config` does. The class default of
+    `min_sleep_duration` is kvcached's class default (60); a config *file* without the key gets
+    the seed's documented 80 (SleepPolicy). The other fields are kvsleep's policy keys.
+    """
+
+    idle_threshold_seconds: float = 300
+    check_interval_seconds: float = 60
+    auto_sleep_enabled: bool = False
+    wakeup_on_request: bool = True
+    min_sleep_duration: float = 60
+    # model name -> {"host": ..., "port": ...}; kept in step with the manager's models
+    vllm_models_config: dict[str, dict[str, Any]] | None = None
+    sglang_models_config: dict[str, dict[str, Any]] | None = None
+    wake_timeout_seconds: float = SleepPolicy.wake_timeout_seconds
+    max_held_requests: int = SleepPolicy.max_held_requests
+    min_awake_seconds: float = SleepPolicy.min_awake_seconds
+    drain_timeout_seconds: float = SleepPolicy.drain_timeout_seconds
+    idle_policy: str = SleepPolicy.idle_policy
+    min_idle_threshold_seconds: float = SleepPolicy.min_idle_threshold_seconds
+    max_idle_threshold_seconds: float = SleepPolicy.max_idle_threshold_seconds
+
+    def __post_init__(self) -> None:
+        if self.vllm_models_config is None:
+            self.vllm_models_config = {}
+        if self.sglang_models_config is None:
+            self.sglang_models_config = {}
+        object.__setattr__(self, "_managers", weakref.WeakSet())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in POLICY_KEYS:
+            for manager in getattr(self, "_managers", ()):
+                manager.apply_policy({name: value})
+
+    @classmethod
+    def from_policy(cls, policy: SleepPolicy, **models: dict[str, dict[str, Any]]) -> SleepConfig:
+        return cls(**{key: getattr(policy, key) for key in POLICY_KEYS}, **models)
+
+    def policy(self) -> SleepPolicy:
+        """The immutable policy a model carries."""
+        return SleepPolicy(**{key: getattr(self, key) for key in POLICY_KEYS})
+
+    def models_of(self, engine: str) -> dict[str, dict[str, Any]]:
+        found = self.vllm_models_config if engine == "vllm" else self.sglang_models_config
+        assert found is not None  # set by __post_init__
+        return found
 
 HoldCallback = Callable[[], Awaitable[None]]
 AdapterFactory = Callable[[ModelConfig, SessionSource, RetryPolicy], EngineAdapter]
@@ -108,8 +163,10 @@ class SleepManager:
                  retry: RetryPolicy | None = None,
                  adapter_factory: AdapterFactory = adapter_for,
                  owns: Callable[[str], bool] = lambda name: True) -> None:
-        self.config = config or SleepConfig()
         self.clock = clock
+        self.slots: dict[str, ModelSlot] = {}
+        self._config = SleepConfig()
+        self.config = config or SleepConfig()
         self.traffic_monitor = traffic_monitor or TrafficMonitor(
             self.config.idle_threshold_seconds, clock=clock)
         self.metrics = metrics or Metrics()
@@ -117,7 +174,6 @@ class SleepManager:
         self.retry = retry or RetryPolicy()
         self.adapter_factory = adapter_factory
         self.owns = owns
-        self.slots: dict[str, ModelSlot] = {}
         self._session = session
         self._owns_session = session is None
         self.thresholds = Thresholds.watching(self.traffic_monitor)  # adaptive idle thresholds
@@ -130,8 +186,28 @@ class SleepManager:
         self.gpu_free: Callable[[], dict[int, float] | None] = lambda: None
         self._changed = asyncio.Event()
         self.metrics.watch(self)
+        # kvcached's SleepConfig names its engines; they become models here.
+        for engine in ("vllm", "sglang"):
+            for name, where in list(self.config.models_of(engine).items()):
+                self._add_engine(engine, name, where.get("host", "localhost"),
+                                 where.get("port", "8000"))
 
     # ---- configuration -------------------------------------------------------------------
+
+    @property
+    def config(self) -> SleepConfig:
+        """The global policy (kvcached's SleepConfig); a SleepPolicy assigned here (a config
+        file's, on reload) becomes one, keeping the engines it lists."""
+        return self._config
+
+    @config.setter
+    def config(self, value: SleepConfig | SleepPolicy) -> None:
+        if isinstance(value, SleepPolicy):
+            value = SleepConfig.from_policy(
+                value, vllm_models_config=self._config.models_of("vllm"),
+                sglang_models_config=self._config.models_of("sglang"))
+        value._managers.add(self)  # type: ignore[attr-defined]
+        self._config = value
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -149,23 +225,59 @@ class SleepManager:
         self.slots[cfg.name] = slot
         self.traffic_monitor.add_model(cfg.name)
         self.metrics.add_models([cfg.name])
+        self._list_engine(cfg, {"host": cfg.host, "port": str(cfg.port)})
         return slot
 
+    def _list_engine(self, cfg: ModelConfig, where: dict[str, Any]) -> None:
+        """Keep kvcached's per-engine model lists in step with the models."""
+        for engine in ("vllm", "sglang"):
+            self.config.models_of(engine).pop(cfg.name, None)
+        self.config.models_of(cfg.engine)[cfg.name] = where
+
+    def _add_engine(self, engine: str, name: str, host: str, port: str | int) -> None:
+        """kvcached's add: a known model keeps its state and takes the new address."""
+        netloc_host = f"[{host}]" if ":" in host else host  # an IPv6 address
+        cfg = ModelConfig(name, engine, f"http://{netloc_host}:{port}",
+                          policy=self.config.policy(),
+                          weights_path=name if engine == "sglang" else None)
+        if name in self.slots:
+            self.update_model(cfg)
+        else:
+            self.add_model(cfg)
+        self._list_engine(cfg, {"host": host, "port": port})
+
     def add_vllm_model(self, model_name: str, host: str = "localhost",
-                       port: str | int = "8000") -> ModelSlot:
-        return self.add_model(ModelConfig(model_name, "vllm", f"http://{host}:{port}",
-                                          policy=self.config))
+                       port: str = "8000") -> None:
+        self._add_engine("vllm", model_name, host, port)
 
     def add_sglang_model(self, model_name: str, host: str = "localhost",
-                         port: str | int = "8000") -> ModelSlot:
-        return self.add_model(ModelConfig(model_name, "sglang", f"http://{host}:{port}",
-                                          policy=self.config))
+                         port: str = "8000") -> None:
+        self._add_engine("sglang", model_name, host, port)
+
+    def remove_vllm_model(self, model_name: str) -> None:
+        self._remove_engine("vllm", model_name)
+
+    def remove_sglang_model(self, model_name: str) -> None:
+        self._remove_engine("sglang", model_name)
+
+    def _remove_engine(self, engine: str, model_name: str) -> None:
+        if model_name in self.config.models_of(engine):
+            self.remove_model(model_name)
+        else:
+            log.warning("no %s model %s to remove", engine, model_name)
+
+    def get_vllm_models(self) -> dict[str, dict[str, Any]]:
+        return dict(self.config.models_of("vllm"))
+
+    def get_sglang_models(self) -> dict[str, dict[str, Any]]:
+        return dict(self.config.models_of("sglang"))
 
     def remove_model(self, model_name: str) -> None:
         """Forget a model; requests already admitted keep their slot until they finish."""
         slot = self.slots.pop(model_name, None)
         if slot is None:
             return
+        self.config.models_of(slot.cfg.engine).pop(model_name, None)
         self._reject_waiters(slot, "wake_failed", f"model `{model_name}` was removed", 503)
         if slot.worker is not None:
             slot.worker.cancel()
@@ -179,18 +291,24 @@ class SleepManager:
             slot.adapter = self.adapter_factory(cfg, self._get_session, self.retry)
         slot.cfg = cfg
         slot.adapter.model = cfg
+        self._list_engine(cfg, {"host": cfg.host, "port": str(cfg.port)})
 
     def update_config(self, **kwargs: object) -> None:
         """Change policy keys for every model at once (the kvcached controller's API)."""
-        known = {f.name for f in dataclasses.fields(SleepPolicy)}
-        for key in set(kwargs) - known:
-            log.warning("update_config: unknown key %r ignored", key)
-        changes = {k: v for k, v in kwargs.items() if k in known}
-        self.config = dataclasses.replace(self.config, **changes)
+        known = {f.name for f in dataclasses.fields(SleepConfig)}
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(self.config, key, value)  # a policy key applies itself (apply_policy)
+            else:
+                log.warning("update_config: unknown key %r ignored", key)
+
+    def apply_policy(self, changes: dict[str, object]) -> None:
+        """Global policy changes override every model's own value, from now on."""
         for slot in self.slots.values():
             slot.cfg = dataclasses.replace(slot.cfg,
                                            policy=dataclasses.replace(slot.cfg.policy, **changes))
-        self.traffic_monitor.idle_threshold_seconds = self.config.idle_threshold_seconds
+        if "idle_threshold_seconds" in changes:
+            self.traffic_monitor.idle_threshold_seconds = self.config.idle_threshold_seconds
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -666,25 +784,77 @@ class SleepManager:
 
     # ---- the kvcached controller's API ---------------------------------------------------
 
+    def sleep_refusal(self, model_name: str) -> str | None:
+        """Why kvcached's `put_model_to_sleep` would answer False now, if it would."""
+        slot = self.slots.get(model_name)
+        if slot is None:
+            return f"no engine is configured for model {model_name}"
+        if slot.cfg.always_on:
+            return f"model {model_name} is always_on and is never put to sleep"
+        if self.is_model_sleeping(model_name):
+            return f"model {model_name} is already asleep"
+        return None
+
+    def wake_refusal(self, model_name: str) -> str | None:
+        """Why kvcached's `wakeup_model` would answer False now, if it would: the model is not
+        asleep, or has slept less than `min_sleep_duration`."""
+        slot = self.slots.get(model_name)
+        if slot is None:
+            return f"no engine is configured for model {model_name}"
+        if slot.state in (ModelState.AWAKE, ModelState.DRAINING):
+            return f"model {model_name} is not asleep"
+        view = self.view(slot)
+        if slot.state is ModelState.ASLEEP and self.clock() < policy.wake_allowed_at(view):
+            return (f"model {model_name} has slept {self.clock() - (slot.slept_at or 0.0):.0f}s, "
+                    f"less than min_sleep_duration ({view.policy.min_sleep_duration:g}s)")
+        return None
+
     async def put_model_to_sleep(self, model_name: str, manual: bool = False) -> bool:
-        if model_name not in self.slots:
+        """True once the model is asleep; False if it already was, or cannot be slept."""
+        refusal = self.sleep_refusal(model_name)
+        if refusal is not None:
+            log.info("sleep refused: %s", refusal)
             return False
-        try:
-            return await self.request_sleep(model_name, "manual" if manual else "idle")
-        except NotAllowed as exc:
-            log.info("%s", exc)
-            return False
+        return await self.request_sleep(model_name, "manual" if manual else "idle")
 
     async def wakeup_model(self, model_name: str) -> bool:
-        if model_name not in self.slots:
+        """True once the model is awake; False if it was not asleep, slept less than
+        `min_sleep_duration`, or failed to wake."""
+        refusal = self.wake_refusal(model_name)
+        if refusal is not None:
+            log.info("wake refused: %s", refusal)
             return False
         return await self.request_wake(model_name, "manual")
+
+    async def handle_model_wakeup_on_request(self, model_name: str) -> bool:
+        """A request arrived for the model: True once it is awake (or already was).
+
+        As every request-driven wake in kvsleep, it does not wait for `min_sleep_duration`.
+        """
+        slot = self.slots.get(model_name)
+        pol = slot.cfg.policy if slot is not None else self.config
+        if not pol.wakeup_on_request:
+            return False
+        if slot is None or slot.state is ModelState.AWAKE:
+            return True
+        return await self.request_wake(model_name, "request")
 
     def is_model_sleeping(self, model_name: str) -> bool:
         slot = self.slots.get(model_name)
         return slot is not None and slot.state in (ModelState.SLEEPING, ModelState.ASLEEP)
 
-    def get_sleeping_models(self) -> dict[str, dict[str, object]]:
+    @property
+    def sleeping_models(self) -> dict[str, float]:
+        """Model -> when it went to sleep (kvcached's attribute; a fresh copy, read-only)."""
+        return {name: info["sleep_start_time"]
+                for name, info in self.get_sleeping_models().items()}
+
+    @property
+    def manual_sleep_models(self) -> set[str]:
+        """Models asleep because someone asked (kvcached's attribute; a fresh copy)."""
+        return {name for name, info in self.get_sleeping_models().items() if info["manual_sleep"]}
+
+    def get_sleeping_models(self) -> dict[str, dict[str, Any]]:
         now = self.clock()
         return {
             name: {
@@ -702,13 +872,42 @@ class SleepManager:
                 if policy.sleep_candidate(self.view(slot), now)]
 
     async def check_model_sleep_status(self, model_name: str) -> bool | None:
-        """The engine's word where it has one; for SGLang, what kvsleep remembers."""
+        """The engine's word: True asleep, False awake, None when it cannot say (SGLang has no
+        such route; an engine that does not answer; a model not configured)."""
         slot = self.slots.get(model_name)
         if slot is None:
             return None
         observed = await slot.adapter.observe(slot.state)
-        if not observed.up:
-            return None
-        if observed.asleep is not None:
-            return observed.asleep
-        return slot.state in (ModelState.SLEEPING, ModelState.ASLEEP)
+        return observed.asleep if observed.up else None
+
+    # kvcached's direct engine calls: one call to the engine at host:port, no drain, no state
+    # change (its tests and some users call them).
+
+    async def _call_vllm_sleep_api(self, host: str, port: str, level: int = 1) -> bool:
+        return await self._engine_call("vllm", host, port, "sleep", sleep_level=level)
+
+    async def _call_vllm_wakeup_api(self, host: str, port: str) -> bool:
+        return await self._engine_call("vllm", host, port, "wake")
+
+    async def _call_sglang_release_api(self, host: str, port: str) -> bool:
+        return await self._engine_call("sglang", host, port, "sleep")
+
+    async def _call_sglang_resume_api(self, host: str, port: str) -> bool:
+        return await self._engine_call("sglang", host, port, "resume")
+
+    async def _engine_call(self, engine: str, host: str, port: str, operation: str,
+                           sleep_level: int = 1) -> bool:
+        netloc_host = f"[{host}]" if ":" in host else host
+        cfg = ModelConfig(f"{host}:{port}", engine, f"http://{netloc_host}:{port}",
+                          sleep_level=sleep_level)
+        adapter = adapter_for(cfg, self._get_session, self.retry)
+        try:
+            if operation == "resume":
+                found = await adapter.call("POST", "/resume_memory_occupation", json={},
+                                           timeout=self.retry.wake_timeout_seconds)
+                return found is not None
+            await getattr(adapter, operation)()
+        except Exception as exc:  # kvcached's contract: False on any failure, logged
+            log.warning("%s %s at %s failed: %s", engine, operation, cfg.url, exc)
+            return False
+        return True

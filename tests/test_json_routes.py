@@ -19,7 +19,6 @@ from tests.kvsleep_harness import sim_model
 
 VLLM_MODEL = "meta-llama/Llama-3.2-1B"
 SGLANG_MODEL = "Qwen/Qwen3-0.6B"
-ERROR_KEYS = {"message", "type", "param", "code"}
 # Per-model keys of the kvcached controller's traffic stats.
 TRAFFIC_KEYS = {
     "total_requests",
@@ -70,12 +69,6 @@ async def complete(http: aiohttp.ClientSession, kv: Any, model: str, **extra: An
         return resp.status
 
 
-def assert_openai_error(doc: Any, param: str | None) -> None:
-    assert set(doc) == {"error"} and set(doc["error"]) == ERROR_KEYS, doc
-    assert doc["error"]["param"] == param
-    assert doc["error"]["type"] == "invalid_request_error"
-
-
 async def test_health_and_models(fleet, http):
     kv, vllm, sglang = fleet
     assert await get(http, f"{kv.url}/health") == {"status": "healthy"}
@@ -92,9 +85,9 @@ async def test_model_health(spell, fleet, http):
         doc = await get(http, f"{kv.url}/health/{spell(name)}")
         assert doc["model"] == name
         assert doc["health"] == {sim.url: True}
-    missing = await get(http, f"{kv.url}/health/{spell('no/such-model')}", 404)
-    assert_openai_error(missing, "model")
-    assert missing["error"]["message"] == "The model `no/such-model` does not exist."
+    # As kvcached: an unknown model has no endpoints to report, so its health is empty.
+    missing = await get(http, f"{kv.url}/health/{spell('no/such-model')}")
+    assert missing == {"model": "no/such-model", "health": {}}
 
 
 async def test_model_health_reports_a_down_engine(kvsleep_factory, http):
@@ -150,11 +143,11 @@ async def test_model_traffic_stats(spell, fleet, http):
     assert set(stats) >= TRAFFIC_KEYS
     assert stats["total_requests"] == 2
     assert stats["request_rate"] == pytest.approx(2 / 10)
-    other = await get(http, f"{kv.url}/traffic/stats/{spell(VLLM_MODEL)}")
-    assert other["model_stats"]["model_name"] == VLLM_MODEL
-    assert other["model_stats"]["total_requests"] == 0
+    # As kvcached: a model without traffic has no traffic data (404, a string error).
+    other = await get(http, f"{kv.url}/traffic/stats/{spell(VLLM_MODEL)}", 404)
+    assert other == {"error": f"No traffic data found for model {VLLM_MODEL}"}
     missing = await get(http, f"{kv.url}/traffic/stats/{spell('a/b')}", 404)
-    assert_openai_error(missing, "model")
+    assert missing == {"error": "No traffic data found for model a/b"}
 
 
 async def test_idle_and_active_models(fleet, http):
@@ -324,12 +317,15 @@ async def test_bad_query_values_are_400(path, value, fleet, http):
     kv, _, _ = fleet
     doc = await get(http, kv.url + path.format(v=value), 400)
     param = path.rsplit("?", 1)[1].split("&")[-1].split("=")[0]
-    assert_openai_error(doc, param)
+    # kvcached's error shape on its routes: {"error": "text"} (it answers 500 here; kvsleep 400).
+    assert set(doc) == {"error"} and isinstance(doc["error"], str), doc
+    assert param in doc["error"]
 
 
 async def test_json_routes_answer_json_content(fleet, http):
     """Every read route answers parseable JSON objects (guards against text/plain bodies)."""
     kv, _, _ = fleet
+    assert await complete(http, kv, SGLANG_MODEL) == 200  # /traffic/stats/M needs traffic
     for path in (
         "/health",
         "/models",
