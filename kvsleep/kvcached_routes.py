@@ -74,8 +74,9 @@ class KvcachedRoutes:
         if not isinstance(error, dict):
             return response
         kept = {k: v for k, v in response.headers.items() if k in _KEPT_HEADERS}
-        return web.json_response({"error": str(error.get("message"))}, status=response.status,
-                                 headers=kept)
+        return web.json_response(
+            {"error": str(error.get("message"))}, status=response.status, headers=kept
+        )
 
     # ---- read routes ---------------------------------------------------------------------
 
@@ -87,11 +88,18 @@ class KvcachedRoutes:
         return web.json_response({"status": "dummy"})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": {
-            name: {"endpoint": slot.cfg.url, "engine": slot.cfg.engine,
-                   "state": slot.state.value}
-            for name, slot in self.server.manager.slots.items()
-        }})
+        return web.json_response(
+            {
+                "models": {
+                    name: {
+                        "endpoint": slot.cfg.url,
+                        "engine": slot.cfg.engine,
+                        "state": slot.state.value,
+                    }
+                    for name, slot in self.server.manager.slots.items()
+                }
+            }
+        )
 
     async def model_health(self, request: web.Request) -> web.Response:
         """`all` probes every model; an unknown model has no endpoints, so an empty health."""
@@ -100,8 +108,9 @@ class KvcachedRoutes:
         if name == "all":
             names = list(slots)
             healths = await asyncio.gather(*(self._health(n) for n in names))
-            return web.json_response({"model": "all", "health": dict(zip(names, healths,
-                                                                         strict=True))})
+            return web.json_response(
+                {"model": "all", "health": dict(zip(names, healths, strict=True))}
+            )
         doc: dict[str, Any] = {"model": name, "health": await self._health(name)}
         if name in slots:
             doc["state"] = slots[name].state.value
@@ -120,9 +129,12 @@ class KvcachedRoutes:
             window = _seconds(request, "window", 60)
         except BadQuery as exc:
             return _error(400, str(exc))
-        return web.json_response({
-            "traffic_stats": self.server.traffic.get_traffic_summary(window),
-            "window_seconds": window})
+        return web.json_response(
+            {
+                "traffic_stats": self.server.traffic.get_traffic_summary(window),
+                "window_seconds": window,
+            }
+        )
 
     async def model_traffic_stats(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
@@ -141,10 +153,18 @@ class KvcachedRoutes:
         except BadQuery as exc:
             return _error(400, str(exc))
         idle = self.server.traffic.get_idle_models(threshold)
-        details = {name: self._brief(name, ("idle_time_seconds", "total_requests",
-                                            "last_activity_time")) for name in idle}
-        return web.json_response({"idle_models": idle, "idle_threshold_seconds": threshold,
-                                  "idle_model_details": details, "idle_models_count": len(idle)})
+        details = {
+            name: self._brief(name, ("idle_time_seconds", "total_requests", "last_activity_time"))
+            for name in idle
+        }
+        return web.json_response(
+            {
+                "idle_models": idle,
+                "idle_threshold_seconds": threshold,
+                "idle_model_details": details,
+                "idle_models_count": len(idle),
+            }
+        )
 
     async def active_models(self, request: web.Request) -> web.Response:
         try:
@@ -153,54 +173,81 @@ class KvcachedRoutes:
         except BadQuery as exc:
             return _error(400, str(exc))
         active = self.server.traffic.get_active_models(threshold)
-        details = {name: self._brief(name, ("request_rate", "total_requests",
-                                            "avg_response_time", "last_activity_time"), window)
-                   for name in active}
-        return web.json_response({"active_models": active, "idle_threshold_seconds": threshold,
-                                  "window_seconds": window, "active_model_details": details,
-                                  "active_models_count": len(active)})
+        details = {
+            name: self._brief(
+                name,
+                ("request_rate", "total_requests", "avg_response_time", "last_activity_time"),
+                window,
+            )
+            for name in active
+        }
+        return web.json_response(
+            {
+                "active_models": active,
+                "idle_threshold_seconds": threshold,
+                "window_seconds": window,
+                "active_model_details": details,
+                "active_models_count": len(active),
+            }
+        )
 
     async def sleep_status(self, request: web.Request) -> web.Response:
         manager, traffic = self.server.manager, self.server.traffic
         now = self.server.clock()
         models = {
-            name: {"state": slot.state.value, "state_since": slot.state_since,
-                   "engine": slot.cfg.engine, "held_requests": len(slot.waiters),
-                   "in_flight": traffic.model_stats[name].in_flight,
-                   "engine_up": slot.engine_up, "last_error": slot.last_error,
-                   "idle_threshold_seconds": _json_seconds(
-                       manager.thresholds.threshold_for(slot.cfg)),
-                   "auto_sleep_enabled": slot.cfg.policy.auto_sleep_enabled,
-                   "always_on": slot.cfg.always_on,
-                   "idle_seconds": traffic.model_stats[name].get_idle_time()
-                   if slot.state is ModelState.AWAKE else None,
-                   "seconds_in_state": now - slot.state_since,
-                   "wake_eta_seconds": manager.wake_eta(slot),
-                   "waiting_for_memory": slot.waiting_for_memory}
+            name: {
+                "state": slot.state.value,
+                "state_since": slot.state_since,
+                "engine": slot.cfg.engine,
+                "held_requests": len(slot.waiters),
+                "in_flight": traffic.model_stats[name].in_flight,
+                "engine_up": slot.engine_up,
+                "last_error": slot.last_error,
+                "idle_threshold_seconds": _json_seconds(manager.thresholds.threshold_for(slot.cfg)),
+                "auto_sleep_enabled": slot.cfg.policy.auto_sleep_enabled,
+                "always_on": slot.cfg.always_on,
+                "idle_seconds": traffic.model_stats[name].get_idle_time()
+                if slot.state is ModelState.AWAKE
+                else None,
+                "seconds_in_state": now - slot.state_since,
+                "wake_eta_seconds": manager.wake_eta(slot),
+                "waiting_for_memory": slot.waiting_for_memory,
+            }
             for name, slot in manager.slots.items()
         }
-        return web.json_response({
-            "sleeping_models": manager.get_sleeping_models(),
-            "sleep_candidates": manager.get_sleep_candidates(),
-            "auto_sleep_enabled": manager.config.auto_sleep_enabled,
-            "idle_threshold_seconds": self._threshold(),
-            "wakeup_on_request": manager.config.wakeup_on_request,
-            "models": models,
-            "gpus": {str(gpu): {"budget_gb": budget, "committed_gb": committed}
-                     for gpu, budget, committed in manager.gpu_snapshots()},
-        })
+        return web.json_response(
+            {
+                "sleeping_models": manager.get_sleeping_models(),
+                "sleep_candidates": manager.get_sleep_candidates(),
+                "auto_sleep_enabled": manager.config.auto_sleep_enabled,
+                "idle_threshold_seconds": self._threshold(),
+                "wakeup_on_request": manager.config.wakeup_on_request,
+                "models": models,
+                "gpus": {
+                    str(gpu): {"budget_gb": budget, "committed_gb": committed}
+                    for gpu, budget, committed in manager.gpu_snapshots()
+                },
+            }
+        )
 
     async def sleep_candidates(self, request: web.Request) -> web.Response:
         manager = self.server.manager
         candidates = manager.get_sleep_candidates()
-        details = {name: {**self._brief(name, ("idle_time_seconds", "total_requests",
-                                               "last_activity_time")), "can_sleep": True}
-                   for name in candidates}
-        return web.json_response({
-            "sleep_candidates": candidates, "candidate_details": details,
-            "idle_threshold_seconds": self._threshold(),
-            "auto_sleep_enabled": manager.config.auto_sleep_enabled,
-        })
+        details = {
+            name: {
+                **self._brief(name, ("idle_time_seconds", "total_requests", "last_activity_time")),
+                "can_sleep": True,
+            }
+            for name in candidates
+        }
+        return web.json_response(
+            {
+                "sleep_candidates": candidates,
+                "candidate_details": details,
+                "idle_threshold_seconds": self._threshold(),
+                "auto_sleep_enabled": manager.config.auto_sleep_enabled,
+            }
+        )
 
     def _threshold(self) -> int | float:
         return _json_seconds(self.server.manager.config.idle_threshold_seconds)
@@ -224,8 +271,9 @@ class KvcachedRoutes:
         if refusal is not None:
             status = 409 if server.manager.slots[name].cfg.always_on else 400
             return _action(name, False, f"Model {name} sleep request failed: {refusal}", status)
-        return await server._answer(request, name, "sleep",
-                                    server.manager.request_sleep(name, "manual"))
+        return await server._answer(
+            request, name, "sleep", server.manager.request_sleep(name, "manual")
+        )
 
     async def wakeup(self, request: web.Request) -> web.Response:
         """kvcached's `wakeup_model`: 400 `success: false` if the model is not asleep or slept
@@ -237,8 +285,9 @@ class KvcachedRoutes:
         refusal = server.manager.wake_refusal(name)
         if refusal is not None:
             return _action(name, False, f"Model {name} wake request failed: {refusal}", 400)
-        return await server._answer(request, name, "wake",
-                                    server.manager.request_wake(name, "manual"))
+        return await server._answer(
+            request, name, "wake", server.manager.request_wake(name, "manual")
+        )
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -246,8 +295,9 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _action(name: str, success: bool, message: str, status: int) -> web.Response:
-    return web.json_response({"model_name": name, "success": success, "message": message},
-                             status=status)
+    return web.json_response(
+        {"model_name": name, "success": success, "message": message}, status=status
+    )
 
 
 def _json_seconds(value: float) -> int | float:
@@ -265,6 +315,7 @@ def _seconds(request: web.Request, key: str, default: float) -> int | float:
     except ValueError:
         value = -1.0
     if not math.isfinite(value) or value < 0:
-        raise BadQuery(f"Query parameter {key} must be a non-negative number of seconds, "
-                       f"got {raw!r}")
+        raise BadQuery(
+            f"Query parameter {key} must be a non-negative number of seconds, got {raw!r}"
+        )
     return _json_seconds(value)

@@ -37,20 +37,41 @@ def kvcached_doc(vllm_port: int, sglang_port: int, router_port: int) -> dict[str
     return {
         "kvcached": {"kvcached_gpu_utilization": 0.95, "kvcached_log_level": "INFO"},
         "router": {"enable_router": True, "router_port": router_port, "router_host": "localhost"},
-        "sleep_manager": {"idle_threshold_seconds": 300, "check_interval_seconds": 60,
-                          "auto_sleep_enabled": False, "wakeup_on_request": True,
-                          "min_sleep_duration": 80},
+        "sleep_manager": {
+            "idle_threshold_seconds": 300,
+            "check_interval_seconds": 60,
+            "auto_sleep_enabled": False,
+            "wakeup_on_request": True,
+            "min_sleep_duration": 80,
+        },
         "instances": [
-            {"name": "instance1", "model": V, "engine": "vllm", "using_venv": True,
-             "venv_path": "./no-such-venv/.venv",
-             "kvcached_env": ["ENABLE_KVCACHED=true", "KVCACHED_AUTOPATCH=1"],
-             "engine_env": ["VLLM_SERVER_DEV_MODE=1"],
-             "engine_args": ["--host=localhost", f"--port={vllm_port}",
-                             "--gpu-memory-utilization 0.5", "--enable-sleep-mode"]},
-            {"name": "instance2", "model": S, "engine": "sglang", "using_venv": True,
-             "venv_path": "./no-such-venv/.venv",
-             "engine_args": ["--host=localhost", f"--port={sglang_port}",
-                             "--enable-memory-saver"]},
+            {
+                "name": "instance1",
+                "model": V,
+                "engine": "vllm",
+                "using_venv": True,
+                "venv_path": "./no-such-venv/.venv",
+                "kvcached_env": ["ENABLE_KVCACHED=true", "KVCACHED_AUTOPATCH=1"],
+                "engine_env": ["VLLM_SERVER_DEV_MODE=1"],
+                "engine_args": [
+                    "--host=localhost",
+                    f"--port={vllm_port}",
+                    "--gpu-memory-utilization 0.5",
+                    "--enable-sleep-mode",
+                ],
+            },
+            {
+                "name": "instance2",
+                "model": S,
+                "engine": "sglang",
+                "using_venv": True,
+                "venv_path": "./no-such-venv/.venv",
+                "engine_args": [
+                    "--host=localhost",
+                    f"--port={sglang_port}",
+                    "--enable-memory-saver",
+                ],
+            },
         ],
     }
 
@@ -59,10 +80,19 @@ def kvcached_doc(vllm_port: int, sglang_port: int, router_port: int) -> dict[str
 async def serving(config: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """`kvsleep serve --config FILE ARGS`, stopped with SIGTERM afterwards."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvsleep", "serve", "--config", str(config), *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, cwd=config.parent,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+        sys.executable,
+        "-m",
+        "kvsleep",
+        "serve",
+        "--config",
+        str(config),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=config.parent,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
     try:
         yield proc
     finally:
@@ -75,8 +105,9 @@ async def serving(config: Path, *args: str) -> AsyncIterator[asyncio.subprocess.
             await proc.wait()
 
 
-async def wait_ready(session: aiohttp.ClientSession, url: str,
-                     proc: asyncio.subprocess.Process) -> None:
+async def wait_ready(
+    session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process
+) -> None:
     for _ in range(300):
         if proc.returncode is not None:
             assert proc.stderr is not None
@@ -99,8 +130,10 @@ async def engines(sim_factory):
 def write_config(tmp_path: Path, engines: Any, **top: Any) -> tuple[Path, str]:
     vllm, sglang = engines
     port = free_port()
-    doc = {**kvcached_doc(int(vllm.url.rsplit(":", 1)[1]), int(sglang.url.rsplit(":", 1)[1]),
-                          port), **top}
+    doc = {
+        **kvcached_doc(int(vllm.url.rsplit(":", 1)[1]), int(sglang.url.rsplit(":", 1)[1]), port),
+        **top,
+    }
     path = tmp_path / "kvcached.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path, f"http://127.0.0.1:{port}"
@@ -109,8 +142,7 @@ def write_config(tmp_path: Path, engines: Any, **top: Any) -> tuple[Path, str]:
 @pytest.mark.parametrize("how", ["flag", "config key"])
 async def test_attach_routes_to_running_engines_and_launches_none(how, engines, tmp_path):
     vllm, sglang = engines
-    path, url = write_config(tmp_path, engines, **({"attach": True} if how == "config key"
-                                                   else {}))
+    path, url = write_config(tmp_path, engines, **({"attach": True} if how == "config key" else {}))
     args = ("--attach",) if how == "flag" else ()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
         async with serving(path, *args) as proc:
@@ -124,7 +156,8 @@ async def test_attach_routes_to_running_engines_and_launches_none(how, engines, 
                 models = (await resp.json())["models"]
             assert {m: d["endpoint"] for m, d in models.items()} == {
                 V: vllm.url.replace("127.0.0.1", "localhost"),
-                S: sglang.url.replace("127.0.0.1", "localhost")}
+                S: sglang.url.replace("127.0.0.1", "localhost"),
+            }
             # Sleep and wake reach the attached engines.
             async with session.post(url + f"/action/sleep/{V}") as resp:
                 assert (resp.status, (await resp.json())["success"]) == (200, True)
@@ -158,5 +191,4 @@ def test_attach_is_a_validated_config_key(tmp_path):
     assert parse_config({**doc, "attach": True}).attach is True
     with pytest.raises(ConfigError) as caught:
         parse_config({**doc, "attach": "yes"})
-    assert caught.value.problems == [
-        "<config>: attach: expected true or false, got string 'yes'"]
+    assert caught.value.problems == ["<config>: attach: expected true or false, got string 'yes'"]
