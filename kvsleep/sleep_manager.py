@@ -65,13 +65,15 @@ class SleepConfig:
     idle_policy: str = SleepPolicy.idle_policy
     min_idle_threshold_seconds: float = SleepPolicy.min_idle_threshold_seconds
     max_idle_threshold_seconds: float = SleepPolicy.max_idle_threshold_seconds
+    # The managers whose models follow this config's policy fields.
+    _managers: weakref.WeakSet[SleepManager] = field(
+        default_factory=weakref.WeakSet, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.vllm_models_config is None:
             self.vllm_models_config = {}
         if self.sglang_models_config is None:
             self.sglang_models_config = {}
-        object.__setattr__(self, "_managers", weakref.WeakSet())
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -155,7 +157,7 @@ class ModelSlot:
 class SleepManager:
     """Owns model state; see the module docstring."""
 
-    def __init__(self, config: SleepConfig | None = None,
+    def __init__(self, config: SleepConfig | SleepPolicy | None = None,
                  traffic_monitor: TrafficMonitor | None = None, *,
                  metrics: Metrics | None = None, state_store: StateStore | None = None,
                  clock: Callable[[], float] = time.time,
@@ -206,7 +208,8 @@ class SleepManager:
             value = SleepConfig.from_policy(
                 value, vllm_models_config=self._config.models_of("vllm"),
                 sglang_models_config=self._config.models_of("sglang"))
-        value._managers.add(self)  # type: ignore[attr-defined]
+        self._config._managers.discard(self)
+        value._managers.add(self)
         self._config = value
 
     @property
