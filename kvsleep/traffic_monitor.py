@@ -13,6 +13,7 @@ uses still becomes idle and can be slept; the kvcached views of traffic (`get_tr
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -93,22 +94,20 @@ class ModelActivityStats:
         else:
             self.failed_requests += 1
 
-    def note_arrival(self, now: float) -> None:
-        second = float(int(now))
-        if self._buckets and self._buckets[-1][0] == second:
-            self._buckets[-1][1] += 1
-        elif self._buckets and self._buckets[-1][0] > second:
-            # An older timestamp (add_request from replayed history): kept in order.
-            for bucket in self._buckets:
-                if bucket[0] == second:
-                    bucket[1] += 1
-                    break
+    def note_arrival(self, when: float) -> None:
+        second = float(int(when))
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == second:
+            buckets[-1][1] += 1
+        elif not buckets or buckets[-1][0] < second:
+            buckets.append([second, 1])
+        else:  # an earlier time (add_request of a past request): keep the buckets in order
+            i = bisect.bisect_left([b[0] for b in buckets], second)
+            if buckets[i][0] == second:
+                buckets[i][1] += 1
             else:
-                self._buckets.append([second, 1])
-                self._buckets = deque(sorted(self._buckets))
-        else:
-            self._buckets.append([second, 1])
-        self.prune(second)
+                buckets.insert(i, [second, 1])
+        self.prune(buckets[-1][0])
 
     def prune(self, now: float) -> None:
         """Drop rate history older than the longest window anyone may ask for."""

@@ -155,6 +155,10 @@ def test_model_activity_stats_as_kvcached_builds_and_feeds_them():
     assert stats.get_request_rate(60) == 3 / 60
     clock.advance(10)
     assert stats.get_idle_time() == 10 and stats.is_idle(5) and not stats.is_idle()
+    # A past request fed late counts in the windows it falls in; activity does not go back.
+    stats.add_request(RequestStats(clock.now - 100, V, "/v1/completions", response_time=2.0))
+    assert stats.get_request_rate(60) == 3 / 60 and stats.get_request_rate(200) == 4 / 200
+    assert stats.last_activity_time == clock.now - 10
 
 
 async def test_traffic_monitor_lists_only_models_that_saw_traffic():
