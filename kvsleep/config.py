@@ -227,7 +227,7 @@ def load_config(path: str, *, secrets: bool = True) -> Config:
 
 # What a running kvsleep cannot change: its listener, its files, its peers, the engines it runs.
 _RESTART_ROUTER_KEYS = ("host", "port", "listen_backlog", "shutdown_grace_seconds")
-_RESTART_KEYS = ("state_dir", "log_dir", "fleet", "policy_source")
+_RESTART_KEYS = ("state_dir", "log_dir", "fleet", "policy_source", "attach")
 _LAUNCH_KEYS = ("url", "command", "engine_args", "env", "venv_path", "log_file",
                 "ready_timeout_seconds")
 
@@ -238,6 +238,8 @@ def needs_restart(old: Config, new: Config) -> list[str]:
     keys = [f"router.{key}" for key in _RESTART_ROUTER_KEYS
             if getattr(old.router, key) != getattr(new.router, key)]
     keys += [key for key in _RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+    if old.attach and new.attach:
+        return keys  # nothing is launched: engines come and go with a reload
     before = {model.name: model for model in old.models}
     for i, model in enumerate(new.models):
         was = before.pop(model.name, None)

@@ -40,14 +40,28 @@ log = logging.getLogger(__name__)
 POLICY_KEYS = tuple(f.name for f in dataclasses.fields(SleepPolicy))
 
 
+def _with_policy_fields(cls: type) -> type:
+    """Add every SleepPolicy key the class does not declare, with the config file's default, so
+    that SleepConfig carries the whole policy, keys kvsleep adds later included."""
+    annotations = cls.__annotations__  # the class body's own (mutated here)
+    for policy_field in dataclasses.fields(SleepPolicy):
+        if policy_field.name not in annotations:
+            annotations[policy_field.name] = policy_field.type
+            setattr(cls, policy_field.name, field(
+                default=policy_field.default, default_factory=policy_field.default_factory))
+    return cls
+
+
 @dataclass
+@_with_policy_fields
 class SleepConfig:
     """The kvcached controller's SleepConfig: mutable, its fields and class defaults first.
 
     Assigning a policy field of a manager's config (`manager.config.min_sleep_duration = 120`)
     applies it to every model of that manager, as `update_config` does. The class default of
     `min_sleep_duration` is kvcached's class default (60); a config *file* without the key gets
-    the seed's documented 80 (SleepPolicy). The other fields are kvsleep's policy keys.
+    the seed's documented 80 (SleepPolicy). kvsleep's other policy keys follow, with the config
+    file's defaults.
     """
 
     idle_threshold_seconds: float = 300
@@ -58,13 +72,6 @@ class SleepConfig:
     # model name -> {"host": ..., "port": ...}; kept in step with the manager's models
     vllm_models_config: dict[str, dict[str, Any]] | None = None
     sglang_models_config: dict[str, dict[str, Any]] | None = None
-    wake_timeout_seconds: float = SleepPolicy.wake_timeout_seconds
-    max_held_requests: int = SleepPolicy.max_held_requests
-    min_awake_seconds: float = SleepPolicy.min_awake_seconds
-    drain_timeout_seconds: float = SleepPolicy.drain_timeout_seconds
-    idle_policy: str = SleepPolicy.idle_policy
-    min_idle_threshold_seconds: float = SleepPolicy.min_idle_threshold_seconds
-    max_idle_threshold_seconds: float = SleepPolicy.max_idle_threshold_seconds
     # The managers whose models follow this config's policy fields.
     _managers: weakref.WeakSet[SleepManager] = field(
         default_factory=weakref.WeakSet, init=False, repr=False, compare=False)

@@ -192,3 +192,18 @@ def test_attach_is_a_validated_config_key(tmp_path):
     with pytest.raises(ConfigError) as caught:
         parse_config({**doc, "attach": "yes"})
     assert caught.value.problems == ["<config>: attach: expected true or false, got string 'yes'"]
+
+
+def test_attach_takes_a_restart_and_attached_engines_come_and_go_by_reload():
+    from kvsleep.config import needs_restart, parse_config
+
+    doc = kvcached_doc(12346, 30000, 8080)
+    third = {"model": "org/third", "engine": "vllm", "engine_args": ["--port=12347"]}
+    grown = {**doc, "instances": [*doc["instances"], third]}
+    assert needs_restart(parse_config(doc), parse_config({**doc, "attach": True})) == ["attach"]
+    # Attached, an engine added or removed is a plain reload: nothing is launched.
+    attached = parse_config({**doc, "attach": True})
+    assert needs_restart(attached, parse_config({**grown, "attach": True})) == []
+    assert needs_restart(parse_config({**grown, "attach": True}), attached) == []
+    # Not attached, the new instance is an engine to launch: a restart.
+    assert needs_restart(parse_config(doc), parse_config(grown)) != []

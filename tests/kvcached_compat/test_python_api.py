@@ -8,6 +8,7 @@ The expected signatures are kvcached's documented API (its README and the contro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import socket
 from collections import defaultdict
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yarl
 
-from kvsleep.config import parse_config
+from kvsleep.config import SleepPolicy, parse_config
 from kvsleep.sleep_manager import SleepConfig, SleepManager
 from kvsleep.traffic_monitor import ModelActivityStats, RequestStats, TrafficMonitor
 from tests.kvsleep_harness import FakeClock
@@ -123,6 +124,16 @@ def test_sleep_config_has_kvcached_class_defaults_and_is_mutable():
     config.min_sleep_duration = 5
     assert config.min_sleep_duration == 5
     assert SleepConfig(vllm_models_config=None).vllm_models_config == {}
+    # Every kvsleep policy key is there, with the config file's default.
+    for key in (f.name for f in dataclasses.fields(SleepPolicy)):
+        if key not in (
+            "idle_threshold_seconds",
+            "check_interval_seconds",
+            "auto_sleep_enabled",
+            "wakeup_on_request",
+            "min_sleep_duration",
+        ):
+            assert getattr(SleepConfig(), key) == getattr(SleepPolicy(), key), key
 
 
 def test_config_files_keep_the_seed_defaults():
