@@ -43,6 +43,10 @@ class SleepPolicy:
     idle_policy: str = "fixed"
     min_idle_threshold_seconds: float = 30.0
     max_idle_threshold_seconds: float = 3600.0
+    # After a failed sleep, idle sleeps of the model wait this long, doubling with each further
+    # failure up to the maximum; a success, a reload or an engine restart starts over.
+    sleep_retry_initial_seconds: float = 30.0
+    sleep_retry_max_seconds: float = 1800.0
 
 
 IDLE_POLICIES = ("fixed", "adaptive")
@@ -644,6 +648,8 @@ _POLICY_FIELDS: dict[str, _Converter] = {
     "idle_policy": _choice(*IDLE_POLICIES),
     "min_idle_threshold_seconds": _seconds,
     "max_idle_threshold_seconds": _positive_seconds,
+    "sleep_retry_initial_seconds": _seconds,
+    "sleep_retry_max_seconds": _seconds,
 }
 
 _ROUTER_FIELDS: dict[str, _Converter] = {

@@ -212,6 +212,9 @@ class KvcachedRoutes:
                 "seconds_in_state": now - slot.state_since,
                 "wake_eta_seconds": manager.wake_eta(slot),
                 "waiting_for_memory": slot.waiting_for_memory,
+                "cannot_sleep": slot.cannot_sleep,
+                "sleep_failures": slot.sleep_failures,
+                "next_sleep_attempt": slot.sleep_retry_at if slot.sleep_retry_at > now else None,
             }
             for name, slot in manager.slots.items()
         }

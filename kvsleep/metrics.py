@@ -55,6 +55,8 @@ class ModelSnapshot:
     engine_up: bool | None
     wake_eta_seconds: float | None = None
     waiting_for_memory: bool = False
+    cannot_sleep: bool = False
+    sleep_failures: int = 0
 
 
 class SnapshotSource(Protocol):
@@ -110,6 +112,17 @@ class _StateCollector(Collector):
             "1 while a wake of the model waits for room in its GPUs' memory budget.",
             labels=["model"],
         )
+        cannot_sleep = GaugeMetricFamily(
+            "kvsleep_model_cannot_sleep",
+            "1 when the model's engine has no sleep route (404/405): idle sleeps stop until a "
+            "reload or an engine restart.",
+            labels=["model"],
+        )
+        failures = GaugeMetricFamily(
+            "kvsleep_model_sleep_failures",
+            "Failed sleeps of the model in a row; idle sleeps back off exponentially meanwhile.",
+            labels=["model"],
+        )
         for snap in self._source.model_snapshots():
             for candidate in ModelState:
                 current = 1.0 if candidate is snap.state else 0.0
@@ -123,7 +136,10 @@ class _StateCollector(Collector):
             if snap.wake_eta_seconds is not None:
                 eta.add_metric([snap.name], snap.wake_eta_seconds)
             blocked.add_metric([snap.name], 1.0 if snap.waiting_for_memory else 0.0)
-        yield from (state, in_flight, held, last_seen, threshold, up, eta, blocked)
+            cannot_sleep.add_metric([snap.name], 1.0 if snap.cannot_sleep else 0.0)
+            failures.add_metric([snap.name], snap.sleep_failures)
+        yield from (state, in_flight, held, last_seen, threshold, up, eta, blocked,
+                    cannot_sleep, failures)
         budget = GaugeMetricFamily("kvsleep_gpu_memory_budget_bytes",
                                    "GPU memory the configuration lets models hold.",
                                    labels=["gpu"])

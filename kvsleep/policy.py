@@ -34,6 +34,8 @@ class ModelView:
     deferred_wake: str | None = None
     owned: bool = True
     sleep_allowed: bool = True
+    sleep_retry_at: float = 0.0
+    cannot_sleep: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,31 @@ def idle_seconds(view: ModelView, now: float) -> float:
 
 
 def sleep_candidate(view: ModelView, now: float) -> bool:
-    """Awake, not pinned, nothing in flight, idle past its threshold and the anti-flap floor."""
+    """Awake, not pinned, nothing in flight, idle past its threshold and the anti-flap floor,
+    able to sleep and not backing off after a failed sleep."""
     return (
         view.state is ModelState.AWAKE
         and view.owned
         and view.sleep_allowed
         and not view.always_on
         and not view.busy
+        and not view.cannot_sleep
+        and now >= view.sleep_retry_at
         and idle_seconds(view, now) >= view.policy.idle_threshold_seconds
         and now - view.state_since >= view.policy.min_awake_seconds
     )
+
+
+def sleep_retry_delay(failures: int, policy: SleepPolicy) -> float:
+    """How long idle sleeps wait after `failures` failed sleeps in a row: exponential, capped.
+
+    Without it a model whose sleeps fail is retried at every idle threshold, forever (30 calls
+    in 3 minutes at a 5 s threshold), each one a drain that holds the model's requests.
+    """
+    if failures <= 0:
+        return 0.0
+    delay = policy.sleep_retry_initial_seconds * 2.0 ** min(failures - 1, 62)
+    return min(delay, policy.sleep_retry_max_seconds)
 
 
 def heal(view: ModelView) -> Adopt | None:

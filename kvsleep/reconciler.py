@@ -79,6 +79,8 @@ class Reconciler:
             previous_up, slot.engine_up = slot.engine_up, obs.up
             if previous_up and not obs.up:
                 log.warning("model %s: engine unreachable: %s", slot.cfg.name, obs.detail)
+            if previous_up is False and obs.up:
+                slot.reset_sleep_backoff()  # back after being down: maybe restarted, new flags
         now = manager.clock()
         manager.thresholds.keep_only(manager.slots)
         actions = policy.decide(views, now)

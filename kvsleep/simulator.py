@@ -636,6 +636,9 @@ class SimEngine:
         except _ApiError as error:
             return self.error_response(error)
         except web.HTTPNotFound:  # FastAPI's body, which clients of both engines see
+            # Counted (not exported: a path is client input) so tests can see calls to routes
+            # an engine lacks, e.g. /sleep without dev mode.
+            self.calls[f"{request.method} {request.path} (404)"] += 1
             return web.json_response({"detail": "Not Found"}, status=404)
         except web.HTTPMethodNotAllowed:
             return web.json_response({"detail": "Method Not Allowed"}, status=405)

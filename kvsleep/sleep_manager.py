@@ -28,7 +28,13 @@ import aiohttp
 from kvsleep import policy
 from kvsleep.adaptive import Thresholds
 from kvsleep.config import ModelConfig, SleepPolicy
-from kvsleep.engines import EngineAdapter, RetryPolicy, SessionSource, adapter_for
+from kvsleep.engines import (
+    EngineAdapter,
+    RetryPolicy,
+    SessionSource,
+    SleepUnsupported,
+    adapter_for,
+)
 from kvsleep.metrics import Metrics, ModelSnapshot
 from kvsleep.policy_source import FleetTraffic
 from kvsleep.reconciler import Reconciler
@@ -152,9 +158,19 @@ class ModelSlot:
     wake_history: deque[float] = field(default_factory=lambda: deque(maxlen=WAKE_HISTORY))
     sleep_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
     wake_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
+    # Failed sleeps in a row, when idle sleeps may try again, and why the engine cannot sleep
+    # at all (no sleep route); all three reset on a success, a reload or an engine restart.
+    sleep_failures: int = 0
+    sleep_retry_at: float = 0.0
+    cannot_sleep: str | None = None
 
     def __post_init__(self) -> None:
         self.drained.set()
+
+    def reset_sleep_backoff(self) -> None:
+        self.sleep_failures = 0
+        self.sleep_retry_at = 0.0
+        self.cannot_sleep = None
 
     @property
     def busy(self) -> bool:
@@ -302,6 +318,8 @@ class SleepManager:
         slot.cfg = cfg
         slot.adapter.model = cfg
         self._list_engine(cfg, {"host": cfg.host, "port": str(cfg.port)})
+        # A reload is how an operator says "the engine was fixed": sleeps may be tried again.
+        slot.reset_sleep_backoff()
 
     def update_config(self, **kwargs: object) -> None:
         """Change policy keys for every model at once (the kvcached controller's API)."""
@@ -561,19 +579,30 @@ class SleepManager:
         except Exception as exc:  # any failure must leave the model serving, not stuck
             observed = await slot.adapter.observe(ModelState.SLEEPING)
             if observed.asleep is not True:
-                self._sleep_failed(slot, reason, str(exc))
+                self._sleep_failed(slot, reason, str(exc),
+                                   unsupported=isinstance(exc, SleepUnsupported))
                 return
         self.metrics.sleep_duration.labels(name).observe(time.monotonic() - started)
         self.metrics.sleeps.labels(name, reason, "ok").inc()
         slot.slept_at = self.clock()
         slot.last_error = None
+        slot.reset_sleep_backoff()
         self._set_state(slot, ModelState.ASLEEP)
         await self.flush()
         log.info("model %s is asleep (reason: %s)", name, reason)
         self._settle(slot.sleep_outcomes, True)
 
-    def _sleep_failed(self, slot: ModelSlot, reason: str, error: str) -> None:
-        log.warning("sleeping model %s failed, it stays awake: %s", slot.cfg.name, error)
+    def _sleep_failed(self, slot: ModelSlot, reason: str, error: str,
+                      unsupported: bool = False) -> None:
+        slot.sleep_failures += 1
+        delay = policy.sleep_retry_delay(slot.sleep_failures, slot.cfg.policy)
+        slot.sleep_retry_at = self.clock() + delay
+        if unsupported:
+            slot.cannot_sleep = error
+            log.error("model %s cannot sleep, it stays awake: %s", slot.cfg.name, error)
+        else:
+            log.warning("sleeping model %s failed (%d in a row), it stays awake; idle sleeps "
+                        "wait %gs: %s", slot.cfg.name, slot.sleep_failures, delay, error)
         self.metrics.sleeps.labels(slot.cfg.name, reason, "error").inc()
         slot.last_error = error
         slot.want_awake = True
@@ -703,6 +732,7 @@ class SleepManager:
             slot.worker.cancel()
         slot.engine_up = False
         slot.last_error = problem or "engine exited; restarting"
+        slot.reset_sleep_backoff()  # the new process may have other flags
         slot.want_awake = True
         self._set_state(slot, ModelState.WAKING)
         slot.worker = asyncio.create_task(self._await_restart(slot, ready),
@@ -732,7 +762,9 @@ class SleepManager:
         if action.state is ModelState.ASLEEP:
             slot.slept_at = self.clock()
         self._set_state(slot, action.state)
-        if slot.waiters and action.state is not ModelState.AWAKE:
+        if (slot.waiters or slot.in_engine) and action.state is not ModelState.AWAKE:
+            # Requests held for it, or already inside an engine slept behind our back (vLLM
+            # queues them until a wake that nobody else will send): wake it for them.
             self.request_wake(action.model, "request")
         return True
 
@@ -772,6 +804,7 @@ class SleepManager:
             observation=observation, slept_at=slot.slept_at, deferred_wake=slot.deferred_wake,
             owned=self.owns(slot.cfg.name),
             sleep_allowed=fleet is not None or not fleet_mode,
+            sleep_retry_at=slot.sleep_retry_at, cannot_sleep=slot.cannot_sleep is not None,
         )
 
     def model_snapshots(self) -> Iterator[ModelSnapshot]:
@@ -785,6 +818,8 @@ class SleepManager:
                 idle_threshold_seconds=self.thresholds.threshold_for(slot.cfg),
                 engine_up=slot.engine_up, wake_eta_seconds=self.wake_eta(slot),
                 waiting_for_memory=slot.waiting_for_memory is not None,
+                cannot_sleep=slot.cannot_sleep is not None,
+                sleep_failures=slot.sleep_failures,
             )
 
     def gpu_snapshots(self) -> Iterator[tuple[int, float, float]]:

@@ -13,6 +13,7 @@ from kvsleep.engines.base import (
     Observation,
     RetryPolicy,
     SessionSource,
+    SleepUnsupported,
 )
 from kvsleep.engines.sglang import SGLangAdapter
 from kvsleep.engines.vllm import VLLMAdapter
@@ -32,5 +33,6 @@ __all__ = [
     "Observation",
     "RetryPolicy",
     "SessionSource",
+    "SleepUnsupported",
     "adapter_for",
 ]

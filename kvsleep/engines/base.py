@@ -21,11 +21,19 @@ from kvsleep.sleep_state import ModelState
 
 
 class EngineError(Exception):
-    """An engine call failed. `retryable` is true only when repeating it cannot do harm."""
+    """An engine call failed. `retryable` is true only when repeating it cannot do harm;
+    `status` is the engine's HTTP status where it answered one."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False,
+                 status: int | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.status = status
+
+
+class SleepUnsupported(EngineError):
+    """The engine has no sleep route (404/405): asking again cannot help until it is restarted
+    with other flags, so the model is marked "cannot sleep" instead of retried."""
 
 
 @dataclass(frozen=True)
@@ -126,9 +134,11 @@ class EngineAdapter(ABC):
         if resp.status == 404:
             return None
         if resp.status >= 500:
-            raise EngineError(f"{method} {path}: HTTP {resp.status}", retryable=retry_on_5xx)
+            raise EngineError(f"{method} {path}: HTTP {resp.status}", retryable=retry_on_5xx,
+                              status=resp.status)
         if resp.status >= 400:
-            raise EngineError(f"{method} {path}: HTTP {resp.status} {await resp.text()}")
+            raise EngineError(f"{method} {path}: HTTP {resp.status} {await resp.text()}",
+                              status=resp.status)
         return resp
 
     async def reachable(self, path: str) -> Observation:

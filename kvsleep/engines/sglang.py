@@ -6,7 +6,7 @@ import errno
 
 import aiohttp
 
-from kvsleep.engines.base import EngineAdapter, EngineError, Observation
+from kvsleep.engines.base import EngineAdapter, EngineError, Observation, SleepUnsupported
 from kvsleep.sleep_state import ModelState
 
 
@@ -27,10 +27,17 @@ class SGLangAdapter(EngineAdapter):
     _gone = False
 
     async def sleep(self) -> None:
-        resp = await self.call("POST", "/release_memory_occupation", json={},
-                               timeout=self.retry.sleep_timeout_seconds)
+        try:
+            resp = await self.call("POST", "/release_memory_occupation", json={},
+                                   timeout=self.retry.sleep_timeout_seconds)
+        except EngineError as exc:
+            if exc.status == 405:
+                raise SleepUnsupported("POST /release_memory_occupation is not allowed (405)",
+                                       status=405) from exc
+            raise
         if resp is None:
-            raise EngineError("POST /release_memory_occupation is missing (404)")
+            raise SleepUnsupported("POST /release_memory_occupation is missing (404)",
+                                   status=404)
         self._resumed = self._gone = False
 
     async def wake(self) -> None:

@@ -6,11 +6,14 @@ import asyncio
 
 import aiohttp
 
-from kvsleep.engines.base import EngineAdapter, EngineError, Observation
+from kvsleep.engines.base import EngineAdapter, EngineError, Observation, SleepUnsupported
 from kvsleep.sleep_state import ModelState
 
 _NO_DEV_MODE = ("sleep routes are missing (404): start vLLM with VLLM_SERVER_DEV_MODE=1 "
                 "and --enable-sleep-mode")
+_NO_SLEEP = ("vLLM has no sleep route (POST /sleep answered {status}): start it with "
+             "VLLM_SERVER_DEV_MODE=1 and, on GPUs, --enable-sleep-mode; kvsleep stops putting "
+             "this model to sleep until a reload or an engine restart")
 
 
 class VLLMAdapter(EngineAdapter):
@@ -25,10 +28,15 @@ class VLLMAdapter(EngineAdapter):
 
     async def sleep(self) -> None:
         level = self.model.sleep_level
-        resp = await self.call("POST", "/sleep", params={"level": str(level), "mode": "wait"},
-                               timeout=self.retry.sleep_timeout_seconds)
+        try:
+            resp = await self.call("POST", "/sleep", params={"level": str(level), "mode": "wait"},
+                                   timeout=self.retry.sleep_timeout_seconds)
+        except EngineError as exc:
+            if exc.status == 405:
+                raise SleepUnsupported(_NO_SLEEP.format(status=405), status=405) from exc
+            raise
         if resp is None:
-            raise EngineError(_NO_DEV_MODE)
+            raise SleepUnsupported(_NO_SLEEP.format(status=404), status=404)
 
     async def wake(self) -> None:
         timeout = self.retry.wake_timeout_seconds
