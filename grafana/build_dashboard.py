@@ -363,6 +363,7 @@ def panels() -> list[dict[str, Any]]:
                 (histogram_quantile(0.9, "kvsleep_sleep_duration_seconds"), "{{model}} sleep p90"),
             ],
             "s",
+            w=8,
             min_value=0,
             overrides=[dashed("sleep p90$")],
         )
@@ -377,6 +378,20 @@ def panels() -> list[dict[str, Any]]:
             "short",
             w=4,
             options={"colorMode": "value", "graphMode": "area"},
+        )
+    )
+    add(
+        panel(
+            lay,
+            "stat",
+            "Models that cannot sleep",
+            "Models whose engine answered the sleep call with 404/405 (no sleep route, e.g. vLLM "
+            "without VLLM_SERVER_DEV_MODE=1): they stay awake until a reload or engine restart. "
+            "/sleep/status names them and why.",
+            [(f"sum(max by (model) (kvsleep_model_cannot_sleep{{{M}}}))", "cannot sleep")],
+            "short",
+            w=4,
+            options={"colorMode": "value", "graphMode": "none"},
         )
     )
     add(

@@ -336,6 +336,9 @@ class KvsleepServer:
                 if act.action == "sleep" and (owner := self.owner(act.model)) is not None:
                     self._background(self._ask_owner_to_sleep(owner, act.model))
                     outcome = f"sleep passed to owner {owner}"
+                elif act.action == "sleep" and (why := self.manager.slots[act.model]
+                                                .cannot_sleep) is not None:
+                    outcome = f"ignored: the model cannot sleep ({why})"
                 elif act.action == "sleep":
                     self.manager.request_sleep(act.model, "alert")
                     outcome = "sleep requested"

@@ -47,6 +47,7 @@ EXPECTED_ALERTS = {
     "KvsleepPolicySourceDown",
     "KvsleepWakeBlockedOnMemory",
     "KvsleepWakeEtaDrift",
+    "KvsleepModelCannotSleep",
 }
 # kvsleep metrics without a `model` label (every other one must honour the $model variable).
 NO_MODEL_LABEL = {

@@ -17,6 +17,7 @@ import yaml
 from kvsleep import policy
 from kvsleep.config import SleepPolicy
 from tests.kvsleep_harness import config_doc, post_json, sim_model, start_kvsleep
+from tests.test_alertmanager import alert, payload
 
 M = "org/llama"
 SLEEP_404 = "POST /sleep (404)"
@@ -71,6 +72,12 @@ async def test_vllm_without_dev_mode_is_asked_to_sleep_once_then_marked(sim_fact
             # with the reason, not a bare 404.
             code, body = await post_json(session, f"{kv.url}/models/{M}/sleep", None)
             assert code == 400 and "VLLM_SERVER_DEV_MODE=1" in body["message"]
+            # An alert asking for a sleep (KvsleepModelIdle) is not passed on: it cannot help.
+            code, body = await post_json(
+                session, f"{kv.url}/alertmanager/webhook", payload(alert(M, "sleep"))
+            )
+            assert code == 200
+            assert body["actions"][0]["result"].startswith("ignored: the model cannot sleep")
         assert engine.sim.calls[SLEEP_404] == 2
         assert engine.sim.hazards == {}
     finally:
