@@ -642,8 +642,9 @@ class SleepManager:
         """Before a wake: sleep LRU idle models until the model fits its GPUs' budgets.
 
         While no room can be made the model stays asleep and its requests stay held (each
-        bounded by its own timeout); the reason shows in /sleep/status. Gives up once nobody
-        waits for a request-driven wake, or after `wake_timeout_seconds` for any other.
+        bounded by its own timeout); the reason shows in /sleep/status. Gives up once no request
+        waits for a request-driven wake (held, or inside an engine slept behind our back), or
+        after `wake_timeout_seconds` for any other.
         """
         name = slot.cfg.name
         give_up = time.monotonic() + slot.cfg.policy.wake_timeout_seconds
@@ -661,7 +662,8 @@ class SleepManager:
                 if plan.reason != slot.waiting_for_memory:
                     log.info("model %s waits for GPU memory: %s", name, plan.reason)
                 slot.waiting_for_memory = plan.reason
-                nobody_waits = slot.wake_reason == "request" and not slot.waiters
+                nobody_waits = (slot.wake_reason == "request" and not slot.waiters
+                                and not slot.in_engine)
                 if nobody_waits or time.monotonic() > give_up:
                     slot.want_awake = False
                     slot.last_error = f"no GPU memory to wake: {plan.reason}"

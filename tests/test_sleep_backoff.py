@@ -194,3 +194,45 @@ def test_a_model_backing_off_or_unable_to_sleep_is_no_candidate():
     assert policy.sleep_candidate(backing_off, 150.0)
     unable = policy.ModelView(**{**view.__dict__, "cannot_sleep": True})
     assert not policy.sleep_candidate(unable, 10_000.0)
+
+
+async def test_a_model_slept_behind_our_back_makes_room_for_the_request_inside(
+    sim_factory, tmp_path
+):
+    """Waking it for the request inside needs room on its GPU: an idle neighbour is slept."""
+    engine = await sim_factory("vllm", M)
+    other = await sim_factory("vllm", "org/other")
+    doc = config_doc(
+        [sim_model(s, memory_gb=6, gpus=[0]) for s in (engine, other)],
+        tmp_path / "state",
+        idle_threshold_seconds=600,
+        gpus=[{"id": 0, "memory_gb": 10}],
+    )
+    kv = await start_kvsleep(doc)
+    try:
+        await kv.manager.request_sleep("org/other", "manual")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(engine.url + "/sleep?level=1") as resp:
+                assert resp.status == 200
+            await kv.reconcile()  # M is asleep, nothing inside: adopted, not woken
+            assert kv.state(M) == "asleep"
+            await kv.manager.request_wake("org/other", "manual")  # takes the GPU's room
+            async with session.post(engine.url + "/wake_up") as resp:
+                assert resp.status == 200
+            await kv.reconcile()  # M awake again behind our back: 12 GB on a 10 GB budget
+            assert kv.state(M) == "awake"
+            async with session.post(engine.url + "/sleep?level=1") as resp:
+                assert resp.status == 200
+            request = asyncio.create_task(complete(session, kv))
+            for _ in range(500):
+                if engine.sim.queued:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.sim.queued == 1
+            kv.clock.advance(60)  # org/other idle: it may be slept to make room
+            await kv.reconcile()
+            code, body = await asyncio.wait_for(request, 10)
+            assert code == 200 and body["choices"]
+        assert kv.state(M) == "awake" and kv.state("org/other") == "asleep"
+    finally:
+        await kv.close()
