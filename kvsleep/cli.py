@@ -88,11 +88,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config, path: str) -> int:
+    """Bind first (a taken port launches nothing), listen at once (requests for engines still
+    starting are held), then launch; SIGTERM is honoured at any point."""
+    from kvsleep.connections import bind
     from kvsleep.launcher import Launcher, LaunchError
     from kvsleep.server import KvsleepServer, serve
 
+    cfg = config.router
+    try:
+        sock = bind(cfg.host, cfg.port)
+    except OSError as exc:
+        print(f"kvsleep: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     server = KvsleepServer(config, config_path=path)
-    launcher = Launcher(server.manager, server.metrics, config.log_dir)
+    hidden = [cfg.admin_token_env] if cfg.admin_token_env else []
+    launcher = Launcher(server.manager, server.metrics, config.log_dir, config.state_dir,
+                        hidden_env=hidden)
+    launched = [m for m in config.models if m.launched and not config.attach]
+    launcher.prepare(launched)
+    server.launching = bool(launched)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -100,15 +115,30 @@ async def _serve(config: Config, path: str) -> int:
     loop.add_signal_handler(signal.SIGHUP, _reload_on_hup, server)
     if config.attach:
         _log_attach(config)
+    serving = asyncio.create_task(serve(server, stop, sock), name="kvsleep-serve")
+    launching = asyncio.create_task(launcher.start(), name="kvsleep-launch")
+    stopped = asyncio.create_task(stop.wait())
+    code = 0
     try:
-        await launcher.start([m for m in config.models if m.launched and not config.attach])
-        await serve(server, stop)
+        await asyncio.wait({launching, stopped, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if launching.done():
+            launching.result()  # a LaunchError ends kvsleep
+            server.launching = False
+            await asyncio.wait({stopped, serving}, return_when=asyncio.FIRST_COMPLETED)
     except LaunchError as exc:
         print(f"kvsleep: {exc}", file=sys.stderr)
-        return 1
+        code = 1
     finally:
-        await launcher.stop()
-    return 0
+        launching.cancel()
+        with contextlib.suppress(asyncio.CancelledError, LaunchError):
+            await launching
+        stop.set()
+        stopped.cancel()
+        try:
+            await serving
+        finally:
+            await launcher.stop()
+    return code
 
 
 def _log_attach(config: Config) -> None:

@@ -97,6 +97,8 @@ class ModelConfig:
     memory_gb: float | None = None
     gpus: tuple[int, ...] = ()
     wake_eta_seconds: float | None = None
+    # auto: a launched engine gets the sleep flags and env it lacks; none: its command as is.
+    engine_flags: str = "auto"
 
     @property
     def host(self) -> str:
@@ -692,6 +694,7 @@ _MODEL_EXTRA_FIELDS: dict[str, _Converter] = {
     "memory_gb": _optional(_number("GB", positive=True)),
     "gpus": _gpu_ids,
     "wake_eta_seconds": _optional(_seconds),
+    "engine_flags": _choice("auto", "none"),
     **_POLICY_FIELDS,
 }
 

@@ -94,7 +94,7 @@ class KvcachedRoutes:
                     name: {
                         "endpoint": slot.cfg.url,
                         "engine": slot.cfg.engine,
-                        "state": slot.state.value,
+                        "state": self.server.manager.reported_state(slot).value,
                     }
                     for name, slot in self.server.manager.slots.items()
                 }
@@ -113,7 +113,7 @@ class KvcachedRoutes:
             )
         doc: dict[str, Any] = {"model": name, "health": await self._health(name)}
         if name in slots:
-            doc["state"] = slots[name].state.value
+            doc["state"] = self.server.manager.reported_state(slots[name]).value
         return web.json_response(doc)
 
     async def _health(self, name: str) -> dict[str, bool]:
@@ -196,7 +196,7 @@ class KvcachedRoutes:
         now = self.server.clock()
         models = {
             name: {
-                "state": slot.state.value,
+                "state": manager.reported_state(slot).value,
                 "state_since": slot.state_since,
                 "engine": slot.cfg.engine,
                 "held_requests": len(slot.waiters),

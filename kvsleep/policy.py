@@ -159,7 +159,7 @@ def admission(state: ModelState, held: int, policy: SleepPolicy, *, size: int = 
     budget for held bodies has left."""
     if state is ModelState.AWAKE:
         return Admission.ADMIT
-    if not policy.wakeup_on_request and state is not ModelState.WAKING:
+    if not policy.wakeup_on_request and state not in (ModelState.WAKING, ModelState.STARTING):
         return Admission.REJECT_NO_WAKE
     if held >= policy.max_held_requests:
         return Admission.REJECT_QUEUE_FULL
@@ -277,6 +277,6 @@ def eta_remaining(state: ModelState, state_since: float, eta: float | None,
         return 0.0
     if eta is None:
         return None
-    if state is ModelState.WAKING:
+    if state in (ModelState.WAKING, ModelState.STARTING):
         return max(0.0, eta - (now - state_since))
     return eta

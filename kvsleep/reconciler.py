@@ -40,7 +40,8 @@ class Reconciler:
     async def sync(self) -> None:
         """Before serving: believe each engine's word where it has one, the state file otherwise."""
         stored = self.manager.state_store.load() if self.manager.state_store else {}
-        slots = list(self.manager.slots.values())
+        # A launched engine being started is the launcher's: nothing to probe or adopt yet.
+        slots = [s for s in self.manager.slots.values() if s.state is not ModelState.STARTING]
         observations = await asyncio.gather(
             *(self._observe(s.adapter, stored[s.cfg.name].state if s.cfg.name in stored
                             else ModelState.AWAKE) for s in slots))
@@ -65,7 +66,8 @@ class Reconciler:
         """One pass; returns the actions it took (for tests and logs)."""
         started = time.perf_counter()
         manager = self.manager
-        slots = [s for s in manager.slots.values() if not s.busy]
+        slots = [s for s in manager.slots.values()
+                 if not s.busy and s.state is not ModelState.STARTING and not s.stopped]
         versions = [s.version for s in slots]
         observations = await asyncio.gather(*(self._observe(s.adapter, s.state) for s in slots))
         fleet = (await self.source.fleet_traffic(s.cfg.name for s in slots)

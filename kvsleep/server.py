@@ -83,6 +83,7 @@ class KvsleepServer:
                                           self.metrics.client_connections.set, 0)
         self._apply_router(config)
         self.ready = False
+        self.launching = False  # launched engines' first start under way (kvsleep serve)
         self._tasks: set[asyncio.Task[None]] = set()
         self._mark_reload(True)
         self.app = self._build_app()
@@ -273,7 +274,7 @@ class KvsleepServer:
         created = int(self.clock())
         data = [
             {"id": name, "object": "model", "created": created, "owned_by": slot.cfg.engine,
-             "state": slot.state.value}
+             "state": self.manager.reported_state(slot).value}
             for name, slot in self.manager.slots.items()
         ]
         return web.json_response({"object": "list", "data": data})
@@ -282,9 +283,18 @@ class KvsleepServer:
         return web.Response(text="kvsleep is Healthy.\n")
 
     async def readiness(self, request: web.Request) -> web.Response:
-        if not self.ready:
-            return web.Response(status=503, text="kvsleep is not ready.\n")
-        return web.Response(text="kvsleep is Ready.\n")
+        """Ready once started and launched engines have had their first start, unless every
+        model is down; models starting or down are named either way."""
+        by_state: dict[ModelState, list[str]] = {}
+        for name, slot in self.manager.slots.items():
+            by_state.setdefault(self.manager.reported_state(slot), []).append(name)
+        starting, down = by_state.get(ModelState.STARTING, []), by_state.get(ModelState.DOWN, [])
+        details = "".join(f"{label}: {', '.join(names)}\n"
+                          for label, names in (("starting", starting), ("down", down)) if names)
+        all_down = bool(self.manager.slots) and len(down) == len(self.manager.slots)
+        if not self.ready or self.launching or all_down:
+            return web.Response(status=503, text="kvsleep is not ready.\n" + details)
+        return web.Response(text="kvsleep is Ready.\n" + details)
 
     # ---- control routes ------------------------------------------------------------------
 
@@ -466,10 +476,13 @@ async def listen(server: KvsleepServer, sock: socket.socket) -> web.AppRunner:
     return runner
 
 
-async def serve(server: KvsleepServer, stop: asyncio.Event) -> None:
-    """Serve until `stop` is set, then stop accepting and let in-flight requests finish."""
+async def serve(server: KvsleepServer, stop: asyncio.Event,
+                sock: socket.socket | None = None) -> None:
+    """Serve until `stop` is set, then stop accepting and let in-flight requests finish.
+
+    `sock`: the router's socket, already bound (kvsleep serve binds before launching)."""
     cfg = server.config.router
-    runner = await listen(server, bind(cfg.host, cfg.port))
+    runner = await listen(server, sock if sock is not None else bind(cfg.host, cfg.port))
     log.info("kvsleep listening on http://%s:%d with %d models", cfg.host, cfg.port,
              len(server.manager.slots))
     try:

@@ -108,6 +108,7 @@ class SleepConfig:
         return found
 
 HoldCallback = Callable[[], Awaitable[None]]
+Starter = Callable[[str], Awaitable[None]]
 AdapterFactory = Callable[[ModelConfig, SessionSource, RetryPolicy], EngineAdapter]
 
 WAKE_HISTORY = 10  # measured wakes the ETA is the median of
@@ -156,6 +157,11 @@ class ModelSlot:
     last_error: str | None = None
     waiting_for_memory: str | None = None
     wake_history: deque[float] = field(default_factory=lambda: deque(maxlen=WAKE_HISTORY))
+    start_history: deque[float] = field(default_factory=lambda: deque(maxlen=WAKE_HISTORY))
+    # A launched engine with no process: `queued` waits for its turn to start, `stopped` is
+    # started by its first request. Neither holds GPU memory.
+    queued: bool = False
+    stopped: bool = False
     sleep_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
     wake_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
     # Failed sleeps in a row, when idle sleeps may try again, and why the engine cannot sleep
@@ -210,6 +216,11 @@ class SleepManager:
         self.held_bytes = 0
         self.gpu_free: Callable[[], dict[int, float] | None] = lambda: None
         self._changed = asyncio.Event()
+        self._probes: set[asyncio.Task[None]] = set()
+        # Set by the launcher: starts a stopped engine (raises when it cannot), and notes
+        # sleep/wake events in a launched engine's log.
+        self.starter: Starter | None = None
+        self.on_event: Callable[[str, str], None] | None = None
         self.metrics.watch(self)
         # kvcached's SleepConfig names its engines; they become models here.
         for engine in ("vllm", "sglang"):
@@ -463,6 +474,10 @@ class SleepManager:
         self._changed = asyncio.Event()
 
     def wake_eta(self, slot: ModelSlot) -> float | None:
+        """Expected wake time; for a launched engine starting (or to be started), its measured
+        start time (unknown until one start has been measured)."""
+        if slot.state is ModelState.STARTING or slot.stopped:
+            return policy.wake_eta(list(slot.start_history), None)
         return policy.wake_eta(list(slot.wake_history), slot.cfg.wake_eta_seconds)
 
     def eta_remaining(self, slot: ModelSlot) -> float | None:
@@ -520,13 +535,42 @@ class SleepManager:
         outcome = asyncio.get_running_loop().create_future()
         slot.deferred_wake = None
         if slot.state is ModelState.AWAKE and slot.want_awake:
-            outcome.set_result(True)
+            # Awake only counts if its engine answers: waking an unreachable one fails.
+            task = asyncio.create_task(self._confirm_up(slot, outcome))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
             return outcome
         slot.want_awake = True
         slot.wake_reason = reason
         slot.wake_outcomes.append(outcome)
         self._kick(slot)
         return outcome
+
+    async def _confirm_up(self, slot: ModelSlot, outcome: asyncio.Future[bool]) -> None:
+        observed = await slot.adapter.observe(slot.state)
+        slot.engine_up = observed.up
+        if not observed.up:
+            slot.last_error = f"engine unreachable: {observed.detail}"
+        if not outcome.done():
+            outcome.set_result(observed.up)
+
+    def engine_unreachable(self, model_name: str, detail: str) -> None:
+        """The router could not connect: report the model down until a probe says otherwise."""
+        slot = self.slots.get(model_name)
+        if slot is not None and slot.state is ModelState.AWAKE:
+            if slot.engine_up is not False:
+                log.warning("model %s: engine unreachable: %s", model_name, detail)
+            slot.engine_up = False
+
+    def reported_state(self, slot: ModelSlot) -> ModelState:
+        """The state shown to operators: `down` for a settled model whose engine does not
+        answer, `asleep` for a launched engine that starts on its first request."""
+        if slot.stopped:
+            return ModelState.ASLEEP
+        if slot.engine_up is False and slot.state in (ModelState.AWAKE, ModelState.ASLEEP,
+                                                      ModelState.FAILED):
+            return ModelState.DOWN
+        return slot.state
 
     def defer_wake(self, model_name: str, reason: str) -> float | None:
         """Schedule a wake nobody's request asked for once `min_sleep_duration` has passed.
@@ -549,6 +593,8 @@ class SleepManager:
 
     async def _converge(self, slot: ModelSlot) -> None:
         while True:
+            if slot.state is ModelState.STARTING:
+                return  # the launcher ends it; outcomes are settled then
             if slot.waiters and slot.state is not ModelState.AWAKE:
                 # Held requests always get their wake, even if a sleep was asked for after
                 # they arrived; otherwise they would wait out wake_timeout for nothing.
@@ -590,6 +636,7 @@ class SleepManager:
         self._set_state(slot, ModelState.ASLEEP)
         await self.flush()
         log.info("model %s is asleep (reason: %s)", name, reason)
+        self._event(name, f"asleep (reason: {reason})")
         self._settle(slot.sleep_outcomes, True)
 
     def _sleep_failed(self, slot: ModelSlot, reason: str, error: str,
@@ -603,6 +650,7 @@ class SleepManager:
         else:
             log.warning("sleeping model %s failed (%d in a row), it stays awake; idle sleeps "
                         "wait %gs: %s", slot.cfg.name, slot.sleep_failures, delay, error)
+        self._event(slot.cfg.name, f"sleep failed, stays awake: {error}")
         self.metrics.sleeps.labels(slot.cfg.name, reason, "error").inc()
         slot.last_error = error
         slot.want_awake = True
@@ -613,6 +661,9 @@ class SleepManager:
         name, reason = slot.cfg.name, slot.wake_reason
         if self.gpu_budgets and not await self._make_room(slot):
             return
+        if slot.stopped and self.starter is not None:
+            await self._start_stopped(slot, reason)
+            return
         self._set_state(slot, ModelState.WAKING)
         await self._record_before_engine_call(slot)
         started = time.monotonic()
@@ -620,6 +671,7 @@ class SleepManager:
             await slot.adapter.wake()
         except Exception as exc:  # every waiter must get an answer, whatever went wrong
             log.warning("waking model %s failed: %s", name, exc)
+            self._event(name, f"wake failed: {exc}")
             self.metrics.wakes.labels(name, reason, "error").inc()
             slot.last_error = str(exc)
             slot.want_awake = False
@@ -636,7 +688,27 @@ class SleepManager:
         slot.manual_sleep = False
         self._set_state(slot, ModelState.AWAKE)
         log.info("model %s is awake (reason: %s)", name, reason)
+        self._event(name, f"awake (reason: {reason})")
         self._settle(slot.wake_outcomes, True)
+
+    async def _start_stopped(self, slot: ModelSlot, reason: str) -> None:
+        """Wake a launched engine that has no process: start it (the launcher's starter)."""
+        name = slot.cfg.name
+        assert self.starter is not None
+        self._set_state(slot, ModelState.STARTING)
+        try:
+            await self.starter(name)
+        except Exception as exc:  # every waiter must get an answer, whatever went wrong
+            self.metrics.wakes.labels(name, reason, "error").inc()
+            self.engine_failed(name, str(exc))
+            return
+        self.metrics.wakes.labels(name, reason, "ok").inc()
+        slot.stopped = False
+        self.engine_started(name)
+
+    def _event(self, name: str, text: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name, text)
 
     async def _make_room(self, slot: ModelSlot) -> bool:
         """Before a wake: sleep LRU idle models until the model fits its GPUs' budgets.
@@ -650,8 +722,8 @@ class SleepManager:
         give_up = time.monotonic() + slot.cfg.policy.wake_timeout_seconds
         try:
             while True:
-                plan = policy.plan_room(self._memory_view(slot), [
-                    self._memory_view(s) for s in self.slots.values() if s is not slot],
+                plan = policy.plan_room(self.memory_view(slot), [
+                    self.memory_view(s) for s in self.slots.values() if s is not slot],
                     self.gpu_budgets, self.gpu_free())
                 if plan.ok:
                     return True
@@ -677,19 +749,21 @@ class SleepManager:
         finally:
             slot.waiting_for_memory = None
 
-    def _memory_view(self, slot: ModelSlot) -> policy.MemoryView:
+    def memory_view(self, slot: ModelSlot) -> policy.MemoryView:
         stats = self.traffic_monitor.model_stats.get(slot.cfg.name)
         idle = slot.in_engine == 0 and not slot.waiters and (stats is None or not stats.in_flight)
         return policy.MemoryView(
             name=slot.cfg.name, gpus=slot.cfg.gpus, memory_gb=slot.cfg.memory_gb or 0.0,
-            state=slot.state, want_awake=slot.want_awake,
+            state=ModelState.ASLEEP if slot.queued or slot.stopped else slot.state,
+            want_awake=slot.want_awake,
             evictable=idle and not slot.cfg.always_on and not slot.busy,
             last_activity=stats.last_activity_time if stats else 0.0)
 
     def gpu_committed(self) -> dict[int, float]:
         """GB each budgeted GPU holds for models that are not asleep."""
         return {g: sum(s.cfg.memory_gb or 0.0 for s in self.slots.values()
-                       if g in s.cfg.gpus and s.state is not ModelState.ASLEEP)
+                       if g in s.cfg.gpus and s.state is not ModelState.ASLEEP
+                       and not s.queued and not s.stopped)
                 for g in self.gpu_budgets}
 
     @staticmethod
@@ -721,37 +795,87 @@ class SleepManager:
             return
         self._set_state(slot, ModelState.AWAKE)
 
-    def engine_restarting(self, model_name: str, ready: asyncio.Future[bool],
-                          problem: str | None = None) -> None:
-        """A launched engine died and is being restarted: hold its requests until it is ready.
+    # ---- launched engines (the launcher reports, requests are held meanwhile) ---------------
 
-        A fresh engine process holds its memory, so a successful restart ends awake.
-        """
+    def engine_starting(self, model_name: str, problem: str | None = None,
+                        queued: bool = False) -> None:
+        """A launched engine is (re)starting: hold its requests until it is ready. `queued`:
+        it waits for its turn and holds no memory yet."""
         slot = self.slots.get(model_name)
         if slot is None:
             return
-        if slot.worker is not None:
+        if slot.worker is not None and slot.state is not ModelState.STARTING:
             slot.worker.cancel()
-        slot.engine_up = False
-        slot.last_error = problem or "engine exited; restarting"
+        slot.engine_up = None if problem is None else False
+        slot.last_error = problem
         slot.reset_sleep_backoff()  # the new process may have other flags
         slot.want_awake = True
-        self._set_state(slot, ModelState.WAKING)
-        slot.worker = asyncio.create_task(self._await_restart(slot, ready),
-                                          name=f"kvsleep-restart-{model_name}")
+        slot.queued = queued
+        slot.stopped = False
+        if slot.state is not ModelState.STARTING:
+            self._set_state(slot, ModelState.STARTING)
+        if problem is not None:
+            self._event(model_name, problem)
 
-    async def _await_restart(self, slot: ModelSlot, ready: asyncio.Future[bool]) -> None:
-        if await ready:
-            slot.engine_up = True
-            slot.last_error = None
-            self._set_state(slot, ModelState.AWAKE)
-        else:
+    def engine_spawning(self, model_name: str) -> None:
+        if (slot := self.slots.get(model_name)) is not None:
+            slot.queued = False
+            if self.gpu_budgets:
+                self._signal_change()
+
+    def engine_started(self, model_name: str, took: float | None = None) -> None:
+        """A launched engine is ready: a fresh process is awake and holds its memory."""
+        slot = self.slots.get(model_name)
+        if slot is None:
+            return
+        if took is not None:
+            self.note_start_duration(model_name, took)
+        slot.engine_up = True
+        slot.last_error = None
+        slot.queued = slot.stopped = False
+        slot.want_awake = True
+        self._set_state(slot, ModelState.AWAKE)
+        self._event(model_name, "engine ready; awake")
+        self._settle(slot.wake_outcomes, True)
+        if slot.sleep_outcomes:
             slot.want_awake = False
-            self._set_state(slot, ModelState.FAILED)
-            self._reject_waiters(slot, "wake_failed", f"model `{slot.cfg.name}` engine failed to "
-                                 f"restart: {slot.last_error}", 503)
-        self._settle(slot.wake_outcomes, slot.state is ModelState.AWAKE)
+            self._kick(slot)
+
+    def note_start_duration(self, model_name: str, took: float) -> None:
+        if (slot := self.slots.get(model_name)) is not None:
+            slot.start_history.append(took)
+
+    def engine_failed(self, model_name: str, error: str) -> None:
+        """A launched engine could not be started: every held request gets its answer."""
+        slot = self.slots.get(model_name)
+        if slot is None:
+            return
+        slot.engine_up = False
+        slot.last_error = error
+        slot.want_awake = False
+        slot.queued = False
+        self._set_state(slot, ModelState.FAILED)
+        self._reject_waiters(slot, "wake_failed", f"model `{model_name}` engine failed to "
+                             f"start: {error}", 503)
+        self._settle(slot.wake_outcomes, False)
         self._settle(slot.sleep_outcomes, False)
+
+    def engine_deferred(self, model_name: str) -> None:
+        """A launched engine left unstarted (no room in its GPUs' budget): it is asleep in
+        effect, and its first request starts it."""
+        slot = self.slots.get(model_name)
+        if slot is None:
+            return
+        slot.stopped = True
+        slot.queued = False
+        slot.engine_up = None
+        slot.want_awake = False
+        slot.slept_at = self.clock()
+        self._set_state(slot, ModelState.ASLEEP)
+        self._settle(slot.sleep_outcomes, True)
+        if slot.waiters or slot.wake_outcomes:
+            slot.want_awake = True
+            self._kick(slot)
 
     def adopt(self, action: policy.Adopt) -> bool:
         """Take an engine's observed state, unless something changed since the probe."""
@@ -814,7 +938,7 @@ class SleepManager:
         for name, slot in self.slots.items():
             s = stats.get(name)
             yield ModelSnapshot(
-                name=name, state=slot.state,
+                name=name, state=self.reported_state(slot),
                 in_flight=s.in_flight if s else 0, held=len(slot.waiters),
                 last_request_timestamp=s.last_activity_time if s else 0.0,
                 idle_threshold_seconds=self.thresholds.threshold_for(slot.cfg),

@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class ModelState(str, enum.Enum):
-    """awake -> draining -> sleeping -> asleep -> waking -> awake; failed after a failed wake."""
+    """awake -> draining -> sleeping -> asleep -> waking -> awake; failed after a failed wake.
+
+    starting: a launched engine is being started or restarted (requests are held as for a wake).
+    down: only ever reported, never held: the engine of a settled model does not answer.
+    """
 
     AWAKE = "awake"
     DRAINING = "draining"
@@ -30,6 +34,8 @@ class ModelState(str, enum.Enum):
     ASLEEP = "asleep"
     WAKING = "waking"
     FAILED = "failed"
+    STARTING = "starting"
+    DOWN = "down"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""GPU budgets hold from launch on: two 50 GB models on an 80 GB budget are never both awake.
+
+The truth is the engines' own (`/sim/stats`: the GPU memory they hold), sampled from
+before the first engine starts until both have served requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.test_launcher import (
+    Serve,
+    free_port,
+    http,
+    serve_runs,  # noqa: F401  (fixture)
+    sim_command,
+    url_of,
+    wait_for,
+    write_config,
+)
+
+
+def resident(port: int) -> bool:
+    try:
+        status, stats = http("GET", f"http://127.0.0.1:{port}/sim/stats", timeout=2)
+    except OSError:
+        return False
+    return status == 200 and stats["gpu_memory_bytes"] > 0
+
+
+def test_two_50gb_models_on_an_80gb_budget_are_never_both_awake(tmp_path, serve_runs):  # noqa: F811
+    ports = {"org/a": free_port(), "org/b": free_port()}
+    models = [{"name": name, "engine": "vllm", "url": f"http://127.0.0.1:{port}",
+               "ready_timeout_seconds": 20, "memory_gb": 50, "gpus": [0],
+               "command": sim_command("vllm", name, port)} for name, port in ports.items()]
+    config = write_config(tmp_path, models)
+    config.write_text(config.read_text() + "gpus:\n- id: 0\n  memory_gb: 80\n")
+    both: list[float] = []
+    samples = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if all(resident(p) for p in ports.values()):
+                both.append(time.monotonic())
+            samples[0] += 1
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        serve = Serve(config, tmp_path)
+        serve_runs.append(serve)
+        base = url_of(config)
+        wait_for(lambda: http("GET", base + "/-/ready")[0] == 200, 40, "kvsleep ready")
+        status = http("GET", base + "/sleep/status")[1]
+        assert status["gpus"]["0"]["committed_gb"] <= 80, status["gpus"]
+        for name in ("org/a", "org/b", "org/a"):
+            code, body = http("POST", base + "/v1/completions",
+                              {"model": name, "prompt": "hi", "max_tokens": 2})
+            assert code == 200, body
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert samples[0] > 20
+    assert not both, f"both engines held their weights at {len(both)} samples"
+    assert serve.stop() == 0
