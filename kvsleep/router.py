@@ -223,6 +223,8 @@ class Router:
             raise OpenAIError(504, f"The engine of model `{slot.cfg.name}` did not answer in "
                               "time.", "server_error", code="engine_timeout") from None
         except aiohttp.ClientError as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                self.manager.engine_unreachable(slot.cfg.name, str(exc))
             raise OpenAIError(502, f"The engine of model `{slot.cfg.name}` is unreachable: "
                               f"{exc}", "server_error", code="engine_unreachable") from None
         try:

@@ -49,7 +49,9 @@ def cmdline(pid: int) -> str:
 
 
 def find(group: int, text: str) -> list[int]:
-    return [p for p in members(group) if text in cmdline(p)]
+    """Processes of the group running `text` (not the keeper or a shell that names it)."""
+    return [p for p in members(group) if text in (line := cmdline(p))
+            and "kvsleep.keeper" not in line and not line.startswith("sh ")]
 
 
 def engine_config(tmp_path: Path, command: list[str], port: int, **extra) -> Path:
