@@ -389,7 +389,7 @@ class Launcher:
             self.engines[model.name] = engine
             self.restarts.labels(model.name)
             self.crash_looping.labels(model.name).set(0)
-            self.manager.engine_starting(model.name)
+            self.manager.engine_starting(model.name, queued=True)
         self.manager.starter = self._start_on_request
         self.manager.on_event = self._note
 

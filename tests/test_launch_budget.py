@@ -65,3 +65,33 @@ def test_two_50gb_models_on_an_80gb_budget_are_never_both_awake(tmp_path, serve_
     assert samples[0] > 20
     assert not both, f"both engines held their weights at {len(both)} samples"
     assert serve.stop() == 0
+
+
+def test_a_model_with_no_room_at_launch_starts_on_its_first_request(tmp_path, serve_runs):  # noqa: F811
+    """org/a is busy when org/b's turn comes (nothing can be slept for it): org/b is not
+    started; its first request, once org/a is idle, sleeps org/a and starts org/b."""
+    ports = {"org/a": free_port(), "org/b": free_port()}
+    models = [{"name": name, "engine": "vllm", "url": f"http://127.0.0.1:{port}",
+               "ready_timeout_seconds": 20, "memory_gb": 50, "gpus": [0],
+               "command": sim_command("vllm", name, port)[:-2] + ["--tokens-per-second", "4"]}
+              for name, port in ports.items()]
+    config = write_config(tmp_path, models)
+    config.write_text(config.read_text() + "gpus:\n- id: 0\n  memory_gb: 80\n")
+    serve = Serve(config, tmp_path)
+    serve_runs.append(serve)
+    base = url_of(config)
+    wait_for(lambda: http("GET", base + "/sleep/status")[0] == 200, 20, "kvsleep listening")
+    code, body = http("POST", base + "/v1/completions",
+                      {"model": "org/a", "prompt": "hi", "max_tokens": 8})
+    assert code == 200, body
+    wait_for(lambda: http("GET", base + "/-/ready")[0] == 200, 20, "kvsleep ready")
+    status = http("GET", base + "/sleep/status")[1]["models"]
+    assert status["org/b"]["state"] == "asleep"
+    assert not resident(ports["org/b"])  # never started: nothing answers there
+    assert "org/b: started pid" not in serve.text()
+    code, body = http("POST", base + "/v1/completions",
+                      {"model": "org/b", "prompt": "hi", "max_tokens": 1})
+    assert code == 200, body
+    status = http("GET", base + "/sleep/status")[1]["models"]
+    assert (status["org/a"]["state"], status["org/b"]["state"]) == ("asleep", "awake")
+    assert serve.stop() == 0
