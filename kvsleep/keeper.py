@@ -155,8 +155,12 @@ class Keeper:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             self.engine = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
-                preexec_fn=_engine_preexec)
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=out_w,
+                preexec_fn=_engine_preexec,
+            )
         except OSError as exc:
             self.log.note(f"cannot start {self.argv[0]!r}: {exc}")
             self._tell("exited 127")
@@ -251,8 +255,9 @@ class Keeper:
             left = self._others()
             now = time.monotonic()
             if left and not killed and now >= deadline:
-                self.log.note(f"{len(left)} process(es) still running after "
-                              f"{self.grace:g}s: SIGKILL {left}")
+                self.log.note(
+                    f"{len(left)} process(es) still running after {self.grace:g}s: SIGKILL {left}"
+                )
                 self._signal(left, signal.SIGKILL)
                 killed = True
             if now >= give_up:

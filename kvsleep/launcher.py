@@ -40,6 +40,7 @@ from kvsleep.config import ModelConfig
 from kvsleep.keeper import members, proc_stat
 from kvsleep.metrics import Metrics
 from kvsleep.sleep_manager import SleepManager
+from kvsleep.sleep_state import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,14 @@ def build_command(model: ModelConfig) -> list[str]:
         argv = [_venv_bin(model, "vllm"), "serve", model.name, *model.engine_args]
     else:
         python = _venv_bin(model, "python") if model.venv_path else sys.executable
-        argv = [python, "-m", "sglang.launch_server", "--model-path", model.name,
-                *model.engine_args]
+        argv = [
+            python,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            model.name,
+            *model.engine_args,
+        ]
     if model.engine_flags == "none":
         return argv
     if model.engine == "vllm" and _is_vllm_server(argv):
@@ -105,9 +112,12 @@ def build_env(model: ModelConfig, hidden: Iterable[str] = ()) -> dict[str, str]:
         env["PATH"] = f"{Path(model.venv_path) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     if model.engine == "vllm" and model.engine_flags != "none":
         if model.env.get("VLLM_SERVER_DEV_MODE", "1") != "1":
-            log.warning("model %s: VLLM_SERVER_DEV_MODE=%s disables vLLM's sleep routes; kvsleep "
-                        "will not be able to put it to sleep", model.name,
-                        model.env["VLLM_SERVER_DEV_MODE"])
+            log.warning(
+                "model %s: VLLM_SERVER_DEV_MODE=%s disables vLLM's sleep routes; kvsleep "
+                "will not be able to put it to sleep",
+                model.name,
+                model.env["VLLM_SERVER_DEV_MODE"],
+            )
         else:
             env["VLLM_SERVER_DEV_MODE"] = "1"
     return env
@@ -166,8 +176,11 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     marker = text.rfind(START_MARKER)
     if marker >= 0:
         text = text[marker:]
-    kept = [line if len(line) <= LOG_LINE_CHARS else line[:LOG_LINE_CHARS] + " [...]"
-            for line in re.split(r"[\r\n]+", text) if line.strip()]
+    kept = [
+        line if len(line) <= LOG_LINE_CHARS else line[:LOG_LINE_CHARS] + " [...]"
+        for line in re.split(r"[\r\n]+", text)
+        if line.strip()
+    ]
     return "\n".join(kept[-lines:]) or "(empty log)"
 
 
@@ -329,13 +342,19 @@ async def stop_leftovers(records: Records, grace: float = STOP_GRACE_SECONDS) ->
             continue  # recorded before a reboot: nothing of it can still run
         leader = start_ticks(group)
         if leader is not None and leader != ticks:
-            log.info("engine group %d recorded for %s is now another process's; left alone",
-                     group, model)
+            log.info(
+                "engine group %d recorded for %s is now another process's; left alone", group, model
+            )
             continue
         stopped = await end_group(group, grace, started=ticks)
         if stopped:
-            log.warning("model %s: stopped %d engine process(es) of group %d left running by "
-                        "a previous kvsleep", model, len(stopped), group)
+            log.warning(
+                "model %s: stopped %d engine process(es) of group %d left running by "
+                "a previous kvsleep",
+                model,
+                len(stopped),
+                group,
+            )
     records.save({})
 
 
@@ -360,8 +379,14 @@ class Engine:
 
 
 class Launcher:
-    def __init__(self, manager: SleepManager, metrics: Metrics, log_dir: str,
-                 state_dir: str | None = None, hidden_env: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        manager: SleepManager,
+        metrics: Metrics,
+        log_dir: str,
+        state_dir: str | None = None,
+        hidden_env: Iterable[str] = (),
+    ) -> None:
         self.manager = manager
         self.log_dir = log_dir
         self.records = Records(state_dir) if state_dir is not None else None
@@ -370,12 +395,18 @@ class Launcher:
         self.grace = STOP_GRACE_SECONDS
         self._stopping = False
         self._gpu_locks: dict[int, asyncio.Lock] = {}
-        self.restarts = Counter("kvsleep_engine_restarts",
-                                "Launched engines restarted after exiting unexpectedly.",
-                                ["model"], registry=metrics.registry)
-        self.crash_looping = Gauge("kvsleep_engine_crash_looping",
-                                   "1 while a launched engine keeps dying soon after start.",
-                                   ["model"], registry=metrics.registry)
+        self.restarts = Counter(
+            "kvsleep_engine_restarts",
+            "Launched engines restarted after exiting unexpectedly.",
+            ["model"],
+            registry=metrics.registry,
+        )
+        self.crash_looping = Gauge(
+            "kvsleep_engine_crash_looping",
+            "1 while a launched engine keeps dying soon after start.",
+            ["model"],
+            registry=metrics.registry,
+        )
 
     def log_file(self, model: str) -> Path | None:
         """A launched model's engine log, or None for a model kvsleep does not launch."""
@@ -419,7 +450,8 @@ class Launcher:
     def _supervise_later(self, engine: Engine) -> None:
         if engine.supervisor is None or engine.supervisor.done():
             engine.supervisor = asyncio.create_task(
-                self._supervise(engine), name=f"kvsleep-supervise-{engine.model.name}")
+                self._supervise(engine), name=f"kvsleep-supervise-{engine.model.name}"
+            )
 
     def _locks(self, model: ModelConfig) -> list[asyncio.Lock]:
         return [self._gpu_locks.setdefault(g, asyncio.Lock()) for g in sorted(set(model.gpus))]
@@ -433,12 +465,16 @@ class Launcher:
                 await stack.enter_async_context(lock)
             if not await self._make_room(engine.model):
                 if defer_if_no_room:
-                    log.info("model %s: no room in its GPUs' budget beside the models awake; "
-                             "it starts on its first request", engine.model.name)
+                    log.info(
+                        "model %s: no room in its GPUs' budget beside the models awake; "
+                        "it starts on its first request",
+                        engine.model.name,
+                    )
                     self.manager.engine_deferred(engine.model.name)
                     return False
-                raise LaunchError(f"model {engine.model.name}: no room in its GPUs' memory "
-                                  "budget to start it")
+                raise LaunchError(
+                    f"model {engine.model.name}: no room in its GPUs' memory budget to start it"
+                )
             began = time.monotonic()
             await self._spawn_and_wait(engine)
             self.manager.engine_started(engine.model.name, time.monotonic() - began)
@@ -453,17 +489,23 @@ class Launcher:
         if target is None:
             return True
         while True:
-            plan = policy.plan_room(manager.memory_view(target), [
-                manager.memory_view(s) for s in manager.slots.values() if s is not target],
-                manager.gpu_budgets, None)
+            plan = policy.plan_room(
+                manager.memory_view(target),
+                [manager.memory_view(s) for s in manager.slots.values() if s is not target],
+                manager.gpu_budgets,
+                None,
+            )
             if plan.ok:
                 return True
             if not plan.evict and "waiting" not in plan.reason:
                 return False
             outcomes = []
             for victim in plan.evict:
-                log.info("model %s: sleeping %s before starting, to stay within the GPU "
-                         "budget", model.name, victim)
+                log.info(
+                    "model %s: sleeping %s before starting, to stay within the GPU budget",
+                    model.name,
+                    victim,
+                )
                 manager.metrics.evictions.labels(victim).inc()
                 outcomes.append(manager.request_sleep(victim, "idle"))
             if outcomes and not all(await asyncio.gather(*outcomes)):
@@ -498,9 +540,21 @@ class Launcher:
         engine.log_file.parent.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
-        keeper = [sys.executable, "-m", "kvsleep.keeper", "--log", str(engine.log_file),
-                  "--max-bytes", str(LOG_MAX_BYTES), "--backups", str(LOG_BACKUPS),
-                  "--grace", f"{self.grace:g}", "--", *argv]
+        keeper = [
+            sys.executable,
+            "-m",
+            "kvsleep.keeper",
+            "--log",
+            str(engine.log_file),
+            "--max-bytes",
+            str(LOG_MAX_BYTES),
+            "--backups",
+            str(LOG_BACKUPS),
+            "--grace",
+            f"{self.grace:g}",
+            "--",
+            *argv,
+        ]
         engine.died = asyncio.Event()
         engine.exit_code = None
         self.manager.engine_spawning(model.name)
@@ -509,9 +563,14 @@ class Launcher:
             out.flush()
             try:
                 engine.process = await asyncio.create_subprocess_exec(
-                    *keeper, stdin=theirs.fileno(), stdout=asyncio.subprocess.DEVNULL,
-                    stderr=out, env=build_env(model, self.hidden_env),
-                    start_new_session=True, preexec_fn=_die_with_parent)
+                    *keeper,
+                    stdin=theirs.fileno(),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=out,
+                    env=build_env(model, self.hidden_env),
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
             except OSError as exc:
                 ours.close()
                 raise LaunchError(f"model {model.name}: cannot start {argv[0]!r}: {exc}") from exc
@@ -521,13 +580,20 @@ class Launcher:
         pid = engine.process.pid
         if self.records is not None:
             self.records.put(model.name, pid, start_ticks(pid))
-        engine.listener = asyncio.create_task(self._listen(engine, ours, engine.process),
-                                              name=f"kvsleep-keeper-{model.name}")
-        log.info("model %s: started pid %d (process group %d), log %s", model.name, pid, pid,
-                 engine.log_file)
+        engine.listener = asyncio.create_task(
+            self._listen(engine, ours, engine.process), name=f"kvsleep-keeper-{model.name}"
+        )
+        log.info(
+            "model %s: started pid %d (process group %d), log %s",
+            model.name,
+            pid,
+            pid,
+            engine.log_file,
+        )
 
-    async def _listen(self, engine: Engine, sock: socket.socket,
-                      process: asyncio.subprocess.Process) -> None:
+    async def _listen(
+        self, engine: Engine, sock: socket.socket, process: asyncio.subprocess.Process
+    ) -> None:
         """The keeper says `exited CODE` the moment the engine's main process ends; EOF when
         the keeper itself is gone."""
         loop = asyncio.get_running_loop()
@@ -555,9 +621,11 @@ class Launcher:
             return
         holders = await asyncio.to_thread(port_holders, model.port)
         who = ", ".join(describe_pid(p) for p in holders) or "a process kvsleep cannot identify"
-        raise LaunchError(f"model {model.name}: port {model.port} is already in use by {who}; "
-                          "kvsleep does not adopt an engine it did not start (stop it, or give "
-                          "the model another port)")
+        raise LaunchError(
+            f"model {model.name}: port {model.port} is already in use by {who}; "
+            "kvsleep does not adopt an engine it did not start (stop it, or give "
+            "the model another port)"
+        )
 
     async def _wait_ready(self, engine: Engine) -> None:
         """Ready: our keeper (and so the engine's group) alive, the configured model listed by
@@ -570,13 +638,21 @@ class Launcher:
         async with aiohttp.ClientSession() as session:
             while True:
                 if engine.died.is_set() or process.returncode is not None:
-                    code = engine.exit_code if engine.exit_code is not None else \
-                        await process.wait()
+                    code = (
+                        engine.exit_code if engine.exit_code is not None else await process.wait()
+                    )
                     raise LaunchError(
                         f"model {model.name}: engine exited with code {code} before becoming "
-                        f"ready; log {engine.log_file}:\n{tail(engine.log_file)}")
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError,
-                                         KeyError, TypeError):
+                        f"ready; log {engine.log_file}:\n{tail(engine.log_file)}"
+                    )
+                with contextlib.suppress(
+                    aiohttp.ClientError,
+                    asyncio.TimeoutError,
+                    ValueError,
+                    KeyError,
+                    TypeError,
+                    AttributeError,
+                ):
                     timeout = aiohttp.ClientTimeout(total=2)
                     async with session.get(base + "/v1/models", timeout=timeout) as resp:
                         if resp.status == 200:
@@ -588,13 +664,18 @@ class Launcher:
                                 log.info("model %s: engine ready", model.name)
                                 return
                 if time.monotonic() > deadline:
-                    lists = "" if listed is None else \
-                        f" (it lists {', '.join(listed) or 'no model'}, not {model.name})" \
-                        if model.name not in listed else " (its /health is not 200)"
+                    lists = (
+                        ""
+                        if listed is None
+                        else f" (it lists {', '.join(listed) or 'no model'}, not {model.name})"
+                        if model.name not in listed
+                        else " (its /health is not 200)"
+                    )
                     raise LaunchError(
                         f"model {model.name}: engine not ready after "
                         f"{model.ready_timeout_seconds:g}s ({base}){lists}; log "
-                        f"{engine.log_file}:\n{tail(engine.log_file)}")
+                        f"{engine.log_file}:\n{tail(engine.log_file)}"
+                    )
                 await asyncio.sleep(READY_POLL_SECONDS)
 
     async def _supervise(self, engine: Engine) -> None:
@@ -604,18 +685,51 @@ class Launcher:
             await self._wait_death(engine)
             if self._stopping:
                 return
+            slot = self.manager.slots.get(name)
+            if (
+                slot is not None
+                and slot.state is ModelState.ASLEEP
+                and not slot.waiters
+                and engine.model.gpus
+                and self.manager.gpu_budgets
+            ):
+                # A fresh process would be awake and hold memory the budget gave to others:
+                # it starts again on its first request instead.
+                code = await self._end(engine)
+                log.warning(
+                    "model %s: engine exited with code %s while asleep; it starts on "
+                    "its first request. Last log lines (%s):\n%s",
+                    name,
+                    code,
+                    engine.log_file,
+                    tail(engine.log_file),
+                )
+                note(
+                    engine.log_file,
+                    f"engine exited with code {code} while asleep; it starts on its first request",
+                )
+                self.manager.engine_deferred(name)
+                return
             # Requests are held from this moment, while the keeper still ends the group.
             self.manager.engine_starting(name, "engine exited; restarting")
             code = await self._end(engine)
             now = time.monotonic()
             engine.deaths.append(now)
-            looping = (len(engine.deaths) == CRASH_LOOP_RESTARTS
-                       and now - engine.deaths[0] < CRASH_LOOP_WINDOW_SECONDS)
+            looping = (
+                len(engine.deaths) == CRASH_LOOP_RESTARTS
+                and now - engine.deaths[0] < CRASH_LOOP_WINDOW_SECONDS
+            )
             self.crash_looping.labels(name).set(1 if looping else 0)
             level = logging.ERROR if looping else logging.WARNING
-            log.log(level, "model %s: engine exited with code %s%s; restarting. Last log lines "
-                    "(%s):\n%s", name, code, " (CRASH LOOP)" if looping else "",
-                    engine.log_file, tail(engine.log_file))
+            log.log(
+                level,
+                "model %s: engine exited with code %s%s; restarting. Last log lines (%s):\n%s",
+                name,
+                code,
+                " (CRASH LOOP)" if looping else "",
+                engine.log_file,
+                tail(engine.log_file),
+            )
             note(engine.log_file, f"engine exited with code {code}; restarting")
             if looping:
                 self.manager.engine_starting(name, "crash loop")
@@ -659,6 +773,11 @@ class Launcher:
             await process.wait()
         # A keeper killed outright leaves its group behind; end it here.
         await end_group(process.pid, self.grace)
+        if engine.listener is not None:
+            engine.listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await engine.listener
+            engine.listener = None
         if control is not None:
             control.close()
             engine.control = None
@@ -677,8 +796,7 @@ class Launcher:
         for engine in self.engines.values():
             if engine.supervisor is not None:
                 engine.supervisor.cancel()
-        await asyncio.gather(*(self._end(e) for e in self.engines.values()),
-                             return_exceptions=True)
+        await asyncio.gather(*(self._end(e) for e in self.engines.values()), return_exceptions=True)
 
 
 # Loaded once here, so that the child between fork and exec only makes one system call.
@@ -690,4 +808,3 @@ def _die_with_parent() -> None:
     sees its control socket close; this covers a keeper not yet reading it)."""
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-

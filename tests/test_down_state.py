@@ -48,16 +48,17 @@ async def test_unreachable_engine_is_down_and_cannot_be_woken(sim_factory, kvsle
 
 
 async def test_every_engine_down_is_not_ready(kvsleep_factory):
-    kv = await kvsleep_factory([
-        {"name": M, "engine": "sglang", "url": f"http://127.0.0.1:{free_port()}"}])
-    async with aiohttp.ClientSession() as session:
-        async with session.get(kv.url + "/-/ready") as resp:
-            assert resp.status == 503
-            assert f"down: {M}" in await resp.text()
+    kv = await kvsleep_factory(
+        [{"name": M, "engine": "sglang", "url": f"http://127.0.0.1:{free_port()}"}]
+    )
+    async with aiohttp.ClientSession() as session, session.get(kv.url + "/-/ready") as resp:
+        assert resp.status == 503
+        assert f"down: {M}" in await resp.text()
 
 
 async def test_engine_that_stops_answering_is_down_at_once_and_back_when_it_answers(
-        sim_factory, kvsleep_factory):
+    sim_factory, kvsleep_factory
+):
     sim = await sim_factory("vllm", M)
     kv = await kvsleep_factory([sim_model(sim)])
     cfg = kv.manager.slots[M].cfg
@@ -65,8 +66,9 @@ async def test_engine_that_stops_answering_is_down_at_once_and_back_when_it_answ
         assert (await states(session, kv))["v1"] == {M: "awake"}
         # The engine's address stops answering (as a crashed engine's would).
         kv.manager.update_model(dataclasses.replace(cfg, url=f"http://127.0.0.1:{free_port()}"))
-        status, body = await post_json(session, kv.url + "/v1/completions",
-                                       {"model": M, "prompt": "hi", "max_tokens": 2})
+        status, body = await post_json(
+            session, kv.url + "/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 2}
+        )
         assert status == 502, body
         assert (await states(session, kv))["status"] == {M: "down"}
         kv.manager.update_model(cfg)

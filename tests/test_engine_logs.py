@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 from kvsleep.launcher import log_path, tail
+from tests import test_launcher
 from tests.test_launcher import (
     Serve,
     free_port,
     http,
-    serve_runs,  # noqa: F401  (fixture)
     url_of,
     wait_for,
     write_config,
@@ -24,15 +24,35 @@ from tests.test_process_ownership import find, group_of, wrapped
 
 REPO = Path(__file__).resolve().parent.parent
 
+serve_runs = test_launcher.serve_runs  # the fixture: processes killed at teardown
+
 
 def test_keeper_rotates_the_log_at_its_size_cap(tmp_path):
     log = tmp_path / "engine.log"
     ours, theirs = socket.socketpair()
     script = "i=0; while [ $i -lt 400 ]; do echo line $i of the engine output; i=$((i+1)); done"
     keeper = subprocess.Popen(
-        [sys.executable, "-m", "kvsleep.keeper", "--log", str(log), "--max-bytes", "4000",
-         "--backups", "2", "--grace", "2", "--", "sh", "-c", script],
-        stdin=theirs.fileno(), cwd=REPO, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "kvsleep.keeper",
+            "--log",
+            str(log),
+            "--max-bytes",
+            "4000",
+            "--backups",
+            "2",
+            "--grace",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        stdin=theirs.fileno(),
+        cwd=REPO,
+        start_new_session=True,
+    )
     theirs.close()
     try:
         assert keeper.wait(30) == 0
@@ -48,21 +68,33 @@ def test_keeper_rotates_the_log_at_its_size_cap(tmp_path):
 
 def test_tail_quotes_the_latest_run_bounded(tmp_path):
     log = tmp_path / "m.log"
-    log.write_bytes(b"old run line\n==== kvsleep starting m: engine\nloading\r"
-                    + b"#" * 1_000_000 + b"\rdone\nfatal: out of memory\n")
+    log.write_bytes(
+        b"old run line\n==== kvsleep starting m: engine\nloading\r"
+        + b"#" * 1_000_000
+        + b"\rdone\nfatal: out of memory\n"
+    )
     quoted = tail(log)
     assert "old run line" not in quoted
     assert quoted.endswith("fatal: out of memory")
     assert len(quoted) < 10_000
 
 
-def test_restart_quotes_only_the_last_lines_and_sleep_wake_are_noted(tmp_path, serve_runs):  # noqa: F811
+def test_restart_quotes_only_the_last_lines_and_sleep_wake_are_noted(tmp_path, serve_runs):
     port = free_port()
     # A progress bar a megabyte long on one line, as engines print while loading weights.
     bar = "python3 -c \"import sys; sys.stdout.write('loading ' + 'x' * 1000000 + chr(10))\""
-    config = write_config(tmp_path, [{
-        "name": "org/m", "engine": "vllm", "url": f"http://127.0.0.1:{port}",
-        "ready_timeout_seconds": 20, "command": wrapped(port, f"{bar}; exec $SIM")}])
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "name": "org/m",
+                "engine": "vllm",
+                "url": f"http://127.0.0.1:{port}",
+                "ready_timeout_seconds": 20,
+                "command": wrapped(port, f"{bar}; exec $SIM"),
+            }
+        ],
+    )
     serve = Serve(config, tmp_path)
     serve_runs.append(serve)
     base = url_of(config)

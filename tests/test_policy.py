@@ -73,7 +73,8 @@ def test_admission_rejects_when_the_hold_queue_is_full(state):
     assert policy.admission(state, 0, pol(max_held_requests=0)) is Admission.REJECT_QUEUE_FULL
 
 
-@pytest.mark.parametrize("state", [s for s in NOT_AWAKE if s is not ModelState.WAKING])
+@pytest.mark.parametrize(
+    "state", [s for s in NOT_AWAKE if s not in (ModelState.WAKING, ModelState.STARTING)])
 def test_admission_without_wakeup_on_request_rejects_instead_of_waking(state):
     off = pol(wakeup_on_request=False)
     assert policy.admission(state, 0, off) is Admission.REJECT_NO_WAKE
@@ -95,10 +96,12 @@ def test_admission_bounds_held_bodies_by_bytes_per_model_and_overall(state):
         Admission.ADMIT)
 
 
-def test_admission_without_wakeup_on_request_still_holds_for_a_wake_under_way():
+@pytest.mark.parametrize("state", [ModelState.WAKING, ModelState.STARTING])
+def test_admission_without_wakeup_on_request_still_holds_for_a_wake_under_way(state):
+    """A wake or a launched engine's start is coming anyway: its requests wait for it."""
     off = pol(wakeup_on_request=False)
-    assert policy.admission(ModelState.WAKING, 0, off) is Admission.HOLD
-    assert policy.admission(ModelState.WAKING, 4, off) is Admission.REJECT_QUEUE_FULL
+    assert policy.admission(state, 0, off) is Admission.HOLD
+    assert policy.admission(state, 4, off) is Admission.REJECT_QUEUE_FULL
 
 
 # ---- idle_seconds -----------------------------------------------------------------------------

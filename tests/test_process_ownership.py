@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from kvsleep.keeper import members, proc_stat
+from tests import test_launcher
 from tests.test_launcher import (
     Serve,
     alive,
     free_port,
     http,
-    serve_runs,  # noqa: F401  (fixture)
     sim_command,
     url_of,
     wait_for,
@@ -29,6 +29,8 @@ from tests.test_launcher import (
 )
 
 GRACE = 10.0  # the launcher's stop grace period (STOP_GRACE_SECONDS)
+
+serve_runs = test_launcher.serve_runs  # the fixture: processes killed at teardown
 
 
 def shell_words(argv: list[str]) -> str:
@@ -50,14 +52,29 @@ def cmdline(pid: int) -> str:
 
 def find(group: int, text: str) -> list[int]:
     """Processes of the group running `text` (not the keeper or a shell that names it)."""
-    return [p for p in members(group) if text in (line := cmdline(p))
-            and "kvsleep.keeper" not in line and not line.startswith("sh ")]
+    return [
+        p
+        for p in members(group)
+        if text in (line := cmdline(p))
+        and "kvsleep.keeper" not in line
+        and not line.startswith("sh ")
+    ]
 
 
 def engine_config(tmp_path: Path, command: list[str], port: int, **extra) -> Path:
-    return write_config(tmp_path, [{
-        "name": "org/m", "engine": "vllm", "url": f"http://127.0.0.1:{port}",
-        "ready_timeout_seconds": 20, "command": command, **extra}])
+    return write_config(
+        tmp_path,
+        [
+            {
+                "name": "org/m",
+                "engine": "vllm",
+                "url": f"http://127.0.0.1:{port}",
+                "ready_timeout_seconds": 20,
+                "command": command,
+                **extra,
+            }
+        ],
+    )
 
 
 def wrapped(port: int, script: str) -> list[str]:
@@ -66,12 +83,14 @@ def wrapped(port: int, script: str) -> list[str]:
 
 
 def completion(base: str) -> tuple[int, object]:
-    return http("POST", base + "/v1/completions", {"model": "org/m", "prompt": "hi",
-                                                    "max_tokens": 2})
+    return http(
+        "POST", base + "/v1/completions", {"model": "org/m", "prompt": "hi", "max_tokens": 2}
+    )
 
 
 def test_sigkill_of_the_api_server_ends_its_group_and_restarts_holding_requests(
-        tmp_path, serve_runs):  # noqa: F811
+    tmp_path, serve_runs
+):
     port = free_port()
     config = engine_config(tmp_path, wrapped(port, "sleep 1000 & exec $SIM"), port)
     serve = Serve(config, tmp_path)
@@ -82,12 +101,14 @@ def test_sigkill_of_the_api_server_ends_its_group_and_restarts_holding_requests(
     [api_server] = find(group, "sim-engine")
     [engine_core] = find(group, "sleep 1000")
     os.kill(api_server, signal.SIGKILL)
-    wait_for(lambda: http("GET", base + "/sleep/status")[1]["models"]["org/m"]["state"]
-             == "starting", 10, "model starting again")
+    wait_for(
+        lambda: http("GET", base + "/sleep/status")[1]["models"]["org/m"]["state"] == "starting",
+        10,
+        "model starting again",
+    )
     # Held while the engine restarts, then served: no 502.
     results: list[tuple[int, object]] = []
-    threads = [threading.Thread(target=lambda: results.append(completion(base)))
-               for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(completion(base))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -101,7 +122,7 @@ def test_sigkill_of_the_api_server_ends_its_group_and_restarts_holding_requests(
 
 
 @pytest.mark.parametrize("shape", ["direct", "exec-wrapper", "non-exec-wrapper"])
-def test_no_engine_outlives_a_sigkilled_kvsleep(tmp_path, serve_runs, shape):  # noqa: F811
+def test_no_engine_outlives_a_sigkilled_kvsleep(tmp_path, serve_runs, shape):
     port = free_port()
     command = {
         "direct": sim_command("vllm", "org/m", port),
@@ -126,12 +147,11 @@ def test_no_engine_outlives_a_sigkilled_kvsleep(tmp_path, serve_runs, shape):  #
     assert again.stop() == 0
 
 
-def test_next_kvsleep_stops_what_a_killed_one_left(tmp_path, serve_runs):  # noqa: F811
+def test_next_kvsleep_stops_what_a_killed_one_left(tmp_path, serve_runs):
     """kvsleep and the keeper of its engine both SIGKILLed: a process that ignores SIGTERM is
     left behind. The next kvsleep finds its group in the state dir and ends it first."""
     port = free_port()
-    config = engine_config(tmp_path, wrapped(port, "trap '' TERM; sleep 1000 & exec $SIM"),
-                           port)
+    config = engine_config(tmp_path, wrapped(port, "trap '' TERM; sleep 1000 & exec $SIM"), port)
     serve = Serve(config, tmp_path)
     serve_runs.append(serve)
     wait_for(lambda: http("GET", url_of(config) + "/-/ready")[0] == 200, 30, "kvsleep ready")
@@ -144,8 +164,9 @@ def test_next_kvsleep_stops_what_a_killed_one_left(tmp_path, serve_runs):  # noq
     assert alive(leftover)
     again = Serve(config, tmp_path)
     serve_runs.append(again)
-    wait_for(lambda: http("GET", url_of(config) + "/-/ready")[0] == 200, GRACE + 30,
-             "kvsleep ready")
+    wait_for(
+        lambda: http("GET", url_of(config) + "/-/ready")[0] == 200, GRACE + 30, "kvsleep ready"
+    )
     assert not alive(leftover)
     assert "left running by a previous kvsleep" in again.text()
     assert again.stop() == 0
@@ -172,14 +193,28 @@ async def test_leftovers_are_stopped_only_when_their_start_time_matches(tmp_path
             proc.wait()
 
 
-def test_stranger_on_the_engine_port_is_an_error_never_adopted(tmp_path, serve_runs):  # noqa: F811
+def test_stranger_on_the_engine_port_is_an_error_never_adopted(tmp_path, serve_runs):
     port = free_port()
     stranger = subprocess.Popen(
-        [sys.executable, "-m", "kvsleep", "sim-engine", "--flavor", "vllm", "--model", "org/m",
-         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "kvsleep",
+            "sim-engine",
+            "--flavor",
+            "vllm",
+            "--model",
+            "org/m",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: http("GET", f"http://127.0.0.1:{port}/v1/models")[0] == 200, 20,
-                 "stranger up")
+        wait_for(
+            lambda: http("GET", f"http://127.0.0.1:{port}/v1/models")[0] == 200, 20, "stranger up"
+        )
         marker = tmp_path / "launched"
         config = engine_config(tmp_path, wrapped(port, f"touch {marker}; exec $SIM"), port)
         serve = Serve(config, tmp_path)
