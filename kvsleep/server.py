@@ -283,16 +283,16 @@ class KvsleepServer:
         return web.Response(text="kvsleep is Healthy.\n")
 
     async def readiness(self, request: web.Request) -> web.Response:
-        """Ready once started and launched engines have had their first start, unless every
-        model is down; models starting or down are named either way."""
+        """Ready once started and launched engines have had their first start; models starting
+        or down are named either way. A model down does not make kvsleep unready: it still
+        serves the others (and a probe that fails for one engine must not pull the router)."""
         by_state: dict[ModelState, list[str]] = {}
         for name, slot in self.manager.slots.items():
             by_state.setdefault(self.manager.reported_state(slot), []).append(name)
         starting, down = by_state.get(ModelState.STARTING, []), by_state.get(ModelState.DOWN, [])
         details = "".join(f"{label}: {', '.join(names)}\n"
                           for label, names in (("starting", starting), ("down", down)) if names)
-        all_down = bool(self.manager.slots) and len(down) == len(self.manager.slots)
-        if not self.ready or self.launching or all_down:
+        if not self.ready or self.launching:
             return web.Response(status=503, text="kvsleep is not ready.\n" + details)
         return web.Response(text="kvsleep is Ready.\n" + details)
 
