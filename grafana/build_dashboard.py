@@ -37,13 +37,15 @@ STATES = (
     ("asleep", "blue"),
     ("waking", "purple"),
     ("failed", "red"),
+    ("starting", "light-purple"),
+    ("down", "dark-red"),
 )
 
 Target = tuple[str, str]  # (PromQL expression, legend format)
 
 
 def state_code_expr() -> str:
-    """One series per model whose value is its state's code (1 = awake ... 6 = failed)."""
+    """One series per model whose value is its state's code (1 = awake ... 8 = down)."""
     terms = [
         f'kvsleep_model_state{{{M}, state="{state}"}} * {code}'
         for code, (state, _) in enumerate(STATES, start=1)

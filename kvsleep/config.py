@@ -99,6 +99,8 @@ class ModelConfig:
     wake_eta_seconds: float | None = None
     # auto: a launched engine gets the sleep flags and env it lacks; none: its command as is.
     engine_flags: str = "auto"
+    # A launched engine's processes get SIGTERM, then SIGKILL after this long.
+    stop_grace_seconds: float = 10.0
 
     @property
     def host(self) -> str:
@@ -695,6 +697,7 @@ _MODEL_EXTRA_FIELDS: dict[str, _Converter] = {
     "gpus": _gpu_ids,
     "wake_eta_seconds": _optional(_seconds),
     "engine_flags": _choice("auto", "none"),
+    "stop_grace_seconds": _seconds,
     **_POLICY_FIELDS,
 }
 

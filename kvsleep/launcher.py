@@ -310,9 +310,14 @@ class Records:
         except OSError as exc:
             log.error("cannot record launched engines in %s: %s", self.path, exc)
 
-    def put(self, model: str, group: int, ticks: int | None) -> None:
+    def put(self, model: str, group: int, ticks: int | None, grace: float) -> None:
         groups = self.load()
-        groups[model] = {"pgid": group, "start_ticks": ticks, "boot_id": boot_id()}
+        groups[model] = {
+            "pgid": group,
+            "start_ticks": ticks,
+            "boot_id": boot_id(),
+            "grace_seconds": grace,
+        }
         self.save(groups)
 
     def drop(self, model: str) -> None:
@@ -321,7 +326,7 @@ class Records:
             self.save(groups)
 
 
-async def stop_leftovers(records: Records, grace: float = STOP_GRACE_SECONDS) -> None:
+async def stop_leftovers(records: Records) -> None:
     """Before launching: stop the engine groups a previous kvsleep recorded and left running.
 
     A group is ours when its leader still runs with the recorded start time, or, its leader
@@ -336,6 +341,7 @@ async def stop_leftovers(records: Records, grace: float = STOP_GRACE_SECONDS) ->
         try:
             group, ticks = int(rec["pgid"]), rec.get("start_ticks")
             ticks = None if ticks is None else int(ticks)
+            grace = float(rec.get("grace_seconds", STOP_GRACE_SECONDS))
         except (KeyError, TypeError, ValueError):
             continue
         if rec.get("boot_id") != boot or ticks is None:
@@ -392,7 +398,6 @@ class Launcher:
         self.records = Records(state_dir) if state_dir is not None else None
         self.hidden_env = tuple(hidden_env)
         self.engines: dict[str, Engine] = {}
-        self.grace = STOP_GRACE_SECONDS
         self._stopping = False
         self._gpu_locks: dict[int, asyncio.Lock] = {}
         self.restarts = Counter(
@@ -430,7 +435,7 @@ class Launcher:
         if models is not None and not self.engines:
             self.prepare(models)
         if self.records is not None:
-            await stop_leftovers(self.records, self.grace)
+            await stop_leftovers(self.records)
         order = sorted(self.engines.values(), key=lambda e: not e.model.always_on)
         try:
             await asyncio.gather(*(self._initial_start(e) for e in order))
@@ -551,7 +556,7 @@ class Launcher:
             "--backups",
             str(LOG_BACKUPS),
             "--grace",
-            f"{self.grace:g}",
+            f"{model.stop_grace_seconds:g}",
             "--",
             *argv,
         ]
@@ -579,7 +584,7 @@ class Launcher:
         engine.control = ours
         pid = engine.process.pid
         if self.records is not None:
-            self.records.put(model.name, pid, start_ticks(pid))
+            self.records.put(model.name, pid, start_ticks(pid), model.stop_grace_seconds)
         engine.listener = asyncio.create_task(
             self._listen(engine, ours, engine.process), name=f"kvsleep-keeper-{model.name}"
         )
@@ -759,6 +764,7 @@ class Launcher:
     async def _end(self, engine: Engine) -> int | None:
         """Stop the engine's keeper (which ends its group) and make sure nothing of the group
         is left: a restart never starts beside survivors. Returns the engine's exit code."""
+        grace = engine.model.stop_grace_seconds
         process, control = engine.process, engine.control
         if process is None:
             return engine.exit_code
@@ -766,13 +772,13 @@ class Launcher:
             with contextlib.suppress(OSError):
                 control.send(b"stop\n")
         try:
-            await asyncio.wait_for(asyncio.shield(process.wait()), self.grace + 10.0)
+            await asyncio.wait_for(asyncio.shield(process.wait()), grace + 10.0)
         except asyncio.TimeoutError:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
         # A keeper killed outright leaves its group behind; end it here.
-        await end_group(process.pid, self.grace)
+        await end_group(process.pid, grace)
         if engine.listener is not None:
             engine.listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

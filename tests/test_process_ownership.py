@@ -28,7 +28,7 @@ from tests.test_launcher import (
     write_config,
 )
 
-GRACE = 10.0  # the launcher's stop grace period (STOP_GRACE_SECONDS)
+GRACE = 2.0  # stop_grace_seconds of the engines launched here
 
 serve_runs = test_launcher.serve_runs  # the fixture: processes killed at teardown
 
@@ -70,6 +70,7 @@ def engine_config(tmp_path: Path, command: list[str], port: int, **extra) -> Pat
                 "engine": "vllm",
                 "url": f"http://127.0.0.1:{port}",
                 "ready_timeout_seconds": 20,
+                "stop_grace_seconds": GRACE,
                 "command": command,
                 **extra,
             }
@@ -180,9 +181,9 @@ async def test_leftovers_are_stopped_only_when_their_start_time_matches(tmp_path
     stranger = subprocess.Popen(["sleep", "1000"], start_new_session=True)
     try:
         records = Records(str(tmp_path))
-        records.put("ours", ours.pid, proc_stat(ours.pid)[3])
-        records.put("reused", stranger.pid, proc_stat(stranger.pid)[3] - 1)
-        await stop_leftovers(records, grace=2.0)
+        records.put("ours", ours.pid, proc_stat(ours.pid)[3], GRACE)
+        records.put("reused", stranger.pid, proc_stat(stranger.pid)[3] - 1, GRACE)
+        await stop_leftovers(records)
         await asyncio.to_thread(ours.wait, 10)
         assert ours.returncode == -signal.SIGTERM
         assert stranger.poll() is None
