@@ -437,15 +437,19 @@ class Launcher:
         if self.records is not None:
             await stop_leftovers(self.records)
         order = sorted(self.engines.values(), key=lambda e: not e.model.always_on)
+        tasks = [asyncio.create_task(self._initial_start(e)) for e in order]
         try:
-            await asyncio.gather(*(self._initial_start(e) for e in order))
+            await asyncio.gather(*tasks)
         except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.stop()
             raise
 
     async def _initial_start(self, engine: Engine) -> None:
         try:
-            started = await self._start_in_budget(engine, defer_if_no_room=True)
+            started = await self._start_in_budget(engine)
         except LaunchError as exc:
             self.manager.engine_failed(engine.model.name, str(exc))
             raise
@@ -461,7 +465,7 @@ class Launcher:
     def _locks(self, model: ModelConfig) -> list[asyncio.Lock]:
         return [self._gpu_locks.setdefault(g, asyncio.Lock()) for g in sorted(set(model.gpus))]
 
-    async def _start_in_budget(self, engine: Engine, defer_if_no_room: bool) -> bool:
+    async def _start_in_budget(self, engine: Engine) -> bool:
         """Start the engine with its GPUs to itself, after making room in their budgets.
         Returns False when it was deferred to its first request (no room could be made)."""
         locks = self._locks(engine.model)
@@ -469,17 +473,13 @@ class Launcher:
             for lock in locks:
                 await stack.enter_async_context(lock)
             if not await self._make_room(engine.model):
-                if defer_if_no_room:
-                    log.info(
-                        "model %s: no room in its GPUs' budget beside the models awake; "
-                        "it starts on its first request",
-                        engine.model.name,
-                    )
-                    self.manager.engine_deferred(engine.model.name)
-                    return False
-                raise LaunchError(
-                    f"model {engine.model.name}: no room in its GPUs' memory budget to start it"
+                log.info(
+                    "model %s: no room in its GPUs' budget beside the models awake; "
+                    "it starts on its first request",
+                    engine.model.name,
                 )
+                self.manager.engine_deferred(engine.model.name)
+                return False
             began = time.monotonic()
             await self._spawn_and_wait(engine)
             self.manager.engine_started(engine.model.name, time.monotonic() - began)
@@ -493,7 +493,8 @@ class Launcher:
         target = manager.slots.get(model.name)
         if target is None:
             return True
-        while True:
+        give_up = time.monotonic() + model.policy.wake_timeout_seconds
+        while time.monotonic() < give_up:
             plan = policy.plan_room(
                 manager.memory_view(target),
                 [manager.memory_view(s) for s in manager.slots.values() if s is not target],
@@ -502,8 +503,8 @@ class Launcher:
             )
             if plan.ok:
                 return True
-            if not plan.evict and "waiting" not in plan.reason:
-                return False
+            if not plan.evict and not plan.reason.startswith("waiting"):
+                return False  # every model in the way is busy or pinned
             outcomes = []
             for victim in plan.evict:
                 log.info(
@@ -517,6 +518,7 @@ class Launcher:
                 return False
             if not outcomes:
                 await asyncio.sleep(READY_POLL_SECONDS)
+        return False
 
     async def _start_on_request(self, name: str) -> None:
         """The sleep manager's starter: a deferred engine's first request starts it."""
@@ -525,6 +527,9 @@ class Launcher:
         async with contextlib.AsyncExitStack() as stack:
             for lock in self._locks(engine.model):
                 await stack.enter_async_context(lock)
+            # Another engine may have started on these GPUs since the wake made room.
+            if not await self._make_room(engine.model):
+                raise LaunchError(f"model {name}: no room in its GPUs' memory budget")
             await self._spawn_and_wait(engine)
         self.manager.note_start_duration(name, time.monotonic() - began)
         self._supervise_later(engine)
@@ -743,7 +748,7 @@ class Launcher:
             await asyncio.sleep(delay)
             self.restarts.labels(name).inc()
             try:
-                started = await self._start_in_budget(engine, defer_if_no_room=True)
+                started = await self._start_in_budget(engine)
             except LaunchError as exc:
                 log.error("%s", exc)
                 self.manager.engine_failed(name, str(exc))

@@ -564,9 +564,10 @@ class SleepManager:
 
     def reported_state(self, slot: ModelSlot) -> ModelState:
         """The state shown to operators: `down` for a settled model whose engine does not
-        answer, `asleep` for a launched engine that starts on its first request."""
+        answer; never for a launched engine with no process by design (stopped: it is asleep
+        and starts on its first request)."""
         if slot.stopped:
-            return ModelState.ASLEEP
+            return slot.state
         if slot.engine_up is False and slot.state in (ModelState.AWAKE, ModelState.ASLEEP,
                                                       ModelState.FAILED):
             return ModelState.DOWN
@@ -701,6 +702,7 @@ class SleepManager:
         except Exception as exc:  # every waiter must get an answer, whatever went wrong
             self.metrics.wakes.labels(name, reason, "error").inc()
             self.engine_failed(name, str(exc))
+            slot.stopped = True  # no process: the next request tries to start it again
             return
         self.metrics.wakes.labels(name, reason, "ok").inc()
         slot.stopped = False
@@ -819,7 +821,7 @@ class SleepManager:
 
     def engine_spawning(self, model_name: str) -> None:
         if (slot := self.slots.get(model_name)) is not None:
-            slot.queued = False
+            slot.queued = slot.stopped = False
             if self.gpu_budgets:
                 self._signal_change()
 

@@ -117,3 +117,40 @@ def test_a_model_with_no_room_at_launch_starts_on_its_first_request(tmp_path, se
     status = http("GET", base + "/sleep/status")[1]["models"]
     assert (status["org/a"]["state"], status["org/b"]["state"]) == ("asleep", "awake")
     assert serve.stop() == 0
+
+
+def test_always_on_models_start_first_and_keep_their_room(tmp_path, serve_runs):
+    """org/pinned comes second in the file but starts first; org/b then has no room (a pinned
+    model is never put to sleep): it is not started, and its requests say why."""
+    ports = {"org/b": free_port(), "org/pinned": free_port()}
+    models = [
+        {
+            "name": name,
+            "engine": "vllm",
+            "url": f"http://127.0.0.1:{port}",
+            "ready_timeout_seconds": 20,
+            "memory_gb": 50,
+            "gpus": [0],
+            "always_on": name == "org/pinned",
+            "wake_timeout_seconds": 2,
+            "command": sim_command("vllm", name, port),
+        }
+        for name, port in ports.items()
+    ]
+    config = write_config(tmp_path, models)
+    config.write_text(config.read_text() + "gpus:\n- id: 0\n  memory_gb: 80\n")
+    serve = Serve(config, tmp_path)
+    serve_runs.append(serve)
+    base = url_of(config)
+    wait_for(lambda: http("GET", base + "/-/ready")[0] == 200, 30, "kvsleep ready")
+    status = http("GET", base + "/sleep/status")[1]["models"]
+    assert (status["org/pinned"]["state"], status["org/b"]["state"]) == ("awake", "asleep")
+    assert "org/b: started pid" not in serve.text()
+    code, body = http(
+        "POST", base + "/v1/completions", {"model": "org/b", "prompt": "hi", "max_tokens": 1}
+    )
+    # Held like any wake waiting for memory, until its timeout, with the reason.
+    assert code in (503, 504), body
+    assert "busy or pinned" in body["error"]["message"]
+    assert not resident(ports["org/b"])
+    assert serve.stop() == 0
