@@ -47,7 +47,7 @@ from kvsleep.metrics import Metrics
 from kvsleep.policy_source import PrometheusSource
 from kvsleep.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
 from kvsleep.sleep_manager import NotAllowed, SleepManager
-from kvsleep.sleep_state import StateStore
+from kvsleep.sleep_state import ModelState, StateStore
 from kvsleep.traffic_monitor import TrafficMonitor
 
 log = logging.getLogger(__name__)
