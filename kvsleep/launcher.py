@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -544,8 +545,14 @@ class Launcher:
 
     async def _spawn(self, engine: Engine) -> None:
         model = engine.model
-        await self._refuse_stranger(model)
         argv = build_command(model)
+        env = build_env(model, self.hidden_env)
+        # The keeper runs the command; a missing program is said here, plainly, and first.
+        if shutil.which(argv[0], path=env.get("PATH")) is None:
+            raise LaunchError(
+                f"model {model.name}: cannot start {argv[0]!r}: no such executable program"
+            )
+        await self._refuse_stranger(model)
         note_line = f"{START_MARKER}{model.name}: {' '.join(argv)}\n"
         engine.log_file.parent.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair()
@@ -577,7 +584,7 @@ class Launcher:
                     stdin=theirs.fileno(),
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=out,
-                    env=build_env(model, self.hidden_env),
+                    env=env,
                     start_new_session=True,
                     preexec_fn=_die_with_parent,
                 )
