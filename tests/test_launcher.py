@@ -132,8 +132,17 @@ def url_of(config: Path) -> str:
 
 def test_demo_runs_the_whole_cycle_and_leaves_no_process(tmp_path, serve_runs):
     """The README's demo: requests, idle sleep, wake on request, clean SIGTERM."""
-    demo = REPO / "examples" / "demo.yaml"
-    base = "http://127.0.0.1:8080"
+    # The demo as shipped, on free ports (a developer's own kvsleep may hold 8080) and with
+    # its state and logs in tmp_path rather than in examples/.
+    demo = tmp_path / "demo.yaml"
+    text = (REPO / "examples" / "demo.yaml").read_text()
+    router, llama, qwen = free_port(), free_port(), free_port()
+    for old, new in (("port: 8080", f"port: {router}"), ("18001", str(llama)),
+                     ("18002", str(qwen))):
+        assert old in text
+        text = text.replace(old, new)
+    demo.write_text(text)
+    base = f"http://127.0.0.1:{router}"
     serve = Serve(demo, tmp_path)
     serve_runs.append(serve)
     wait_for(lambda: http("GET", base + "/-/ready")[0] == 200, 30, "kvsleep ready")
