@@ -515,7 +515,7 @@ def _command(check: _Checker, path: str, value: object) -> Any:
 def _engine_args(check: _Checker, path: str, value: object) -> Any:
     """kvcached's spelling: every list item is split, so "--port 12346" is two tokens."""
     if isinstance(value, str):
-        return _INVALID if (tokens := _split(check, path, value)) is _INVALID else tuple(tokens)
+        return _INVALID if (split := _split(check, path, value)) is _INVALID else tuple(split)
     if not isinstance(value, list):
         return check.wrong_type(path, "a list of strings or a string", value)
     tokens: list[str] = []
@@ -1050,14 +1050,15 @@ class _Loader(yaml.SafeLoader):
 def _resolve_paths(config: Config, base: str) -> Config:
     """Relative paths in a file mean relative to that file, wherever kvsleep was started."""
 
-    def resolve(path: str | None) -> str | None:
-        if path is None:
-            return None
+    def resolve(path: str) -> str:
         return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+    def maybe(path: str | None) -> str | None:
+        return None if path is None else resolve(path)
 
     models = tuple(
         dataclasses.replace(
-            model, log_file=resolve(model.log_file), venv_path=resolve(model.venv_path)
+            model, log_file=maybe(model.log_file), venv_path=maybe(model.venv_path)
         )
         for model in config.models
     )

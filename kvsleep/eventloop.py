@@ -8,8 +8,10 @@ import contextlib
 import ctypes
 import ctypes.util
 from collections.abc import Coroutine
+from types import ModuleType
 from typing import Any, TypeVar
 
+uvloop: ModuleType | None
 try:
     import uvloop
 except ImportError:  # Windows, or an install without it

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from prometheus_client import Counter, Gauge
@@ -288,7 +289,8 @@ class Records:
     def __init__(self, state_dir: str) -> None:
         self.path = Path(state_dir) / RECORDS_FILE
 
-    def load(self) -> dict[str, dict[str, object]]:
+    def load(self) -> dict[str, dict[str, Any]]:
+        """The records as written (JSON): their fields are checked where they are used."""
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
             groups = doc["groups"]

@@ -230,11 +230,11 @@ def plan_room(target: MemoryView, others: list[MemoryView], budgets: dict[int, f
         freeing[g] = sum(m.memory_gb for m in on[g] if not m.want_awake and m.state in
                          (ModelState.DRAINING, ModelState.SLEEPING))
     if all(n <= 1e-9 for n in need.values()):
-        short = [g for g in gpus if free_gb is not None and g in free_gb
-                 and free_gb[g] + 1e-9 < target.memory_gb]
+        free = free_gb or {}
+        short = [g for g in gpus if g in free and free[g] + 1e-9 < target.memory_gb]
         if short:
             return RoomPlan(ok=False, reason=", ".join(
-                f"GPU {g} has {free_gb[g]:.1f} GB free (NVML), needs {target.memory_gb:g} GB"
+                f"GPU {g} has {free[g]:.1f} GB free (NVML), needs {target.memory_gb:g} GB"
                 for g in short))
         return RoomPlan(ok=True)
     remaining = {g: need[g] - freeing[g] for g in gpus}

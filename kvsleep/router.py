@@ -134,7 +134,9 @@ class Router:
             self.session = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        endpoint = request.match_info.route.resource.canonical
+        resource = request.match_info.route.resource
+        assert resource is not None  # only routed requests reach this handler
+        endpoint = resource.canonical
         body = await request.read()
         model, stream = parse_model(body)
         deadline = parse_deadline(request)

@@ -218,9 +218,9 @@ def trace_from_prometheus(url: str, range_seconds: float, end: float
     spent: dict[tuple[str, float], list[float]] = defaultdict(lambda: [0.0, 0.0])
     for source, slot in ((dur_sum, 0), (dur_count, 1)):
         for labels, samples in source.items():
-            model = dict(labels).get("model", "")
+            spent_by = dict(labels).get("model") or ""
             for _, t1, delta in _increases(samples):
-                spent[(model, t1)][slot] += delta
+                spent[(spent_by, t1)][slot] += delta
     requests: list[Request] = []
     for labels, samples in counts.items():
         model = dict(labels).get("model")

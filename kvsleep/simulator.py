@@ -426,8 +426,11 @@ class SimEngine:
         async def control(request: web.Request) -> web.StreamResponse:
             self.count_call(path)
             self.record("control", route=path, query=request.query_string)
-            response = await self.injected_fault(fault_op) if fault_op else None
-            if response is None:
+            fault = await self.injected_fault(fault_op) if fault_op else None
+            response: web.StreamResponse
+            if fault is not None:
+                response = fault
+            else:
                 try:
                     response = await handler(request)
                 except _ApiError as error:

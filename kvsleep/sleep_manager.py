@@ -30,6 +30,7 @@ from kvsleep.adaptive import Thresholds
 from kvsleep.config import ModelConfig, SleepPolicy
 from kvsleep.engines import (
     EngineAdapter,
+    Observation,
     RetryPolicy,
     SessionSource,
     SleepUnsupported,
@@ -95,8 +96,9 @@ class SleepConfig:
                 manager.apply_policy({name: value})
 
     @classmethod
-    def from_policy(cls, policy: SleepPolicy, **models: dict[str, dict[str, Any]]) -> SleepConfig:
-        return cls(**{key: getattr(policy, key) for key in POLICY_KEYS}, **models)
+    def from_policy(cls, policy: SleepPolicy, **models: Any) -> SleepConfig:
+        policy_keys: dict[str, Any] = {key: getattr(policy, key) for key in POLICY_KEYS}
+        return cls(**policy_keys, **models)
 
     def policy(self) -> SleepPolicy:
         """The immutable policy a model carries."""
@@ -344,8 +346,8 @@ class SleepManager:
     def apply_policy(self, changes: dict[str, object]) -> None:
         """Global policy changes override every model's own value, from now on."""
         for slot in self.slots.values():
-            slot.cfg = dataclasses.replace(slot.cfg,
-                                           policy=dataclasses.replace(slot.cfg.policy, **changes))
+            merged = dataclasses.replace(slot.cfg.policy, **changes)  # type: ignore[arg-type]
+            slot.cfg = dataclasses.replace(slot.cfg, policy=merged)
         if "idle_threshold_seconds" in changes:
             self.traffic_monitor.idle_threshold_seconds = self.config.idle_threshold_seconds
 
@@ -914,7 +916,7 @@ class SleepManager:
 
     # ---- views ---------------------------------------------------------------------------
 
-    def view(self, slot: ModelSlot, observation: policy.Observation | None = None,
+    def view(self, slot: ModelSlot, observation: Observation | None = None,
              fleet: FleetTraffic | None = None, fleet_mode: bool = False) -> policy.ModelView:
         """The policy's view of a model; in fleet mode traffic merges every replica's, and a
         model the fleet view lacks must not be slept."""
