@@ -192,46 +192,7 @@ class KvcachedRoutes:
         )
 
     async def sleep_status(self, request: web.Request) -> web.Response:
-        manager, traffic = self.server.manager, self.server.traffic
-        now = self.server.clock()
-        models = {
-            name: {
-                "state": manager.reported_state(slot).value,
-                "state_since": slot.state_since,
-                "engine": slot.cfg.engine,
-                "held_requests": len(slot.waiters),
-                "in_flight": traffic.model_stats[name].in_flight,
-                "engine_up": slot.engine_up,
-                "last_error": slot.last_error,
-                "idle_threshold_seconds": _json_seconds(manager.thresholds.threshold_for(slot.cfg)),
-                "auto_sleep_enabled": slot.cfg.policy.auto_sleep_enabled,
-                "always_on": slot.cfg.always_on,
-                "idle_seconds": traffic.model_stats[name].get_idle_time()
-                if slot.state is ModelState.AWAKE
-                else None,
-                "seconds_in_state": now - slot.state_since,
-                "wake_eta_seconds": manager.wake_eta(slot),
-                "waiting_for_memory": slot.waiting_for_memory,
-                "cannot_sleep": slot.cannot_sleep,
-                "sleep_failures": slot.sleep_failures,
-                "next_sleep_attempt": slot.sleep_retry_at if slot.sleep_retry_at > now else None,
-            }
-            for name, slot in manager.slots.items()
-        }
-        return web.json_response(
-            {
-                "sleeping_models": manager.get_sleeping_models(),
-                "sleep_candidates": manager.get_sleep_candidates(),
-                "auto_sleep_enabled": manager.config.auto_sleep_enabled,
-                "idle_threshold_seconds": self._threshold(),
-                "wakeup_on_request": manager.config.wakeup_on_request,
-                "models": models,
-                "gpus": {
-                    str(gpu): {"budget_gb": budget, "committed_gb": committed}
-                    for gpu, budget, committed in manager.gpu_snapshots()
-                },
-            }
-        )
+        return web.json_response(status_document(self.server))
 
     async def sleep_candidates(self, request: web.Request) -> web.Response:
         manager = self.server.manager
@@ -291,6 +252,50 @@ class KvcachedRoutes:
         return await server._answer(
             request, name, "wake", server.manager.request_wake(name, "manual")
         )
+
+
+def status_document(server: KvsleepServer) -> dict[str, Any]:
+    """`/sleep/status`: kvcached's keys plus every model's timers, queue and wake ETA, and the
+    GPU budgets. The status page and `kvsleep status` show this same document."""
+    manager, traffic = server.manager, server.traffic
+    now = server.clock()
+    models = {
+        name: {
+            "state": manager.reported_state(slot).value,
+            "state_since": slot.state_since,
+            "engine": slot.cfg.engine,
+            "held_requests": len(slot.waiters),
+            "in_flight": traffic.model_stats[name].in_flight,
+            "engine_up": slot.engine_up,
+            "last_error": slot.last_error,
+            "idle_threshold_seconds": _json_seconds(manager.thresholds.threshold_for(slot.cfg)),
+            "auto_sleep_enabled": slot.cfg.policy.auto_sleep_enabled,
+            "always_on": slot.cfg.always_on,
+            "idle_seconds": traffic.model_stats[name].get_idle_time()
+            if slot.state is ModelState.AWAKE
+            else None,
+            "seconds_in_state": now - slot.state_since,
+            "wake_eta_seconds": manager.wake_eta(slot),
+            "waiting_for_memory": slot.waiting_for_memory,
+            "cannot_sleep": slot.cannot_sleep,
+            "sleep_failures": slot.sleep_failures,
+            "next_sleep_attempt": slot.sleep_retry_at if slot.sleep_retry_at > now else None,
+            "launched": server.engine_log_file(name) is not None,
+        }
+        for name, slot in manager.slots.items()
+    }
+    return {
+        "sleeping_models": manager.get_sleeping_models(),
+        "sleep_candidates": manager.get_sleep_candidates(),
+        "auto_sleep_enabled": manager.config.auto_sleep_enabled,
+        "idle_threshold_seconds": _json_seconds(manager.config.idle_threshold_seconds),
+        "wakeup_on_request": manager.config.wakeup_on_request,
+        "models": models,
+        "gpus": {
+            str(gpu): {"budget_gb": budget, "committed_gb": committed}
+            for gpu, budget, committed in manager.gpu_snapshots()
+        },
+    }
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -16,13 +16,15 @@ import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from kvsleep import operator_routes
 from kvsleep.alertmanager import PayloadError, parse_webhook
 from kvsleep.config import Config, ConfigError, ModelConfig, load_config, needs_restart
 from kvsleep.connections import (
@@ -49,6 +51,9 @@ from kvsleep.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
 from kvsleep.sleep_manager import NotAllowed, SleepManager
 from kvsleep.sleep_state import ModelState, StateStore
 from kvsleep.traffic_monitor import TrafficMonitor
+
+if TYPE_CHECKING:
+    from kvsleep.launcher import Launcher
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,8 @@ class KvsleepServer:
         self._apply_router(config)
         self.ready = False
         self.launching = False  # launched engines' first start under way (kvsleep serve)
+        # Set by `kvsleep serve`, which launches engines: /logs serves only what it launched.
+        self.launcher: Launcher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._mark_reload(True)
         self.app = self._build_app()
@@ -155,6 +162,7 @@ class KvsleepServer:
         add.add_post("/alertmanager/webhook", self._control(self.alertmanager_webhook))
         add.add_get("/-/healthy", self.healthy)
         add.add_get("/-/ready", self.readiness)
+        operator_routes.install(self, app)
         app.cleanup_ctx.append(self._lifespan)
         return app
 
@@ -271,13 +279,19 @@ class KvsleepServer:
     # ---- OpenAI and operator read routes -------------------------------------------------
 
     async def v1_models(self, request: web.Request) -> web.Response:
-        created = int(self.clock())
-        data = [
-            {"id": name, "object": "model", "created": created, "owned_by": slot.cfg.engine,
-             "state": self.manager.reported_state(slot).value}
-            for name, slot in self.manager.slots.items()
-        ]
+        data = [self.model_object(name) for name in self.manager.slots]
         return web.json_response({"object": "list", "data": data})
+
+    def engine_log_file(self, model: str) -> Path | None:
+        """The log file of an engine this kvsleep launched, or None (it did not launch it): the
+        one place /logs and the status page learn where launched engines write."""
+        return self.launcher.log_file(model) if self.launcher is not None else None
+
+    def model_object(self, name: str) -> dict[str, Any]:
+        """The OpenAI model object of a configured model, with its sleep state."""
+        slot = self.manager.slots[name]
+        return {"id": name, "object": "model", "created": int(self.clock()),
+                "owned_by": slot.cfg.engine, "state": self.manager.reported_state(slot).value}
 
     async def healthy(self, request: web.Request) -> web.Response:
         return web.Response(text="kvsleep is Healthy.\n")

@@ -1,0 +1,150 @@
+"""The status page's HTML, rendered from the `/sleep/status` document.
+
+The table is rendered here so that `curl /` and browsers without JavaScript see every model;
+`static/status.js` then redraws the same rows from `/sleep/status` every 2 s. Keep the two in step:
+same columns, same classes, same formats. Every value is escaped: model names and errors come
+from config files and engines.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+from urllib.parse import quote
+
+from kvsleep import __version__
+
+COLUMNS = (
+    "Model",
+    "State",
+    "Engine",
+    "Idle for / threshold",
+    "In flight",
+    "Held",
+    "Wake ETA",
+    "Last error",
+    "",
+)
+
+
+def duration(seconds: float | None) -> str:
+    """A short human duration: 42s, 5m, 5m 3s, 2h 5m (same as status.js and `kvsleep status`)."""
+    if seconds is None:
+        return "-"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s" if s % 60 else f"{s // 60}m"
+    return f"{s // 3600}h {s % 3600 // 60}m" if s % 3600 // 60 else f"{s // 3600}h"
+
+
+def idle_text(m: dict[str, Any]) -> str:
+    idle = duration(m["idle_seconds"]) if m.get("idle_seconds") is not None else "-"
+    text = f"{idle} / {duration(m['idle_threshold_seconds'])}"
+    if m.get("always_on"):
+        return text + " (always on)"
+    if not m.get("auto_sleep_enabled", True):
+        return text + " (auto-sleep off)"
+    return text
+
+
+def eta_text(m: dict[str, Any]) -> str:
+    eta = m.get("wake_eta_seconds")
+    if eta is None:
+        text = "-"
+    elif m["state"] == "waking":
+        text = f"{duration(max(0.0, eta - m['seconds_in_state']))} left of {duration(eta)}"
+    else:
+        text = duration(eta)
+    if m.get("waiting_for_memory"):
+        text += f" (waiting for memory: {m['waiting_for_memory']})"
+    return text
+
+
+def _row(name: str, m: dict[str, Any]) -> str:
+    e = escape
+    state = m["state"]
+    logs = (
+        f' <a class="logs" href="logs/{e(quote(name, safe=""))}">logs</a>'
+        if m.get("launched")
+        else ""
+    )
+    cells = [
+        f'<td class="model">{e(name)}</td>',
+        f'<td><span class="state state-{e(state)}">{e(state)}</span></td>',
+        f"<td>{e(m['engine'])}</td>",
+        f'<td class="idle">{e(idle_text(m))}</td>',
+        f'<td class="num">{int(m["in_flight"])}</td>',
+        f'<td class="num">{int(m["held_requests"])}</td>',
+        f'<td class="eta">{e(eta_text(m))}</td>',
+        f'<td class="error">{e(m.get("last_error") or "")}</td>',
+        '<td class="actions"><button type="button" data-action="sleep">Sleep</button> '
+        f'<button type="button" data-action="wake">Wake</button>{logs}</td>',
+    ]
+    return f'<tr data-model="{e(name)}" data-state="{e(state)}">{"".join(cells)}</tr>'
+
+
+def _gpu(gpu: str, g: dict[str, Any]) -> str:
+    budget, committed = float(g["budget_gb"]), float(g["committed_gb"])
+    return (
+        f'<div class="gpu" data-gpu="{escape(gpu)}"><span class="gpu-name">GPU '
+        f"{escape(gpu)}</span>"
+        f'<meter min="0" max="{budget:g}" value="{committed:g}" high="{0.9 * budget:g}">'
+        f'</meter><span class="gpu-text">{committed:g} / {budget:g} GB committed</span>'
+        "</div>"
+    )
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The whole page for one `/sleep/status` document."""
+    rows = "".join(_row(name, m) for name, m in doc["models"].items())
+    gpus = "".join(_gpu(gpu, g) for gpu, g in doc["gpus"].items()) or (
+        '<p class="muted">No GPU budgets configured (<code>gpus:</code> in the config).</p>'
+    )
+    head = "".join(f"<th>{escape(c)}</th>" for c in COLUMNS)
+    auto = (
+        "auto-sleep on"
+        if doc["auto_sleep_enabled"]
+        else "auto-sleep off (sleep_manager.auto_sleep_enabled)"
+    )
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>kvsleep</title>
+<link rel="stylesheet" href="static/status.css">
+</head>
+<body>
+<header>
+<h1>kvsleep</h1>
+<span class="muted">kvsleep {escape(__version__)} · {auto} ·
+updated <span id="updated">at load</span></span>
+<nav><a href="metrics">/metrics</a> <a href="sleep/status">/sleep/status</a>
+<a href="openapi.json">/openapi.json</a></nav>
+</header>
+<p id="notice" role="status" hidden></p>
+<main>
+<section>
+<h2>Models</h2>
+<table id="models">
+<thead><tr>{head}</tr></thead>
+<tbody>{rows}</tbody>
+</table>
+</section>
+<section>
+<h2>GPU budgets</h2>
+<div id="gpus">{gpus}</div>
+</section>
+</main>
+<dialog id="log-dialog">
+<header><strong id="log-title"></strong>
+<label><input type="checkbox" id="log-follow"> follow</label>
+<button type="button" id="log-close">Close</button></header>
+<pre id="log-text"></pre>
+</dialog>
+<script src="static/status.js" defer></script>
+</body>
+</html>
+"""
