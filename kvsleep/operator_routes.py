@@ -215,7 +215,7 @@ async def _follow(
     )
     await response.prepare(request)
     stopping = request.app[_STOPPING]
-    ident = _identity(path)
+    inode = _identity(path)[0]
     pending = b""
     idle = 0.0
     with contextlib.suppress(ConnectionResetError):
@@ -223,9 +223,9 @@ async def _follow(
         while not stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), FOLLOW_POLL_SECONDS)
-            now_ident = _identity(path)
-            if now_ident != ident or (now_ident is not None and now_ident[1] < offset):
-                ident, offset, pending = now_ident, 0, b""  # rotated or truncated: start over
+            now_inode, size = _identity(path)
+            if now_inode != inode or size < offset:
+                inode, offset, pending = now_inode, 0, b""  # rotated or truncated: start over
             chunk = await asyncio.to_thread(_read_from, path, offset)
             offset += len(chunk)
             pending += chunk
@@ -247,12 +247,12 @@ async def _send_lines(response: web.StreamResponse, lines: list[str]) -> None:
         )
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(inode, size): a new inode means the file was rotated."""
+def _identity(path: Path) -> tuple[int | None, int]:
+    """(inode, size); a new inode means the file was rotated, None that it is gone."""
     try:
         st = path.stat()
     except OSError:
-        return None
+        return None, 0
     return st.st_ino, st.st_size
 
 

@@ -1,0 +1,324 @@
+"""Operator routes on a real kvsleep: `GET /v1/models/{id}`, Retry-After, `GET /` without a
+browser, `/logs/{model}` of really launched engines, and the page's assets."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from kvsleep import operator_routes
+from kvsleep.config import parse_config
+from kvsleep.launcher import Launcher
+from kvsleep.router import OpenAIError
+from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_openai_error(body: dict, code: str) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code
+
+
+# ---- Retry-After -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("eta", "header"), [(2.4, "3"), (2.0, "2"), (0.2, "1"), (30, "30")])
+def test_retry_after_is_rounded_up(eta, header):
+    response = OpenAIError(503, "later", "service_unavailable", retry_after=eta).response()
+    assert response.headers["Retry-After"] == header
+
+
+async def test_a_2_4_s_eta_says_retry_after_3(sim_factory, tmp_path):
+    sim = await sim_factory("vllm", "org/m")
+    kv = await start_kvsleep(config_doc([sim_model(sim, wake_eta_seconds=2.4)], tmp_path))
+    try:
+        assert await kv.manager.put_model_to_sleep("org/m", manual=True)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{kv.url}/v1/completions",
+                json={"model": "org/m", "prompt": "x"},
+                headers={"X-Request-Timeout": "1"},
+            ) as r,
+        ):
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "3"
+    finally:
+        await kv.close()
+
+
+async def test_openai_client_retry_honoring_retry_after_is_served_after_the_wake(
+    sim_factory, tmp_path
+):
+    """Queue full: the client is told to come back when the wake should be over; with
+    `max_retries=1` its single retry must find the model awake. An ETA of 1.2 s rounded to 1
+    would send it back while the engine still wakes (a second 503, and the client gives up)."""
+    sim = await sim_factory("vllm", "org/chat-m", wake_latency=1.2)
+    kv = await start_kvsleep(
+        config_doc([sim_model(sim, wake_eta_seconds=1.2)], tmp_path, max_held_requests=1)
+    )
+    client = openai.AsyncOpenAI(base_url=f"{kv.url}/v1", api_key="unused", max_retries=1)
+    try:
+        assert await kv.manager.put_model_to_sleep("org/chat-m", manual=True)
+        held = asyncio.create_task(
+            client.completions.create(model="org/chat-m", prompt="first", max_tokens=2)
+        )
+        while not kv.manager.slots["org/chat-m"].waiters:
+            await asyncio.sleep(0.01)
+        raw = await client.completions.with_raw_response.create(
+            model="org/chat-m", prompt="second", max_tokens=2
+        )
+        assert raw.status_code == 200
+        assert raw.retries_taken == 1  # refused once (queue full), then served
+        assert raw.parse().choices
+        assert (await held).choices
+    finally:
+        await client.close()
+        await kv.close()
+    stats = sim.sim.stats()
+    assert stats["calls"].get("/wake_up") == 1, stats["calls"]
+    assert stats["requests"]["completed"] == 2
+    assert not stats["hazards"]
+
+
+# ---- GET /v1/models/{id} -----------------------------------------------------------------
+
+
+async def test_v1_model_retrieve_with_slashes(sim_factory, tmp_path):
+    sim = await sim_factory("vllm", "meta-llama/Llama-3.2-1B")
+    kv = await start_kvsleep(config_doc([sim_model(sim)], tmp_path))
+    try:
+        async with aiohttp.ClientSession() as session:
+            for path in ("meta-llama/Llama-3.2-1B", "meta-llama%2FLlama-3.2-1B"):
+                async with session.get(f"{kv.url}/v1/models/{path}") as r:
+                    assert r.status == 200
+                    body = await r.json()
+                assert body["id"] == "meta-llama/Llama-3.2-1B"
+                assert body["object"] == "model"
+                assert body["owned_by"] == "vllm"
+                assert body["state"] == "awake"
+                assert isinstance(body["created"], int)
+            async with session.get(f"{kv.url}/v1/models/meta-llama/Llama-9") as r:
+                assert r.status == 404
+                assert_openai_error(await r.json(), "model_not_found")
+        client = openai.AsyncOpenAI(base_url=f"{kv.url}/v1", api_key="unused", max_retries=0)
+        try:
+            model = await client.models.retrieve("meta-llama/Llama-3.2-1B")
+            assert model.id == "meta-llama/Llama-3.2-1B"
+            assert model.object == "model"
+            with pytest.raises(openai.NotFoundError):
+                await client.models.retrieve("meta-llama/nope")
+        finally:
+            await client.close()
+    finally:
+        await kv.close()
+
+
+# ---- GET / without a browser -------------------------------------------------------------
+
+
+async def test_status_page_lists_every_model_escaped(tmp_path):
+    models = [
+        {
+            "name": 'org/a<b>&"c',
+            "engine": "vllm",
+            "url": "http://127.0.0.1:9",
+            "memory_gb": 20,
+            "gpus": [0],
+        },
+        {"name": "org/plain", "engine": "sglang", "url": "http://127.0.0.1:10", "always_on": True},
+    ]
+    kv = await start_kvsleep(config_doc(models, tmp_path, gpus=[{"id": 0, "memory_gb": 80}]))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{kv.url}/") as r:
+                assert r.status == 200
+                assert r.content_type == "text/html"
+                assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+                html = await r.text()
+            for asset, kind in (("status.js", "text/javascript"), ("status.css", "text/css")):
+                async with session.get(f"{kv.url}/static/{asset}") as r:
+                    assert r.status == 200
+                    assert r.content_type == kind
+            async with session.get(f"{kv.url}/static/../server.py") as r:
+                assert r.status == 404
+    finally:
+        await kv.close()
+    assert "org/a&lt;b&gt;&amp;&quot;c" in html
+    assert 'org/a<b>&"c' not in html
+    rows = re.findall(r'<tr data-model="([^"]*)" data-state="([^"]*)">', html)
+    assert rows == [("org/a&lt;b&gt;&amp;&quot;c", "awake"), ("org/plain", "awake")]
+    assert "(always on)" in html
+    assert 'href="metrics"' in html
+    assert '<meter min="0" max="80" value="20"' in html
+    assert "http://" not in html and "https://" not in html  # nothing loaded from elsewhere
+
+
+# ---- /logs/{model} -----------------------------------------------------------------------
+
+
+def launched_doc(tmp_path: Path, **router: object) -> dict:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "kvsleep",
+        "sim-engine",
+        "--flavor",
+        "vllm",
+        "--model",
+        "org/launched",
+        "--port",
+        str(port),
+    ]
+    models = [
+        {
+            "name": "org/launched",
+            "engine": "vllm",
+            "url": f"http://127.0.0.1:{port}",
+            "command": command,
+            "ready_timeout_seconds": 30,
+        },
+        {"name": "org/attached", "engine": "vllm", "url": "http://127.0.0.1:9"},
+    ]
+    return config_doc(models, tmp_path, router=router or None)
+
+
+async def launch(kv, doc: dict) -> Launcher:
+    config = parse_config(doc, "<test>")
+    launcher = Launcher(kv.manager, kv.server.metrics, config.log_dir)
+    await launcher.start([m for m in config.models if m.launched])
+    kv.server.launcher = launcher
+    return launcher
+
+
+async def sse_lines(resp: aiohttp.ClientResponse, count: int) -> list[str]:
+    got: list[str] = []
+    while len(got) < count:
+        line = (await asyncio.wait_for(resp.content.readline(), 10)).decode()
+        if line.startswith("data: "):
+            got.append(line[len("data: ") :].rstrip("\n"))
+    return got
+
+
+async def test_logs_of_a_launched_engine(tmp_path, monkeypatch):
+    monkeypatch.setattr(operator_routes, "FOLLOW_POLL_SECONDS", 0.02)
+    doc = launched_doc(tmp_path)
+    kv = await start_kvsleep(doc)
+    launcher = await launch(kv, doc)
+    log_file = launcher.engines["org/launched"].log_file
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{kv.url}/logs/org/launched") as r:
+                assert r.status == 200
+                assert r.content_type == "text/plain"
+                text = await r.text()
+            assert "==== kvsleep starting org/launched" in text
+            async with session.get(f"{kv.url}/logs/org%2Flaunched?lines=1") as r:
+                assert len((await r.text()).splitlines()) == 1
+            for query, code in (
+                ("lines=0", "invalid_value"),
+                ("lines=x", "invalid_value"),
+                ("follow=maybe", "invalid_value"),
+            ):
+                async with session.get(f"{kv.url}/logs/org/launched?{query}") as r:
+                    assert r.status == 400
+                    assert_openai_error(await r.json(), code)
+            async with session.get(f"{kv.url}/logs/org/attached") as r:
+                assert r.status == 404
+                assert_openai_error(await r.json(), "not_launched")
+            async with session.get(f"{kv.url}/logs/org/unknown") as r:
+                assert r.status == 404
+                assert_openai_error(await r.json(), "model_not_found")
+
+            async with session.get(f"{kv.url}/logs/org/launched?follow=1&lines=1") as r:
+                assert r.status == 200
+                assert r.content_type == "text/event-stream"
+                assert len(await sse_lines(r, 1)) == 1  # the last line so far
+                with log_file.open("ab") as out:
+                    out.write(b"first new line\nsecond, with a CR\r in it\npartial")
+                assert await sse_lines(r, 2) == ["first new line", "second, with a CR in it"]
+                with log_file.open("ab") as out:
+                    out.write(b" line ends now\n")
+                assert await sse_lines(r, 1) == ["partial line ends now"]
+                # Rotated: the stream goes on with the new file from its start.
+                log_file.rename(log_file.with_suffix(".log.1"))
+                log_file.write_bytes(b"after rotation\n")
+                assert await sse_lines(r, 1) == ["after rotation"]
+    finally:
+        await launcher.stop()
+        await kv.close()
+
+
+async def test_logs_need_the_admin_token_when_one_is_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSLEEP_TEST_TOKEN", "s3cret")
+    doc = launched_doc(tmp_path, admin_token_env="KVSLEEP_TEST_TOKEN")
+    kv = await start_kvsleep(doc)
+    launcher = await launch(kv, doc)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{kv.url}/logs/org/launched") as r:
+                assert r.status == 401
+                assert_openai_error(await r.json(), "unauthorized")
+            async with session.get(
+                f"{kv.url}/logs/org/launched", headers={"Authorization": "Bearer s3cret"}
+            ) as r:
+                assert r.status == 200
+            async with session.get(f"{kv.url}/sleep/status") as r:
+                doc = await r.json()
+            assert doc["models"]["org/launched"]["launched"] is True
+            assert doc["models"]["org/attached"]["launched"] is False
+            async with session.get(f"{kv.url}/") as r:
+                html = await r.text()
+            assert 'href="logs/org%2Flaunched"' in html
+            assert 'href="logs/org%2Fattached"' not in html
+    finally:
+        await launcher.stop()
+        await kv.close()
+
+
+async def test_follow_ends_when_kvsleep_stops(tmp_path):
+    """A follower never ends by itself; shutdown must not wait out its grace for it."""
+    doc = launched_doc(tmp_path)
+    kv = await start_kvsleep(doc)
+    launcher = await launch(kv, doc)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{kv.url}/logs/org/launched?follow=1&lines=1") as r,
+        ):
+            await sse_lines(r, 1)
+            await kv.server.app.shutdown()  # what runner.cleanup does first
+            rest = await asyncio.wait_for(r.content.read(), 10)
+            assert b"data:" not in rest
+    finally:
+        await launcher.stop()
+        await kv.close()
+
+
+def test_last_lines_reads_the_tail(tmp_path, monkeypatch):
+    path = tmp_path / "engine.log"
+    assert operator_routes.last_lines(path, 5) == ([], 0)
+    lines = [f"line {i} " + "x" * (i % 300) for i in range(5000)]
+    path.write_bytes(("\n".join(lines) + "\nunfinished").encode())
+    got, offset = operator_routes.last_lines(path, 3)
+    assert got == lines[-3:]
+    assert offset == path.stat().st_size - len("unfinished")
+    got, _ = operator_routes.last_lines(path, 5000)
+    assert got == lines
+    monkeypatch.setattr(operator_routes, "LOG_TAIL_MAX_BYTES", 64 * 1024)
+    got, _ = operator_routes.last_lines(path, 5000)
+    assert 0 < len(got) < 5000 and got == lines[-len(got) :]  # bounded, whole lines only
