@@ -15,7 +15,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 from kvsleep import __version__
 from kvsleep.config import Config, ConfigError, load_config, summary
@@ -80,6 +82,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, state_dir=".kvsleep-state", log_dir=".kvsleep-logs")
     if args.attach:
         config = dataclasses.replace(config, attach=True)
+    if args.host is not None or args.port is not None:
+        router = config.router
+        config = dataclasses.replace(config, router=dataclasses.replace(
+            router, host=router.host if args.host is None else args.host,
+            port=router.port if args.port is None else args.port))
     return_large_buffers_to_the_os()
     try:
         return run_event_loop(_serve(config, path))
@@ -105,6 +112,7 @@ async def _serve(config: Config, path: str) -> int:
     hidden = [cfg.admin_token_env] if cfg.admin_token_env else []
     launcher = Launcher(server.manager, server.metrics, config.log_dir, config.state_dir,
                         hidden_env=hidden)
+    server.launcher = launcher
     launched = [m for m in config.models if m.launched and not config.attach]
     launcher.prepare(launched)
     server.launching = bool(launched)
@@ -217,7 +225,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin(args: argparse.Namespace, method: str, path: str) -> int:
+def _admin(args: argparse.Namespace, method: str, path: str,
+           show: Callable[[Any], str] | None = None) -> int:
     token = args.token or os.environ.get("KVSLEEP_ADMIN_TOKEN")
     req = urllib.request.Request(args.url.rstrip("/") + path, method=method)
     if token:
@@ -231,14 +240,30 @@ def _admin(args: argparse.Namespace, method: str, path: str) -> int:
         print(f"kvsleep: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     try:
-        print(json.dumps(json.loads(body), indent=2))
+        doc = json.loads(body)
     except ValueError:
         print(body.decode(errors="replace"))
+    else:
+        print(show(doc) if ok and show is not None else json.dumps(doc, indent=2))
     return 0 if ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return _admin(args, "GET", "/sleep/status")
+    from kvsleep.status_page import status_table
+
+    return _admin(args, "GET", "/sleep/status", None if args.json else status_table)
+
+
+def _url(value: str) -> str:
+    """`host:port` is taken to mean `http://host:port`, as curl does."""
+    return value if "://" in value else f"http://{value}"
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535)")
+    return port
 
 
 def cmd_sleep(args: argparse.Namespace) -> int:
@@ -256,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvsleep",
         description="Route OpenAI traffic by model and put idle vLLM/SGLang engines to sleep.")
     parser.add_argument("--version", action="version", version=f"kvsleep {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
 
     serve = sub.add_parser("serve", help="run the router, the reconcile loop and launched engines")
     serve.add_argument("--config", help="YAML config (default: the embedded two-engine demo)")
@@ -265,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(as the config key attach: true)")
     serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    serve.add_argument("--host", help="listen on this address (overrides router.host)")
+    serve.add_argument("--port", type=_port, help="listen on this port (overrides router.port)")
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file (exit 2 on problems)")
@@ -309,14 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         if name != "status":
             p.add_argument("model")
-        p.add_argument("--url", default=os.environ.get("KVSLEEP_URL", DEFAULT_URL),
-                       help=f"kvsleep address (default {DEFAULT_URL}, or $KVSLEEP_URL)")
+        p.add_argument("--url", type=_url, default=os.environ.get("KVSLEEP_URL", DEFAULT_URL),
+                       help=f"kvsleep address, URL or host:port (default {DEFAULT_URL}, or "
+                       "$KVSLEEP_URL)")
         p.add_argument("--token", help="admin bearer token (default $KVSLEEP_ADMIN_TOKEN)")
         p.add_argument("--timeout", type=float, default=600.0)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the raw JSON document")
         p.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `kvsleep`: what it can do, not an error
+        parser.print_help()
+        return 0
     return args.func(args)

@@ -62,6 +62,50 @@ def eta_text(m: dict[str, Any]) -> str:
     return text
 
 
+def status_table(doc: dict[str, Any]) -> str:
+    """`kvsleep status`: one line per model, then the GPU budgets."""
+    header = (
+        "MODEL",
+        "STATE",
+        "ENGINE",
+        "IDLE/THRESHOLD",
+        "IN-FLIGHT",
+        "HELD",
+        "WAKE-ETA",
+        "LAST-ERROR",
+    )
+    rows = [header]
+    for name, m in doc["models"].items():
+        rows.append(
+            (
+                name,
+                m["state"],
+                m["engine"],
+                idle_text(m),
+                str(m["in_flight"]),
+                str(m["held_requests"]),
+                eta_text(m),
+                _one_line(m.get("last_error") or ""),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = [
+        "  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip()
+        for row in rows
+    ]
+    lines.append(
+        "auto-sleep "
+        + ("on" if doc["auto_sleep_enabled"] else "off (sleep_manager.auto_sleep_enabled)")
+    )
+    for gpu, g in doc["gpus"].items():
+        lines.append(f"GPU {gpu}: {g['committed_gb']:g} / {g['budget_gb']:g} GB committed")
+    return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _row(name: str, m: dict[str, Any]) -> str:
     e = escape
     state = m["state"]
