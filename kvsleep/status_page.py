@@ -14,6 +14,9 @@ from urllib.parse import quote
 
 from kvsleep import __version__
 
+# Buttons that would do nothing in these states are disabled (status.js does the same).
+NO_SLEEP = ("asleep", "sleeping")
+NO_WAKE = ("awake", "waking")
 COLUMNS = (
     "Model",
     "State",
@@ -31,6 +34,8 @@ def duration(seconds: float | None) -> str:
     """A short human duration: 42s, 5m, 5m 3s, 2h 5m (same as status.js and `kvsleep status`)."""
     if seconds is None:
         return "-"
+    if 0 < seconds < 1:
+        return "<1s"
     s = max(0, round(seconds))
     if s < 60:
         return f"{s}s"
@@ -123,10 +128,15 @@ def _row(name: str, m: dict[str, Any]) -> str:
         f'<td class="num">{int(m["held_requests"])}</td>',
         f'<td class="eta">{e(eta_text(m))}</td>',
         f'<td class="error">{e(m.get("last_error") or "")}</td>',
-        '<td class="actions"><button type="button" data-action="sleep">Sleep</button> '
-        f'<button type="button" data-action="wake">Wake</button>{logs}</td>',
+        f'<td class="actions"><button type="button" data-action="sleep"{_off(state, NO_SLEEP)}>'
+        f'Sleep</button> <button type="button" data-action="wake"{_off(state, NO_WAKE)}>Wake'
+        f"</button>{logs}</td>",
     ]
     return f'<tr data-model="{e(name)}" data-state="{e(state)}">{"".join(cells)}</tr>'
+
+
+def _off(state: str, states: tuple[str, ...]) -> str:
+    return " disabled" if state in states else ""
 
 
 def _gpu(gpu: str, g: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ const $ = (id) => document.getElementById(id);
 
 function duration(seconds) {
   if (seconds === null || seconds === undefined) return "-";
+  if (seconds > 0 && seconds < 1) return "<1s";
   const s = Math.max(0, Math.round(seconds));
   if (s < 60) return `${s}s`;
   if (s < 3600) return s % 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s / 60}m`;
@@ -45,11 +46,16 @@ function cell(text, cls) {
   return td;
 }
 
-function button(action, label) {
+// Buttons that would do nothing in these states are disabled (as status_page.py renders them).
+const NO_SLEEP = ["asleep", "sleeping"];
+const NO_WAKE = ["awake", "waking"];
+
+function button(action, label, disabled) {
   const b = document.createElement("button");
   b.type = "button";
   b.dataset.action = action;
   b.textContent = label;
+  b.disabled = disabled;
   return b;
 }
 
@@ -67,7 +73,8 @@ function row(name, m) {
             cell(String(m.in_flight), "num"), cell(String(m.held_requests), "num"),
             cell(etaText(m), "eta"), cell(m.last_error || "", "error"));
   const actions = cell("", "actions");
-  actions.append(button("sleep", "Sleep"), " ", button("wake", "Wake"));
+  actions.append(button("sleep", "Sleep", NO_SLEEP.includes(m.state)), " ",
+                 button("wake", "Wake", NO_WAKE.includes(m.state)));
   if (m.launched) {
     const a = document.createElement("a");
     a.className = "logs";

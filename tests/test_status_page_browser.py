@@ -1,0 +1,136 @@
+"""The status page in a real headless Chromium (Debian's `chromium`, driven by Playwright with
+the system browser; scripts/test installs it): every model shows with its state, Sleep puts the
+engine to sleep and the row changes without a reload, the admin token is asked for on a 401 and
+kept in the tab's session storage only. Each test saves a screenshot and prints its path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = 15_000  # a bound on waiting for the page, not an expected duration
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[object]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} missing: scripts/test installs Debian's chromium")
+        pytest.skip("no system Chromium (apt-get install chromium)")
+    async with playwright_api.async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+def row(name: str) -> str:
+    return f'#models tr[data-model="{name}"]'
+
+
+async def test_page_shows_every_model_and_sleep_changes_the_row_without_reload(
+    browser, sim_factory, tmp_path
+):
+    llama = await sim_factory("vllm", "meta-llama/Llama-3.2-1B")
+    qwen = await sim_factory("sglang", "Qwen/Qwen3-0.6B")
+    kv = await start_kvsleep(
+        config_doc(
+            [sim_model(llama, memory_gb=30, gpus=[0]), sim_model(qwen, memory_gb=20, gpus=[0])],
+            tmp_path,
+            gpus=[{"id": 0, "memory_gb": 80}],
+        )
+    )
+    try:
+        page = await browser.new_page(viewport={"width": 1280, "height": 560})
+        await page.goto(f"{kv.url}/")
+        # The script has redrawn the table from /sleep/status at least once.
+        await page.wait_for_function(
+            "document.getElementById('updated').textContent !== 'at load'", timeout=WAIT_MS
+        )
+        for name, engine in (("meta-llama/Llama-3.2-1B", "vllm"), ("Qwen/Qwen3-0.6B", "sglang")):
+            assert await page.inner_text(f"{row(name)} td.model") == name
+            assert await page.inner_text(f"{row(name)} .state") == "awake"
+            assert await page.inner_text(f"{row(name)} td:nth-child(3)") == engine
+        assert await page.inner_text(".gpu-text") == "50 / 80 GB committed"
+        assert await page.get_attribute("nav a[href='metrics']", "href") == "metrics"
+
+        await page.evaluate("window.notReloaded = true")
+        await page.click(f"{row('meta-llama/Llama-3.2-1B')} button[data-action=sleep]")
+        await page.wait_for_selector(
+            f"{row('meta-llama/Llama-3.2-1B')}[data-state=asleep]", timeout=WAIT_MS
+        )
+        assert await page.evaluate("window.notReloaded") is True
+        assert await page.inner_text(f"{row('meta-llama/Llama-3.2-1B')} .state") == "asleep"
+        assert await page.inner_text(f"{row('Qwen/Qwen3-0.6B')} .state") == "awake"
+        assert await page.inner_text(".gpu-text") == "20 / 80 GB committed"
+        shot = tmp_path / "status-page.png"
+        await page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot: {shot}")
+    finally:
+        await kv.close()
+    stats = llama.sim.stats()
+    assert stats["state"] == "asleep"
+    assert stats["calls"]["/sleep"] == 1
+    assert not stats["hazards"]
+    assert qwen.sim.stats()["calls"].get("/release_memory_occupation", 0) == 0
+
+
+async def test_page_asks_for_the_admin_token_and_keeps_it_in_session_storage(
+    browser, sim_factory, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("KVSLEEP_PAGE_TOKEN", "page-s3cret")
+    sim = await sim_factory("sglang", "org/m")
+    kv = await start_kvsleep(
+        config_doc([sim_model(sim)], tmp_path, router={"admin_token_env": "KVSLEEP_PAGE_TOKEN"})
+    )
+    prompts: list[str] = []
+
+    async def answer(dialog) -> None:
+        prompts.append(dialog.message)
+        await dialog.accept("page-s3cret")
+
+    try:
+        assert await kv.manager.put_model_to_sleep("org/m", manual=True)
+        page = await browser.new_page(viewport={"width": 1280, "height": 400})
+        page.on("dialog", answer)
+        await page.goto(f"{kv.url}/")
+        assert await page.inner_text(f"{row('org/m')} .state") == "asleep"
+        await page.click(f"{row('org/m')} button[data-action=wake]")
+        await page.wait_for_selector(f"{row('org/m')}[data-state=awake]", timeout=WAIT_MS)
+        assert len(prompts) == 1 and "token" in prompts[0]
+        assert await page.evaluate("sessionStorage.getItem('kvsleep.adminToken')") == (
+            "page-s3cret"
+        )
+        assert await page.evaluate("localStorage.length") == 0
+        # The next action uses the kept token without asking again.
+        await page.click(f"{row('org/m')} button[data-action=sleep]")
+        await page.wait_for_selector(f"{row('org/m')}[data-state=asleep]", timeout=WAIT_MS)
+        assert len(prompts) == 1
+        shot = tmp_path / "status-page-token.png"
+        await page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot: {shot}")
+    finally:
+        await kv.close()
+    calls = sim.sim.stats()["calls"]
+    assert calls["/resume_memory_occupation"] == 1
+    assert calls["/release_memory_occupation"] == 2
