@@ -229,6 +229,10 @@ class KvcachedRoutes:
         name = request.match_info["model"]
         if name not in server.manager.slots:
             return _error(404, f"Model {name} not found")
+        try:
+            wait = _wait(request)
+        except BadQuery as exc:
+            return _error(400, str(exc))
         if (owner := server.owner(name)) is not None:
             return await server._ask_owner(owner, request)
         refusal = server.manager.sleep_refusal(name)
@@ -236,7 +240,7 @@ class KvcachedRoutes:
             status = 409 if server.manager.slots[name].cfg.always_on else 400
             return _action(name, False, f"Model {name} sleep request failed: {refusal}", status)
         return await server._answer(
-            request, name, "sleep", server.manager.request_sleep(name, "manual")
+            name, "sleep", server.manager.request_sleep(name, "manual"), wait
         )
 
     async def wakeup(self, request: web.Request) -> web.Response:
@@ -246,11 +250,15 @@ class KvcachedRoutes:
         name = request.match_info["model"]
         if name not in server.manager.slots:
             return _error(404, f"Model {name} not found")
+        try:
+            wait = _wait(request)
+        except BadQuery as exc:
+            return _error(400, str(exc))
         refusal = server.manager.wake_refusal(name)
         if refusal is not None:
             return _action(name, False, f"Model {name} wake request failed: {refusal}", 400)
         return await server._answer(
-            request, name, "wake", server.manager.request_wake(name, "manual")
+            name, "wake", server.manager.request_wake(name, "manual"), wait
         )
 
 
@@ -306,6 +314,15 @@ def _action(name: str, success: bool, message: str, status: int) -> web.Response
     return web.json_response(
         {"model_name": name, "success": success, "message": message}, status=status
     )
+
+
+def _wait(request: web.Request) -> bool:
+    """kvsleep's `?wait=false` (answer 202 at once); a word other than true or false is refused
+    before anything is done, not taken as the default."""
+    values = request.query.getall("wait", [])
+    if values not in ([], ["true"], ["false"]):
+        raise BadQuery("Query parameter wait must be true or false")
+    return values != ["false"]
 
 
 def _json_seconds(value: float) -> int | float:

@@ -314,7 +314,8 @@ class KvsleepServer:
 
     async def sleep(self, request: web.Request) -> web.Response:
         name = self._model(request)
-        from_owner = request.query.get("from") == "owner"
+        from_owner = _choice(request, "from", ("owner",)) == "owner"
+        wait = _choice(request, "wait", ("true", "false")) != "false"
         owner = self.owner(name)
         if owner is not None and not from_owner:
             return await self._ask_owner(owner, request)
@@ -322,21 +323,22 @@ class KvsleepServer:
             outcome = self.manager.request_sleep(name, "reconcile" if from_owner else "manual")
         except NotAllowed as exc:
             return _action(name, False, str(exc), 409)
-        return await self._answer(request, name, "sleep", outcome)
+        return await self._answer(name, "sleep", outcome, wait)
 
     async def wake(self, request: web.Request) -> web.Response:
         name = self._model(request)
-        reason = "request" if request.query.get("reason") == "request" else "manual"
+        reason = _choice(request, "reason", ("request", "manual")) or "manual"
+        wait = _choice(request, "wait", ("true", "false")) != "false"
         if reason != "request" and (at := self.manager.defer_wake(name, reason)) is not None:
             return _action(name, True, f"Model {name} slept less than min_sleep_duration; wake "
                            f"scheduled in {at - self.clock():.0f}s", 202)
-        return await self._answer(request, name, "wake", self.manager.request_wake(name, reason))
+        return await self._answer(name, "wake", self.manager.request_wake(name, reason), wait)
 
-    async def _answer(self, request: web.Request, name: str, verb: str,
-                      outcome: asyncio.Future[bool]) -> web.Response:
+    async def _answer(self, name: str, verb: str, outcome: asyncio.Future[bool],
+                      wait: bool) -> web.Response:
         """Answer once the operation is over, as the kvcached controller did (or at once with
         `?wait=false`)."""
-        if request.query.get("wait", "true") == "false":
+        if not wait:
             return _action(name, True, f"Model {name} {verb} requested", 202)
         ok = await outcome
         slot = self.manager.slots.get(name)
@@ -445,6 +447,17 @@ class _Answered(Exception):
 def _action(name: str, success: bool, message: str, status: int) -> web.Response:
     return web.json_response({"model_name": name, "success": success, "message": message},
                              status=status)
+
+
+def _choice(request: web.Request, key: str, allowed: tuple[str, ...]) -> str | None:
+    """A query parameter that takes one of a few words: a typo is an error, not the default."""
+    values = request.query.getall(key, [])
+    if not values:
+        return None
+    if len(values) > 1 or values[0] not in allowed:
+        raise OpenAIError(400, f"Query parameter `{key}` must be one of: {', '.join(allowed)}.",
+                          "invalid_request_error", param=key, code="invalid_value")
+    return values[0]
 
 
 def _is_loopback(remote: str | None) -> bool:
