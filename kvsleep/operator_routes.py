@@ -35,7 +35,7 @@ FOLLOW_KEEPALIVE_SECONDS = 15.0
 # The page loads nothing from elsewhere (works offline, behind any proxy) and cannot be framed.
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 ASSETS = {"status.js": "text/javascript", "status.css": "text/css"}
 

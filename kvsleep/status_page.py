@@ -168,6 +168,7 @@ def render(doc: dict[str, Any]) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>kvsleep</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="static/status.css">
 </head>
 <body>

@@ -15,6 +15,7 @@ import pytest
 from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
 
 playwright_api = pytest.importorskip("playwright.async_api")
+expect = playwright_api.expect
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -62,11 +63,12 @@ async def test_page_shows_every_model_and_sleep_changes_the_row_without_reload(
     )
     try:
         page = await browser.new_page(viewport={"width": 1280, "height": 560})
+        errors: list[str] = []  # script errors and CSP refusals show up here
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
         await page.goto(f"{kv.url}/")
         # The script has redrawn the table from /sleep/status at least once.
-        await page.wait_for_function(
-            "document.getElementById('updated').textContent !== 'at load'", timeout=WAIT_MS
-        )
+        await expect(page.locator("#updated")).not_to_have_text("at load", timeout=WAIT_MS)
         for name, engine in (("meta-llama/Llama-3.2-1B", "vllm"), ("Qwen/Qwen3-0.6B", "sglang")):
             assert await page.inner_text(f"{row(name)} td.model") == name
             assert await page.inner_text(f"{row(name)} .state") == "awake"
@@ -86,6 +88,7 @@ async def test_page_shows_every_model_and_sleep_changes_the_row_without_reload(
         shot = tmp_path / "status-page.png"
         await page.screenshot(path=str(shot), full_page=True)
         print(f"screenshot: {shot}")
+        assert errors == []
     finally:
         await kv.close()
     stats = llama.sim.stats()
@@ -134,3 +137,35 @@ async def test_page_asks_for_the_admin_token_and_keeps_it_in_session_storage(
     calls = sim.sim.stats()["calls"]
     assert calls["/resume_memory_occupation"] == 1
     assert calls["/release_memory_occupation"] == 2
+
+
+async def test_logs_link_shows_and_follows_a_launched_engines_log(browser, tmp_path, monkeypatch):
+    from kvsleep import operator_routes
+    from tests.test_operator_routes import launch, launched_doc
+
+    monkeypatch.setattr(operator_routes, "FOLLOW_POLL_SECONDS", 0.05)
+    doc = launched_doc(tmp_path)
+    kv = await start_kvsleep(doc)
+    launcher = await launch(kv, doc)
+    try:
+        page = await browser.new_page(viewport={"width": 1280, "height": 600})
+        await page.goto(f"{kv.url}/")
+        assert await page.locator(f"{row('org/attached')} a.logs").count() == 0
+        await page.click(f"{row('org/launched')} a.logs")
+        await expect(page.locator("#log-text")).to_contain_text("kvsleep starting", timeout=WAIT_MS)
+        assert await page.evaluate("location.pathname") == "/"  # a dialog, not a navigation
+        await page.check("#log-follow")
+        await expect(page.locator("#log-text")).to_contain_text("kvsleep starting", timeout=WAIT_MS)
+        with launcher.engines["org/launched"].log_file.open("ab") as out:
+            out.write(b"a line written <b>while</b> following\n")
+        await expect(page.locator("#log-text")).to_contain_text(
+            "a line written <b>while</b> following", timeout=WAIT_MS
+        )
+        assert await page.locator("#log-text b").count() == 0  # shown as text, never as HTML
+        shot = tmp_path / "status-page-logs.png"
+        await page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot: {shot}")
+        await page.click("#log-close")
+    finally:
+        await launcher.stop()
+        await kv.close()

@@ -179,11 +179,11 @@ let following = null;
 
 async function showLogs(name) {
   closeLogs();
-  $("log-title").textContent = `${name}: last ${LOG_LINES} lines`;
-  $("log-text").textContent = "";
-  $("log-dialog").showModal();
-  $("log-dialog").dataset.model = name;
   const follow = $("log-follow").checked;
+  $("log-title").textContent = `${name}: last ${LOG_LINES} lines${follow ? ", following" : ""}`;
+  $("log-text").textContent = "";
+  if (!$("log-dialog").open) $("log-dialog").showModal();
+  $("log-dialog").dataset.model = name;
   const controller = new AbortController();
   following = controller;
   const url = `logs/${encodeURIComponent(name)}?lines=${LOG_LINES}${follow ? "&follow=1" : ""}`;
