@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from aiohttp import web
 
-from kvsleep import status_page
+from kvsleep import __version__, status_page
 from kvsleep.kvcached_routes import status_document
 from kvsleep.router import OpenAIError
 
@@ -97,7 +97,9 @@ def _asset_bytes(name: str) -> bytes:
 @cache
 def openapi_document() -> dict[str, Any]:
     """kvsleep/openapi.yaml (kept in YAML for its comments), served as JSON."""
-    return yaml.safe_load((resources.files("kvsleep") / "openapi.yaml").read_text("utf-8"))
+    doc = yaml.safe_load((resources.files("kvsleep") / "openapi.yaml").read_text("utf-8"))
+    doc["info"]["version"] = __version__
+    return doc
 
 
 @cache
