@@ -29,7 +29,7 @@ METHODS = {"get", "post", "put", "patch", "delete"}
 SCHEMATHESIS_CHECKS = ("--checks", "all", "--exclude-checks", "positive_data_acceptance")
 # Bounds the fuzzing so that it takes well under 2 minutes on 2 cores; the seed makes CI
 # reproducible (KVSLEEP_FUZZ_SEED=N, KVSLEEP_FUZZ_EXAMPLES=M explore further).
-SCHEMATHESIS_MAX_EXAMPLES = int(os.environ.get("KVSLEEP_FUZZ_EXAMPLES", "15"))
+SCHEMATHESIS_MAX_EXAMPLES = int(os.environ.get("KVSLEEP_FUZZ_EXAMPLES", "30"))
 SCHEMATHESIS_SEED = int(os.environ.get("KVSLEEP_FUZZ_SEED", "20261129"))
 
 
