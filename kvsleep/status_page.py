@@ -1,4 +1,4 @@
-"""The status page's HTML, rendered from the `/sleep/status` document.
+"""The status page's HTML and `kvsleep status`'s table, both from the `/sleep/status` document.
 
 The table is rendered here so that `curl /` and browsers without JavaScript see every model;
 `static/status.js` then redraws the same rows from `/sleep/status` every 2 s. Keep the two in step:

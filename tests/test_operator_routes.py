@@ -17,6 +17,7 @@ from kvsleep import operator_routes
 from kvsleep.config import parse_config
 from kvsleep.launcher import Launcher
 from kvsleep.router import OpenAIError
+from kvsleep.server import KvsleepServer
 from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
 
 
@@ -197,11 +198,12 @@ def launched_doc(tmp_path: Path, **router: object) -> dict:
     return config_doc(models, tmp_path, router=router or None)
 
 
-async def launch(kv, doc: dict) -> Launcher:
+async def launch(server: KvsleepServer, doc: dict) -> Launcher:
+    """Start the config's launched engines as `kvsleep serve` does, for /logs to serve."""
     config = parse_config(doc, "<test>")
-    launcher = Launcher(kv.manager, kv.server.metrics, config.log_dir)
+    launcher = Launcher(server.manager, server.metrics, config.log_dir)
     await launcher.start([m for m in config.models if m.launched])
-    kv.server.launcher = launcher
+    server.launcher = launcher
     return launcher
 
 
@@ -218,7 +220,7 @@ async def test_logs_of_a_launched_engine(tmp_path, monkeypatch):
     monkeypatch.setattr(operator_routes, "FOLLOW_POLL_SECONDS", 0.02)
     doc = launched_doc(tmp_path)
     kv = await start_kvsleep(doc)
-    launcher = await launch(kv, doc)
+    launcher = await launch(kv.server, doc)
     log_file = launcher.engines["org/launched"].log_file
     try:
         async with aiohttp.ClientSession() as session:
@@ -267,7 +269,7 @@ async def test_logs_need_the_admin_token_when_one_is_set(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSLEEP_TEST_TOKEN", "s3cret")
     doc = launched_doc(tmp_path, admin_token_env="KVSLEEP_TEST_TOKEN")
     kv = await start_kvsleep(doc)
-    launcher = await launch(kv, doc)
+    launcher = await launch(kv.server, doc)
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{kv.url}/logs/org/launched") as r:
@@ -294,7 +296,7 @@ async def test_follow_ends_when_kvsleep_stops(tmp_path):
     """A follower never ends by itself; shutdown must not wait out its grace for it."""
     doc = launched_doc(tmp_path)
     kv = await start_kvsleep(doc)
-    launcher = await launch(kv, doc)
+    launcher = await launch(kv.server, doc)
     try:
         async with (
             aiohttp.ClientSession() as session,
@@ -322,3 +324,23 @@ def test_last_lines_reads_the_tail(tmp_path, monkeypatch):
     monkeypatch.setattr(operator_routes, "LOG_TAIL_MAX_BYTES", 64 * 1024)
     got, _ = operator_routes.last_lines(path, 5000)
     assert 0 < len(got) < 5000 and got == lines[-len(got) :]  # bounded, whole lines only
+
+
+async def test_logs_answer_only_loopback_clients_without_a_token(tmp_path):
+    from tests.test_access import kvsleep_on, non_loopback_ipv4
+
+    address = non_loopback_ipv4()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    doc = launched_doc(tmp_path)
+    async with kvsleep_on(doc, "0.0.0.0") as (server, port):
+        launcher = await launch(server, doc)
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://{address}:{port}/logs/org/launched") as r:
+                    assert r.status == 403
+                    assert_openai_error(await r.json(), "forbidden")
+                async with session.get(f"http://127.0.0.1:{port}/logs/org/launched") as r:
+                    assert r.status == 200
+        finally:
+            await launcher.stop()

@@ -146,7 +146,7 @@ async def test_logs_link_shows_and_follows_a_launched_engines_log(browser, tmp_p
     monkeypatch.setattr(operator_routes, "FOLLOW_POLL_SECONDS", 0.05)
     doc = launched_doc(tmp_path)
     kv = await start_kvsleep(doc)
-    launcher = await launch(kv, doc)
+    launcher = await launch(kv.server, doc)
     try:
         page = await browser.new_page(viewport={"width": 1280, "height": 600})
         await page.goto(f"{kv.url}/")
