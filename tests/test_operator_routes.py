@@ -13,7 +13,7 @@ import aiohttp
 import openai
 import pytest
 
-from kvsleep import operator_routes
+from kvsleep import operator_routes, status_page
 from kvsleep.config import parse_config
 from kvsleep.launcher import Launcher
 from kvsleep.router import OpenAIError
@@ -344,3 +344,30 @@ async def test_logs_answer_only_loopback_clients_without_a_token(tmp_path):
                     assert r.status == 200
         finally:
             await launcher.stop()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "-"),
+        (0, "0s"),
+        (0.3, "<1s"),
+        (42.4, "42s"),
+        (60, "1m"),
+        (303, "5m 3s"),
+        (3600, "1h"),
+        (7500, "2h 5m"),
+    ],
+)
+def test_durations_read_like_a_person_wrote_them(seconds, text):
+    assert status_page.duration(seconds) == text
+
+
+def test_eta_while_waking_counts_down():
+    m = {
+        "state": "waking",
+        "wake_eta_seconds": 12.0,
+        "seconds_in_state": 9.2,
+        "waiting_for_memory": "GPU 0: 10 GB short",
+    }
+    assert status_page.eta_text(m) == "3s left of 12s (waiting for memory: GPU 0: 10 GB short)"
