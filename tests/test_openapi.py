@@ -4,6 +4,7 @@ with launched simulated engines behind it (no 5xx, every answer as described).""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -93,21 +94,30 @@ async def test_query_words_are_checked_before_acting(sim_factory, tmp_path):
             for path in (
                 "models/org/m/sleep?wait=maybe",
                 "models/org/m/sleep?from=elsewhere",
-                "action/sleep/org/m?wait=true&wait=false",
                 "models/org/m/wake?reason=x",
-                "action/wakeup/org/m?wait=0",
             ):
                 async with session.post(f"{kv.url}/{path}") as r:
                     assert r.status == 400, path
                     body = await r.json()
                 assert body["error"]["code"] == "invalid_value"
                 assert body["error"]["param"] in ("wait", "from", "reason")
+            # The kvcached controller's routes say it in their own error shape.
+            async with session.post(f"{kv.url}/action/sleep/org/m?wait=true&wait=false") as r:
+                assert r.status == 400
+                assert await r.json() == {"error": "Query parameter wait must be true or false"}
             assert kv.state("org/m") == "awake"
             assert "/sleep" not in sim.sim.stats()["calls"]
             async with session.post(f"{kv.url}/models/org/m/sleep?wait=false") as r:
                 assert r.status == 202
+            while kv.state("org/m") != "asleep":
+                await asyncio.sleep(0.01)
+            async with session.post(f"{kv.url}/action/wakeup/org/m?wait=0") as r:
+                assert r.status == 400
+                assert await r.json() == {"error": "Query parameter wait must be true or false"}
+            assert kv.state("org/m") == "asleep"
             async with session.post(f"{kv.url}/models/org/m/wake?wait=true&reason=manual") as r:
                 assert r.status == 200
+            assert kv.state("org/m") == "awake"
     finally:
         await kv.close()
 
