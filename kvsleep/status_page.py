@@ -90,7 +90,7 @@ def status_table(doc: dict[str, Any]) -> str:
                 str(m["in_flight"]),
                 str(m["held_requests"]),
                 eta_text(m),
-                _one_line(m.get("last_error") or ""),
+                _one_line(problem_text(m)),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
@@ -111,6 +111,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def problem_text(m: dict[str, Any]) -> str:
+    """The last error, and why the model cannot sleep when its engine cannot."""
+    parts = [f"cannot sleep: {m['cannot_sleep']}"] if m.get("cannot_sleep") else []
+    if m.get("last_error"):
+        parts.append(m["last_error"])
+    return "; ".join(parts)
+
+
 def _row(name: str, m: dict[str, Any]) -> str:
     e = escape
     state = m["state"]
@@ -127,7 +135,7 @@ def _row(name: str, m: dict[str, Any]) -> str:
         f'<td class="num">{int(m["in_flight"])}</td>',
         f'<td class="num">{int(m["held_requests"])}</td>',
         f'<td class="eta">{e(eta_text(m))}</td>',
-        f'<td class="error">{e(m.get("last_error") or "")}</td>',
+        f'<td class="error">{e(problem_text(m))}</td>',
         f'<td class="actions"><button type="button" data-action="sleep"{_off(state, NO_SLEEP)}>'
         f'Sleep</button> <button type="button" data-action="wake"{_off(state, NO_WAKE)}>Wake'
         f"</button>{logs}</td>",

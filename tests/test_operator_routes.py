@@ -371,3 +371,10 @@ def test_eta_while_waking_counts_down():
         "waiting_for_memory": "GPU 0: 10 GB short",
     }
     assert status_page.eta_text(m) == "3s left of 12s (waiting for memory: GPU 0: 10 GB short)"
+
+
+def test_problems_name_a_model_that_cannot_sleep():
+    assert status_page.problem_text({"cannot_sleep": "no /sleep route", "last_error": "boom"}) == (
+        "cannot sleep: no /sleep route; boom"
+    )
+    assert status_page.problem_text({"cannot_sleep": None, "last_error": None}) == ""

@@ -39,6 +39,12 @@ function etaText(m) {
   return text;
 }
 
+function problemText(m) {
+  const parts = m.cannot_sleep ? [`cannot sleep: ${m.cannot_sleep}`] : [];
+  if (m.last_error) parts.push(m.last_error);
+  return parts.join("; ");
+}
+
 function cell(text, cls) {
   const td = document.createElement("td");
   if (cls) td.className = cls;
@@ -71,7 +77,7 @@ function row(name, m) {
   stateCell.append(state);
   tr.append(stateCell, cell(m.engine), cell(idleText(m), "idle"),
             cell(String(m.in_flight), "num"), cell(String(m.held_requests), "num"),
-            cell(etaText(m), "eta"), cell(m.last_error || "", "error"));
+            cell(etaText(m), "eta"), cell(problemText(m), "error"));
   const actions = cell("", "actions");
   actions.append(button("sleep", "Sleep", NO_SLEEP.includes(m.state)), " ",
                  button("wake", "Wake", NO_WAKE.includes(m.state)));
