@@ -156,12 +156,18 @@ async def test_status_page_lists_every_model_escaped(tmp_path):
                     assert r.content_type == kind
             async with session.get(f"{kv.url}/static/../server.py") as r:
                 assert r.status == 404
+            async with session.get(f"{kv.url}/sleep/status") as r:
+                states = {name: m["state"] for name, m in (await r.json())["models"].items()}
     finally:
         await kv.close()
     assert "org/a&lt;b&gt;&amp;&quot;c" in html
     assert 'org/a<b>&"c' not in html
     rows = re.findall(r'<tr data-model="([^"]*)" data-state="([^"]*)">', html)
-    assert rows == [("org/a&lt;b&gt;&amp;&quot;c", "awake"), ("org/plain", "awake")]
+    # Both engines are unreachable: each row says the state /sleep/status reports.
+    assert rows == [
+        ("org/a&lt;b&gt;&amp;&quot;c", states['org/a<b>&"c']),
+        ("org/plain", states["org/plain"]),
+    ]
     assert "(always on)" in html
     assert 'href="metrics"' in html
     assert '<meter min="0" max="80" value="20"' in html
