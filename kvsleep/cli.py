@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -76,6 +77,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"kvsleep: refusing to start: {len(exc.problems)} configuration problem(s)",
               file=sys.stderr)
         return 2
+    overrides = functools.partial(_command_line_overrides, args)
+    return_large_buffers_to_the_os()
+    try:
+        return run_event_loop(_serve(overrides(config), path, overrides))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _command_line_overrides(args: argparse.Namespace, config: Config) -> Config:
+    """What `serve`'s flags change in a config file; applied to every reload as well, so that a
+    reload does not see them as changes that take a restart."""
     if args.config is None:
         # The embedded file lives in the installed package: keep its state and logs in the
         # working directory instead.
@@ -87,14 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, router=dataclasses.replace(
             router, host=router.host if args.host is None else args.host,
             port=router.port if args.port is None else args.port))
-    return_large_buffers_to_the_os()
-    try:
-        return run_event_loop(_serve(config, path))
-    except KeyboardInterrupt:
-        return 0
+    return config
 
 
-async def _serve(config: Config, path: str) -> int:
+async def _serve(config: Config, path: str, overrides: Callable[[Config], Config]) -> int:
     """Bind first (a taken port launches nothing), listen at once (requests for engines still
     starting are held), then launch; SIGTERM is honoured at any point."""
     from kvsleep.connections import bind
@@ -108,7 +116,7 @@ async def _serve(config: Config, path: str) -> int:
         print(f"kvsleep: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
-    server = KvsleepServer(config, config_path=path)
+    server = KvsleepServer(config, config_path=path, overrides=overrides)
     hidden = [cfg.admin_token_env] if cfg.admin_token_env else []
     launcher = Launcher(server.manager, server.metrics, config.log_dir, config.state_dir,
                         hidden_env=hidden)

@@ -65,9 +65,12 @@ class KvsleepServer:
 
     def __init__(self, config: Config, *, config_path: str | None = None,
                  clock: Callable[[], float] = time.time,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 overrides: Callable[[Config], Config] | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        # The command line's changes to the file (`serve --port`, ...), applied to each reload.
+        self.overrides = overrides
         self.clock = clock
         self.metrics = Metrics()
         self.traffic = TrafficMonitor(config.sleep_manager.idle_threshold_seconds, clock=clock)
@@ -392,6 +395,8 @@ class KvsleepServer:
             raise ConfigError(["<config>: no configuration file to reload"])
         try:
             new = load_config(self.config_path)
+            if self.overrides is not None:
+                new = self.overrides(new)
         except ConfigError as exc:
             self._mark_reload(False)
             log.error("reload rejected, keeping the running configuration:\n%s", exc)

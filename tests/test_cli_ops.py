@@ -139,6 +139,10 @@ def test_serve_host_and_port_override_the_config(tmp_path):
                 time.sleep(0.1)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", config_port)) != 0  # the config's port is unused
+        # The flags outlive a reload: the file's own port is not a change that needs a restart.
+        reload = urllib.request.Request(f"http://127.0.0.1:{port}/-/reload", method="POST")
+        with urllib.request.urlopen(reload, timeout=10) as r:
+            assert json.loads(r.read()) == {"status": "success"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
