@@ -36,33 +36,58 @@ WAKE_MODEL = "bench/wake"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run in under a minute (1 s runs, 2 rounds, 1 wake round)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--out", type=Path, default=RESULTS,
-                   help="directory for latest.json / latest.md (default bench/results)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run in under a minute (1 s runs, 2 rounds, 1 wake round)",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="directory for latest.json / latest.md (default bench/results)",
+    )
     p.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
     p.add_argument("--seconds", type=float, help="override the seconds of each wrk run")
-    p.add_argument("--profile", action="store_true",
-                   help="also sample kvsleep with py-spy (non-streaming c=16, streams c=64)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also sample kvsleep with py-spy (non-streaming c=16, streams c=64)",
+    )
     p.add_argument("--no-peers", action="store_true", help="skip vllm-router and litellm")
-    p.add_argument("--vllm-router", help="vllm-router executable (default $BENCH_VLLM_ROUTER "
-                   "or vllm-router on PATH)")
-    p.add_argument("--litellm", help="litellm executable (default $BENCH_LITELLM or litellm "
-                   "on PATH)")
+    p.add_argument(
+        "--vllm-router",
+        help="vllm-router executable (default $BENCH_VLLM_ROUTER or vllm-router on PATH)",
+    )
+    p.add_argument(
+        "--litellm", help="litellm executable (default $BENCH_LITELLM or litellm on PATH)"
+    )
     return p
 
 
-def _peers(args: argparse.Namespace, procs: P.Processes, sim: Target, workdir: Path,
-           meta: dict[str, Any]) -> tuple[list[Target], dict[str, str]]:
+def _peers(
+    args: argparse.Namespace, procs: P.Processes, sim: Target, workdir: Path, meta: dict[str, Any]
+) -> tuple[list[Target], dict[str, str]]:
     started: list[Target] = []
     skipped: dict[str, str] = {}
     for name, flag, env, start in (
-        ("vllm-router", args.vllm_router, "BENCH_VLLM_ROUTER",
-         lambda prog: start_vllm_router(procs, prog, sim.url)),
-        ("litellm", args.litellm, "BENCH_LITELLM",
-         lambda prog: start_litellm(procs, prog, FAST_MODEL, sim.url, workdir)),
+        (
+            "vllm-router",
+            args.vllm_router,
+            "BENCH_VLLM_ROUTER",
+            lambda prog: start_vllm_router(procs, prog, sim.url),
+        ),
+        (
+            "litellm",
+            args.litellm,
+            "BENCH_LITELLM",
+            lambda prog: start_litellm(procs, prog, FAST_MODEL, sim.url, workdir),
+        ),
     ):
         program = None if args.no_peers else find_peer(flag, env, name)
         if program is None:
@@ -78,14 +103,18 @@ def _peers(args: argparse.Namespace, procs: P.Processes, sim: Target, workdir: P
             meta["targets"][name] = {"available": False, "note": skipped[name]}
             say(f"{name}: {exc}")
             continue
-        meta["targets"][name] = {"available": True, "program": program,
-                                 "note": f"{program}, one route to the sim"}
+        meta["targets"][name] = {
+            "available": True,
+            "program": program,
+            "note": f"{program}, one route to the sim",
+        }
         started.append(target)
     return started, skipped
 
 
-async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path,
-              out_dir: Path) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, procs: P.Processes, workdir: Path, out_dir: Path
+) -> dict[str, Any]:
     plan = Plan.quick_plan() if args.quick else Plan.full()
     if args.rounds:
         plan = _replace(plan, rounds=args.rounds)
@@ -99,43 +128,60 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path,
     meta: dict[str, Any] = {
         "mode": "quick" if plan.quick else "full",
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "cpus": os.cpu_count(), "loadavg_start": P.loadavg(), "python": sys.version.split()[0],
-        "rounds": plan.rounds, "seconds_per_run": plan.seconds,
-        "stream_seconds_per_run": plan.stream_seconds, "scenarios": wanted,
-        "targets": {}, "logs": str(procs.log_dir), "notes": [],
+        "cpus": os.cpu_count(),
+        "loadavg_start": P.loadavg(),
+        "python": sys.version.split()[0],
+        "rounds": plan.rounds,
+        "seconds_per_run": plan.seconds,
+        "stream_seconds_per_run": plan.stream_seconds,
+        "scenarios": wanted,
+        "targets": {},
+        "logs": str(procs.log_dir),
+        "notes": [],
     }
     results: dict[str, Any] = {"meta": meta, "scenarios": {}}
     scenarios = results["scenarios"]
 
     say("starting sim engines and kvsleep")
     fast = start_sim(procs, "sim-fast", FAST_MODEL, tokens_per_second=0)
-    wake_sim = start_sim(procs, "sim-wake", WAKE_MODEL, tokens_per_second=0,
-                         wake_latency=plan.wake_latency)
+    wake_sim = start_sim(
+        procs, "sim-wake", WAKE_MODEL, tokens_per_second=0, wake_latency=plan.wake_latency
+    )
     port = P.free_port()
     config = workdir / "kvsleep.json"
-    kvsleep_config(config, port, [
-        {"name": FAST_MODEL, "engine": "vllm", "url": fast.url},
-        {"name": WAKE_MODEL, "engine": "vllm", "url": wake_sim.url},
-    ], workdir / "kvsleep")
+    kvsleep_config(
+        config,
+        port,
+        [
+            {"name": FAST_MODEL, "engine": "vllm", "url": fast.url},
+            {"name": WAKE_MODEL, "engine": "vllm", "url": wake_sim.url},
+        ],
+        workdir / "kvsleep",
+    )
     kv, _ = start_kvsleep(procs, "kvsleep", config, port)
     direct = Target("direct", fast.url, fast.child)
-    meta["targets"]["direct"] = {"available": True,
-                                 "note": "kvsleep sim-engine (vLLM flavor), tokens-per-second 0"}
+    meta["targets"]["direct"] = {
+        "available": True,
+        "note": "kvsleep sim-engine (vLLM flavor), tokens-per-second 0",
+    }
     meta["targets"]["kvsleep"] = {"available": True, "note": "kvsleep serve, one process"}
     peers, skipped = _peers(args, procs, fast, workdir, meta)
     targets = [direct, kv, *peers]
 
     if "nonstream" in wanted:
-        scenarios["nonstream"] = await wrk_scenario(targets, skipped, plan, model=FAST_MODEL,
-                                                    stream=False, engine=fast.child)
+        scenarios["nonstream"] = await wrk_scenario(
+            targets, skipped, plan, model=FAST_MODEL, stream=False, engine=fast.child
+        )
     if args.profile:
         results["profile"] = await profile_kvsleep(kv, FAST_MODEL, plan, out_dir)
     if "stream" in wanted:
-        scenarios["stream"] = await wrk_scenario(targets, skipped, plan, model=FAST_MODEL,
-                                                 stream=True, engine=fast.child)
+        scenarios["stream"] = await wrk_scenario(
+            targets, skipped, plan, model=FAST_MODEL, stream=True, engine=fast.child
+        )
     if args.profile:
-        results["profile_stream"] = await profile_kvsleep(kv, FAST_MODEL, plan, out_dir,
-                                                          concurrency=64, stream=True)
+        results["profile_stream"] = await profile_kvsleep(
+            kv, FAST_MODEL, plan, out_dir, concurrency=64, stream=True
+        )
     if "wake" in wanted:
         scenarios["wake"] = await wake_scenario(kv, wake_sim, WAKE_MODEL, plan)
     for target in (*peers, kv, wake_sim, fast):
@@ -144,11 +190,13 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path,
 
     if "scale" in wanted:
         scale: dict[str, Any] = {
-            "note": ("engines up: one process (bench/multisim.py) serves one simulated vLLM "
-                     "engine on 1,000 loopback ports, so every model's probe really succeeds; "
-                     "engines down: 1,000 closed ports (probes fail fast with ECONNREFUSED). "
-                     "Auto-sleep off; /metrics and reconcile measured while the 1 s reconcile "
-                     "loop runs."),
+            "note": (
+                "engines up: one process (bench/multisim.py) serves one simulated vLLM "
+                "engine on 1,000 loopback ports, so every model's probe really succeeds; "
+                "engines down: 1,000 closed ports (probes fail fast with ECONNREFUSED). "
+                "Auto-sleep off; /metrics and reconcile measured while the 1 s reconcile "
+                "loop runs."
+            ),
         }
         scale["engines_up"] = await scale_variant(procs, workdir, plan, engines_up=True)
         if plan.scale_engines_down:
@@ -158,9 +206,11 @@ async def run(args: argparse.Namespace, procs: P.Processes, workdir: Path,
     meta["loadavg_end"] = P.loadavg()
     meta["elapsed_s"] = round(time.time() - started, 1)
     if (meta["loadavg_start"] or [0])[0] > 0.5 * (os.cpu_count() or 1):
-        meta["notes"].append(f"load average {meta['loadavg_start'][0]} at start on "
-                             f"{os.cpu_count()} CPUs: other work shared the machine; treat the "
-                             "numbers as noisy.")
+        meta["notes"].append(
+            f"load average {meta['loadavg_start'][0]} at start on "
+            f"{os.cpu_count()} CPUs: other work shared the machine; treat the "
+            "numbers as noisy."
+        )
     results["acceptance"] = acceptance(results)
     return results
 
@@ -194,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
     (out_dir / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "latest.md").write_text(render(results))
-    say(f"wrote {out_dir / 'latest.json'} and {out_dir / 'latest.md'} "
-        f"({results['meta']['elapsed_s']:.0f} s; logs in {procs.log_dir})")
+    say(
+        f"wrote {out_dir / 'latest.json'} and {out_dir / 'latest.md'} "
+        f"({results['meta']['elapsed_s']:.0f} s; logs in {procs.log_dir})"
+    )
     return 0

@@ -73,8 +73,12 @@ class Processes:
         log = self.log_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})}, start_new_session=True,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
                 # Only a prctl call between fork and exec (the harness's helper threads, if
                 # any, only wait on children), so the preexec_fn caveat about locks is moot.
                 preexec_fn=die_with_parent,
@@ -145,15 +149,19 @@ def wait_http(child: Child, url: str, timeout: float, ok: tuple[int, ...] = (200
     deadline = started + timeout
     while True:
         if not child.alive():
-            raise StartError(f"{child.name} exited with code {child.popen.returncode} before "
-                             f"answering {url}; log {child.log}:\n{child.tail()}")
+            raise StartError(
+                f"{child.name} exited with code {child.popen.returncode} before "
+                f"answering {url}; log {child.log}:\n{child.tail()}"
+            )
         with contextlib.suppress(OSError):
             status, _ = http_get(url, timeout=1.0)
             if status in ok:
                 return time.monotonic() - started
         if time.monotonic() > deadline:
-            raise StartError(f"{child.name} did not answer {url} within {timeout:g}s; log "
-                             f"{child.log}:\n{child.tail()}")
+            raise StartError(
+                f"{child.name} did not answer {url} within {timeout:g}s; log "
+                f"{child.log}:\n{child.tail()}"
+            )
         time.sleep(0.05)
 
 
@@ -167,11 +175,15 @@ def wait_log(child: Child, pattern: str, timeout: float) -> re.Match[str]:
             if match:
                 return match
         if not child.alive():
-            raise StartError(f"{child.name} exited with code {child.popen.returncode}; log "
-                             f"{child.log}:\n{child.tail()}")
+            raise StartError(
+                f"{child.name} exited with code {child.popen.returncode}; log "
+                f"{child.log}:\n{child.tail()}"
+            )
         if time.monotonic() > deadline:
-            raise StartError(f"{child.name}: no line matching {pattern!r} within {timeout:g}s; "
-                             f"log {child.log}:\n{child.tail()}")
+            raise StartError(
+                f"{child.name}: no line matching {pattern!r} within {timeout:g}s; "
+                f"log {child.log}:\n{child.tail()}"
+            )
         time.sleep(0.05)
 
 

@@ -26,71 +26,118 @@ def acceptance(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"check": name, "target": target, "value": value, "pass": ok})
 
     def kv_point(scenario: str, point: str) -> dict[str, Any]:
-        return sc.get(scenario, {}).get("points", {}).get(point, {}).get(
-            "targets", {}).get("kvsleep", {})
+        return (
+            sc.get(scenario, {})
+            .get("points", {})
+            .get(point, {})
+            .get("targets", {})
+            .get("kvsleep", {})
+        )
 
     c16 = kv_point("nonstream", "c16").get("ratio_to_direct")
-    add("non-streaming throughput at c=16, kvsleep / direct", ">= 0.6", c16,
-        None if c16 is None else c16 >= 0.6)
+    add(
+        "non-streaming throughput at c=16, kvsleep / direct",
+        ">= 0.6",
+        c16,
+        None if c16 is None else c16 >= 0.6,
+    )
     c1 = kv_point("nonstream", "c1").get("added_p50_ms")
     add("added p50 latency at c=1 (ms)", "< 0.5", c1, None if c1 is None else c1 < 0.5)
     for point in ("c64", "c512"):
         r = kv_point("stream", point).get("ratio_to_direct")
-        add(f"streaming chunks/s at {point}, kvsleep / direct", ">= 0.9", r,
-            None if r is None else r >= 0.9)
+        add(
+            f"streaming chunks/s at {point}, kvsleep / direct",
+            ">= 0.9",
+            r,
+            None if r is None else r >= 0.9,
+        )
     wake = sc.get("wake", {})
     if wake and "skipped" not in wake:
         calls = wake["wake_calls"]
-        add("wake calls per 1,000-request burst", "exactly 1", calls,
-            all(c == 1 for c in calls))
+        add("wake calls per 1,000-request burst", "exactly 1", calls, all(c == 1 for c in calls))
         add("errors in wake bursts", "0", wake["errors"], wake["errors"] == 0)
         hold = wake["hold_added_p99_ms"]
-        add("wake path: p99 added by the hold (ms; ttfb - wake latency - awake burst p99)",
-            "< 5", hold, None if hold is None else hold < 5)
+        add(
+            "wake path: p99 added by the hold (ms; ttfb - wake latency - awake burst p99)",
+            "< 5",
+            hold,
+            None if hold is None else hold < 5,
+        )
         single = wake.get("single_hold_added_max_ms")
-        add(f"wake path: lone request's hold, worst of {wake.get('single_hold_count')} (ms; "
-            "ttfb - wake latency - awake ttfb)", "< 5", single,
-            None if single is None else single < 5)
+        add(
+            f"wake path: lone request's hold, worst of {wake.get('single_hold_count')} (ms; "
+            "ttfb - wake latency - awake ttfb)",
+            "< 5",
+            single,
+            None if single is None else single < 5,
+        )
     else:
         for name in ("wake calls per burst", "errors in wake bursts", "wake path p99 added"):
             add(name, "-", None, None)
     up = sc.get("scale", {}).get("engines_up") or {}
     scrape = up.get("scrape_ms_p50")
-    add("/metrics scrape with 1,000 models (ms, p50, engines up)", "< 100", scrape,
-        None if scrape is None else scrape < 100)
+    add(
+        "/metrics scrape with 1,000 models (ms, p50, engines up)",
+        "< 100",
+        scrape,
+        None if scrape is None else scrape < 100,
+    )
     return rows
 
 
 def _wrk_table(scenario: dict[str, Any], stream: bool) -> list[str]:
     if stream:
-        head = ("| streams | target | chunks/s | ratio | streams/s | TTFB p50 ms | "
-                "TTFB added ms | stream p50 ms | CPU µs/2xx proxy / engine | errors | "
-                "SYN drops |")
+        head = (
+            "| streams | target | chunks/s | ratio | streams/s | TTFB p50 ms | "
+            "TTFB added ms | stream p50 ms | CPU µs/2xx proxy / engine | errors | "
+            "SYN drops |"
+        )
         sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     else:
-        head = ("| conc. | target | 2xx/s | ratio | p50 ms | p99 ms | added p50 ms | "
-                "added p99 ms | CPU µs/2xx proxy / engine | errors | SYN drops |")
+        head = (
+            "| conc. | target | 2xx/s | ratio | p50 ms | p99 ms | added p50 ms | "
+            "added p99 ms | CPU µs/2xx proxy / engine | errors | SYN drops |"
+        )
         sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     lines = [head, sep]
     for point in scenario["points"].values():
         for name, t in point["targets"].items():
             if "skipped" in t:
-                lines.append(f"| {point['concurrency']} | {name} | skipped: {t['skipped']} "
-                             "| | | | | | | | |")
+                lines.append(
+                    f"| {point['concurrency']} | {name} | skipped: {t['skipped']} | | | | | | | | |"
+                )
                 continue
             ratio = "1 (baseline)" if name == "direct" else _fmt(t.get("ratio_to_direct"))
             bad = t["non2xx"] + t["socket_errors"] + len(t.get("errors", []))
-            cpu = _fmt(t.get("proxy_cpu_us_per_2xx"), 0) + " / " + _fmt(
-                t.get("engine_cpu_us_per_2xx"), 0)
+            cpu = (
+                _fmt(t.get("proxy_cpu_us_per_2xx"), 0)
+                + " / "
+                + _fmt(t.get("engine_cpu_us_per_2xx"), 0)
+            )
             if stream:
-                cells = [_fmt(t["chunks_per_s"], 0), ratio, _fmt(t["ok_per_s"], 0),
-                         _fmt(t["ttfb_p50_ms"]), _fmt(t.get("ttfb_added_ms")),
-                         _fmt(t["p50_ms"]), cpu, _fmt(bad), _fmt(t.get("listen_overflows"))]
+                cells = [
+                    _fmt(t["chunks_per_s"], 0),
+                    ratio,
+                    _fmt(t["ok_per_s"], 0),
+                    _fmt(t["ttfb_p50_ms"]),
+                    _fmt(t.get("ttfb_added_ms")),
+                    _fmt(t["p50_ms"]),
+                    cpu,
+                    _fmt(bad),
+                    _fmt(t.get("listen_overflows")),
+                ]
             else:
-                cells = [_fmt(t["ok_per_s"], 0), ratio, _fmt(t["p50_ms"], 3),
-                         _fmt(t["p99_ms"], 3), _fmt(t.get("added_p50_ms"), 3),
-                         _fmt(t.get("added_p99_ms"), 3), cpu, _fmt(bad),
-                         _fmt(t.get("listen_overflows"))]
+                cells = [
+                    _fmt(t["ok_per_s"], 0),
+                    ratio,
+                    _fmt(t["p50_ms"], 3),
+                    _fmt(t["p99_ms"], 3),
+                    _fmt(t.get("added_p50_ms"), 3),
+                    _fmt(t.get("added_p99_ms"), 3),
+                    cpu,
+                    _fmt(bad),
+                    _fmt(t.get("listen_overflows")),
+                ]
             lines.append(f"| {point['concurrency']} | {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -107,9 +154,11 @@ def render(results: dict[str, Any]) -> str:
         f"{meta['seconds_per_run']:g} s ({meta['stream_seconds_per_run']:g} s streaming) per "
         "target. Only 2xx answers count.",
         "",
-        "Targets: " + "; ".join(
+        "Targets: "
+        + "; ".join(
             f"**{name}** {'(' + t['note'] + ')' if t.get('note') else ''}".strip()
-            for name, t in meta["targets"].items()),
+            for name, t in meta["targets"].items()
+        ),
         "",
     ]
     if "nonstream" in sc:
@@ -118,24 +167,34 @@ def render(results: dict[str, Any]) -> str:
         out += [*_wrk_table(s, stream=False), ""]
     if "stream" in sc:
         s = sc["stream"]
-        out += [f"## (b) Streaming `{s['endpoint']}`, {s['max_tokens']} tokens per stream, "
-                "sim as fast as it can", "",
-                "chunks/s counts SSE `data:` events received by wrk (`[DONE]` included); TTFB "
-                "is sampled by one extra sequential stream while wrk runs.", ""]
+        out += [
+            f"## (b) Streaming `{s['endpoint']}`, {s['max_tokens']} tokens per stream, "
+            "sim as fast as it can",
+            "",
+            "chunks/s counts SSE `data:` events received by wrk (`[DONE]` included); TTFB "
+            "is sampled by one extra sequential stream while wrk runs.",
+            "",
+        ]
         out += [*_wrk_table(s, stream=True), ""]
     if "nonstream" in sc or "stream" in sc:
-        out += ["CPU µs/2xx: CPU time (user + system, /proc) the proxy process and the sim "
-                "engine spent per 2xx answer during the run; steadier than throughput on a "
-                "shared machine. SYN drops: the kernel's ListenOverflows during the run "
-                "(machine-wide); each costs a client a 1 s SYN retransmit.", ""]
+        out += [
+            "CPU µs/2xx: CPU time (user + system, /proc) the proxy process and the sim "
+            "engine spent per 2xx answer during the run; steadier than throughput on a "
+            "shared machine. SYN drops: the kernel's ListenOverflows during the run "
+            "(machine-wide); each costs a client a 1 s SYN retransmit.",
+            "",
+        ]
     wake = sc.get("wake")
     if wake and "skipped" not in wake:
-        out += [f"## (c) Wake path: {wake['requests']:,} requests at once at an asleep model "
-                f"(sim wake latency {wake['wake_latency_s']:g} s)", "",
-                "| round | wake calls | errors | TTFB-wake p50 ms | TTFB-wake p99 ms | "
-                "awake burst p99 ms (kvsleep / direct) | hold added p99 ms | send spread ms | "
-                "SYN drops (wake / awake kvsleep) | lone request: hold added ms (median) |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            f"## (c) Wake path: {wake['requests']:,} requests at once at an asleep model "
+            f"(sim wake latency {wake['wake_latency_s']:g} s)",
+            "",
+            "| round | wake calls | errors | TTFB-wake p50 ms | TTFB-wake p99 ms | "
+            "awake burst p99 ms (kvsleep / direct) | hold added p99 ms | send spread ms | "
+            "SYN drops (wake / awake kvsleep) | lone request: hold added ms (median) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for i, r in enumerate(wake["rounds"], 1):
             out.append(
                 f"| {i} | {r['wake_calls']} | {r['errors']} | {_fmt(r['ttfb_minus_wake_p50_ms'])}"
@@ -143,27 +202,38 @@ def render(results: dict[str, Any]) -> str:
                 f"{_fmt(r['awake_kvsleep']['ttfb_p99_ms'])} / "
                 f"{_fmt(r['awake_direct']['ttfb_p99_ms'])} | {_fmt(r['hold_added_p99_ms'])} | "
                 f"{_fmt(r['send_spread_ms'])} | {_fmt(r['syn_drops'])} / "
-                f"{_fmt(r['awake_kvsleep']['syn_drops'])} | {_fmt(r['single_hold_added_ms'])} |")
-        out += ["", f"Lone request's hold over {wake['single_hold_count']} sleep/wake cycles: "
-                f"median {_fmt(wake['single_hold_added_ms'])} ms, worst "
-                f"{_fmt(wake['single_hold_added_max_ms'])} ms. Split by the sim's event log "
-                f"(medians): request -> `/wake_up` reaches the engine "
-                f"{_fmt(wake['single_reaction_ms'])} ms; `/wake_up` answered -> held request "
-                f"reaches the engine {_fmt(wake['single_release_ms'])} ms; engine -> client "
-                f"{_fmt(wake['single_relay_ms'])} ms."]
-        out += ["", "TTFB-wake: each request's time to first byte minus the configured wake "
-                "latency. Hold added: that, minus the p99 of the same burst sent to the model "
-                "while awake through kvsleep (what serving 1,000 requests at once costs "
-                f"anyway). kvsleep's own wake call took {_fmt(wake['wake_call_overhead_ms'])} "
-                "ms more than the sim's wake latency (median). Lone request: one request at a time "
-                "at the asleep model, its TTFB minus the wake latency minus the median TTFB of "
-                "20 lone requests while awake (the hold's own cost, no queueing).", ""]
+                f"{_fmt(r['awake_kvsleep']['syn_drops'])} | {_fmt(r['single_hold_added_ms'])} |"
+            )
+        out += [
+            "",
+            f"Lone request's hold over {wake['single_hold_count']} sleep/wake cycles: "
+            f"median {_fmt(wake['single_hold_added_ms'])} ms, worst "
+            f"{_fmt(wake['single_hold_added_max_ms'])} ms. Split by the sim's event log "
+            f"(medians): request -> `/wake_up` reaches the engine "
+            f"{_fmt(wake['single_reaction_ms'])} ms; `/wake_up` answered -> held request "
+            f"reaches the engine {_fmt(wake['single_release_ms'])} ms; engine -> client "
+            f"{_fmt(wake['single_relay_ms'])} ms.",
+        ]
+        out += [
+            "",
+            "TTFB-wake: each request's time to first byte minus the configured wake "
+            "latency. Hold added: that, minus the p99 of the same burst sent to the model "
+            "while awake through kvsleep (what serving 1,000 requests at once costs "
+            f"anyway). kvsleep's own wake call took {_fmt(wake['wake_call_overhead_ms'])} "
+            "ms more than the sim's wake latency (median). Lone request: one request at a time "
+            "at the asleep model, its TTFB minus the wake latency minus the median TTFB of "
+            "20 lone requests while awake (the hold's own cost, no queueing).",
+            "",
+        ]
     scale = sc.get("scale")
     if scale and "skipped" not in scale:
-        out += ["## (d) Scale: 1,000 configured models, check_interval 1 s", "",
-                "| engines | startup s | scrape p50 ms | scrape max ms | bytes | series | "
-                "gzip p50 ms | gzip bytes | reconcile tick ms | RSS MiB | peak RSS MiB |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "## (d) Scale: 1,000 configured models, check_interval 1 s",
+            "",
+            "| engines | startup s | scrape p50 ms | scrape max ms | bytes | series | "
+            "gzip p50 ms | gzip bytes | reconcile tick ms | RSS MiB | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for key, v in scale.items():
             if not isinstance(v, dict) or "models" not in v:
                 continue
@@ -173,19 +243,28 @@ def render(results: dict[str, Any]) -> str:
                 f"{_fmt(v['scrape_bytes'])} | {_fmt(v['scrape_series'])} | "
                 f"{_fmt(v['scrape_gzip_ms_p50'])} | {_fmt(v['scrape_gzip_bytes'])} | "
                 f"{_fmt(v['reconcile_tick_mean_ms'])} | {_fmt(v['rss_mib'], 1)} | "
-                f"{_fmt(v['peak_rss_mib'], 1)} |")
+                f"{_fmt(v['peak_rss_mib'], 1)} |"
+            )
         out += ["", scale.get("note", ""), ""]
     for key in ("profile", "profile_stream"):
         profile = results.get(key)
         if profile and "skipped" not in profile:
             kind = "streams" if profile.get("stream") else "non-streaming"
-            out += [f"## Profile: kvsleep, {kind}, concurrency {profile['concurrency']} "
-                    f"({profile['samples']} samples; py-spy)", "", "| self % | frame |",
-                    "|---:|---|"]
+            out += [
+                f"## Profile: kvsleep, {kind}, concurrency {profile['concurrency']} "
+                f"({profile['samples']} samples; py-spy)",
+                "",
+                "| self % | frame |",
+                "|---:|---|",
+            ]
             out += [f"| {r['pct']} | `{r['frame']}` |" for r in profile["self"][:15]]
             out.append("")
-    out += ["## Acceptance targets", "", "| check | target | measured | pass |",
-            "|---|---|---:|---|"]
+    out += [
+        "## Acceptance targets",
+        "",
+        "| check | target | measured | pass |",
+        "|---|---|---:|---|",
+    ]
     for row in results["acceptance"]:
         verdict = "not run" if row["pass"] is None else ("PASS" if row["pass"] else "FAIL")
         out.append(f"| {row['check']} | {row['target']} | {_fmt(row['value'])} | {verdict} |")

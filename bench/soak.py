@@ -54,9 +54,13 @@ HOSTILE = {"idle": 300, "half head": 50, "half body": 50}  # connections kept op
 BIG_BODY_BYTES = 16 * 1024 * 1024
 BIG_BODY_EVERY_SECONDS = 2.0
 # Client limits short enough that a few minutes see many hostile connections closed.
-ROUTER_LIMITS = {"idle_timeout_seconds": 5, "header_timeout_seconds": 3,
-                 "body_timeout_seconds": 3, "max_body_bytes": 2 * BIG_BODY_BYTES,
-                 "max_held_bytes": 4 * BIG_BODY_BYTES}
+ROUTER_LIMITS = {
+    "idle_timeout_seconds": 5,
+    "header_timeout_seconds": 3,
+    "body_timeout_seconds": 3,
+    "max_body_bytes": 2 * BIG_BODY_BYTES,
+    "max_held_bytes": 4 * BIG_BODY_BYTES,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,8 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="where soak.json/.md go")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--rate", type=float, default=RATE, help="requests per second")
-    p.add_argument("--no-hostile", dest="hostile", action="store_false",
-                   help="without the slowloris and big-body client")
+    p.add_argument(
+        "--no-hostile",
+        dest="hostile",
+        action="store_false",
+        help="without the slowloris and big-body client",
+    )
     return p.parse_args(argv)
 
 
@@ -297,8 +305,11 @@ async def hostile(url: str, seconds: float, counts: Counter[str]) -> None:
     host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
     end = time.monotonic() + seconds
     head = b"POST /v1/completions HTTP/1.1\r\nHost: soak\r\n"
-    first = {"idle": b"", "half head": head,
-             "half body": head + b"Content-Length: 1000\r\n\r\n" + b'{"model": "' + b"x" * 400}
+    first = {
+        "idle": b"",
+        "half head": head,
+        "half body": head + b"Content-Length: 1000\r\n\r\n" + b'{"model": "' + b"x" * 400,
+    }
 
     async def keep(kind: str) -> None:
         while (left := end - time.monotonic()) > 0:
@@ -328,16 +339,18 @@ async def hostile(url: str, seconds: float, counts: Counter[str]) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             while time.monotonic() < end:
                 try:
-                    async with session.post(url + "/v1/completions", data=body,
-                                            headers=headers) as resp:
+                    async with session.post(
+                        url + "/v1/completions", data=body, headers=headers
+                    ) as resp:
                         await resp.read()
                         counts[f"16 MiB request: {resp.status}"] += 1
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     counts[f"16 MiB request: {type(exc).__name__}"] += 1
                 await asyncio.sleep(BIG_BODY_EVERY_SECONDS)
 
-    await asyncio.gather(big_bodies(), *(keep(kind) for kind, n in HOSTILE.items()
-                                         for _ in range(n)))
+    await asyncio.gather(
+        big_bodies(), *(keep(kind) for kind, n in HOSTILE.items() for _ in range(n))
+    )
 
 
 async def sampler(

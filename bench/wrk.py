@@ -43,12 +43,30 @@ async def run_wrk(load: Load) -> dict[str, Any]:
     wrk = wrk_path()
     if wrk is None:
         raise WrkError("wrk is not installed")
-    argv = [wrk, "-t", str(load.threads), "-c", str(load.connections),
-            "-d", f"{max(1, round(load.seconds))}s", "--timeout", f"{load.timeout_s:g}s",
-            "--latency", "-s", str(LUA), load.url, "--", load.body, "1" if load.sse else "0"]
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT,
-                                                preexec_fn=die_with_parent)
+    argv = [
+        wrk,
+        "-t",
+        str(load.threads),
+        "-c",
+        str(load.connections),
+        "-d",
+        f"{max(1, round(load.seconds))}s",
+        "--timeout",
+        f"{load.timeout_s:g}s",
+        "--latency",
+        "-s",
+        str(LUA),
+        load.url,
+        "--",
+        load.body,
+        "1" if load.sse else "0",
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=die_with_parent,
+    )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), load.seconds + load.timeout_s + 15)
     finally:
@@ -60,7 +78,7 @@ async def run_wrk(load: Load) -> dict[str, Any]:
     line = next((ln for ln in text.splitlines() if ln.startswith(MARK)), None)
     if proc.returncode != 0 or line is None:
         raise WrkError(f"wrk failed (exit {proc.returncode}):\n{text[-2000:]}")
-    raw = json.loads(line[len(MARK):])
+    raw = json.loads(line[len(MARK) :])
     seconds = raw["duration_us"] / 1e6
     lat = raw["latency_us"]
     errors = raw["errors"]
@@ -69,8 +87,7 @@ async def run_wrk(load: Load) -> dict[str, Any]:
         "events_per_s": raw["events"] / seconds,
         "ok2xx": raw["ok2xx"],
         "non2xx": raw["non2xx"],
-        "socket_errors": errors["connect"] + errors["read"] + errors["write"]
-        + errors["timeout"],
+        "socket_errors": errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
         "p50_ms": lat["p50"] / 1000,
         "p90_ms": lat["p90"] / 1000,
         "p99_ms": lat["p99"] / 1000,

@@ -34,8 +34,9 @@ from kvsleep.traffic_monitor import TrafficMonitor
 
 BINS_PER_OCTAVE = 4
 OCTAVES = 17  # 1 s .. 2**17 s (36 h); shorter gaps fall in bin 0, longer ones in the last bin
-EDGES: tuple[float, ...] = tuple(2 ** (i / BINS_PER_OCTAVE)
-                                 for i in range(OCTAVES * BINS_PER_OCTAVE + 1))
+EDGES: tuple[float, ...] = tuple(
+    2 ** (i / BINS_PER_OCTAVE) for i in range(OCTAVES * BINS_PER_OCTAVE + 1)
+)
 N_BINS = len(EDGES) + 1
 HALF_LIFE_GAPS = 200  # a gap's weight halves after this many newer gaps
 DECAY = 0.5 ** (1 / HALF_LIFE_GAPS)
@@ -94,8 +95,11 @@ def best_threshold(hist: GapHistogram, wake_cost: float, low: float, high: float
     longer than all of them is evidence that this gap is a long one."""
     candidates = sorted({low, high, *(e for e in EDGES if low < e < high)})
     # Bin means rise with the bin index, so the bins below T are a prefix: one pass.
-    bins = [(total / count, count, total)
-            for count, total in zip(hist.counts, hist.sums, strict=True) if count > 0.0]
+    bins = [
+        (total / count, count, total)
+        for count, total in zip(hist.counts, hist.sums, strict=True)
+        if count > 0.0
+    ]
     weight = sum(count for _, count, _ in bins)
     if weight <= 0.0:
         return high
@@ -134,8 +138,9 @@ def wake_cost_seconds(policy: SleepPolicy, wake_eta: float | None) -> float:
     return policy.idle_threshold_seconds + (wake_eta or 0.0)
 
 
-def adaptive_threshold(hist: GapHistogram, asleep_for: Iterable[float], policy: SleepPolicy,
-                       wake_eta: float | None) -> float:
+def adaptive_threshold(
+    hist: GapHistogram, asleep_for: Iterable[float], policy: SleepPolicy, wake_eta: float | None
+) -> float:
     """The whole rule: learned optimum (or the configured threshold until enough gaps were
     seen), raised after flaps, clamped to the bounds."""
     low, high = policy.min_idle_threshold_seconds, policy.max_idle_threshold_seconds
@@ -144,8 +149,11 @@ def adaptive_threshold(hist: GapHistogram, asleep_for: Iterable[float], policy: 
         threshold = policy.idle_threshold_seconds
     else:
         threshold = best_threshold(hist, cost, low, high)
-        recent = [total / count for count, total in zip(hist.counts, hist.sums, strict=True)
-                  if count >= RECENT_WEIGHT]
+        recent = [
+            total / count
+            for count, total in zip(hist.counts, hist.sums, strict=True)
+            if count >= RECENT_WEIGHT
+        ]
         if recent and max(recent) <= threshold:
             # Nothing seen lately was longer: the tail beyond is unknown, keep a margin.
             threshold = max(threshold, 2 * max(recent))

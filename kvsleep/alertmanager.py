@@ -34,8 +34,9 @@ def parse_webhook(payload: Any, models: Container[str]) -> list[AlertAction]:
     if not isinstance(payload, dict):
         raise PayloadError("payload must be a JSON object")
     if payload.get("version") != "4":
-        raise PayloadError(f"unsupported webhook payload version {payload.get('version')!r} "
-                           "(expected \"4\")")
+        raise PayloadError(
+            f'unsupported webhook payload version {payload.get("version")!r} (expected "4")'
+        )
     alerts = payload.get("alerts")
     if not isinstance(alerts, list):
         raise PayloadError("`alerts` must be a list")
@@ -45,16 +46,18 @@ def parse_webhook(payload: Any, models: Container[str]) -> list[AlertAction]:
             raise PayloadError(f"alerts[{i}] must be an object")
         status, labels = alert.get("status"), alert.get("labels")
         if status not in ("firing", "resolved"):
-            raise PayloadError(f"alerts[{i}].status must be \"firing\" or \"resolved\"")
+            raise PayloadError(f'alerts[{i}].status must be "firing" or "resolved"')
         if not isinstance(labels, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
             raise PayloadError(f"alerts[{i}].labels must map strings to strings")
         if status != "firing" or "action" not in labels or "model" not in labels:
             continue
         model, action = labels["model"], labels["action"]
         if action not in ACTIONS:
-            raise PayloadError(f"alerts[{i}]: unknown action {action!r} "
-                               f"(expected one of {', '.join(ACTIONS)})")
+            raise PayloadError(
+                f"alerts[{i}]: unknown action {action!r} (expected one of {', '.join(ACTIONS)})"
+            )
         if model not in models:
             raise PayloadError(f"alerts[{i}]: unknown model {model!r}")
         actions.append(AlertAction(model, action, labels.get("alertname", "")))

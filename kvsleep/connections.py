@@ -75,8 +75,13 @@ def connection_limit(configured: int, file_limit: int) -> int:
 class ConnectionPool:
     """Every open client connection, its phase and its timer."""
 
-    def __init__(self, config: Callable[[], RouterConfig], closed: Counter,
-                 open_gauge: Callable[[int], None], max_connections: int) -> None:
+    def __init__(
+        self,
+        config: Callable[[], RouterConfig],
+        closed: Counter,
+        open_gauge: Callable[[int], None],
+        max_connections: int,
+    ) -> None:
         self._config = config
         self._closed = closed
         self._open_gauge = open_gauge
@@ -123,12 +128,14 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         if phase is Phase.IDLE:
             self._evictable[guard] = None
-            guard.timer = loop.call_later(cfg.idle_timeout_seconds, self._expire, guard,
-                                          "idle_timeout")
+            guard.timer = loop.call_later(
+                cfg.idle_timeout_seconds, self._expire, guard, "idle_timeout"
+            )
         elif phase is Phase.HEAD:
             self._evictable[guard] = None
-            guard.timer = loop.call_later(cfg.header_timeout_seconds, self._expire, guard,
-                                          "header_timeout")
+            guard.timer = loop.call_later(
+                cfg.header_timeout_seconds, self._expire, guard, "header_timeout"
+            )
 
     def closed(self, guard: _Guard) -> None:
         if guard.timer is not None:
@@ -144,8 +151,12 @@ class ConnectionPool:
         now = time.monotonic()
         if now - self._last_log.get(reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
             self._last_log[reason] = now
-            log.warning("closing client connections (%s): %s; "
-                        "kvsleep_client_connections_closed_total counts them", reason, detail)
+            log.warning(
+                "closing client connections (%s): %s; "
+                "kvsleep_client_connections_closed_total counts them",
+                reason,
+                detail,
+            )
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -165,9 +176,14 @@ class ConnectionPool:
         if transport is None or transport.is_closing():
             return
         if guard.phase is Phase.HEAD and isinstance(transport, asyncio.WriteTransport):
-            transport.write(error_response(408, "Request Timeout",
-                                           "The request head was not received in time.",
-                                           "header_timeout"))
+            transport.write(
+                error_response(
+                    408,
+                    "Request Timeout",
+                    "The request head was not received in time.",
+                    "header_timeout",
+                )
+            )
         transport.close()
 
 
@@ -216,10 +232,14 @@ class _Guard(asyncio.Protocol):
         if not _HTTP09.fullmatch(line.rstrip(b"\r")):
             return True  # HTTP/1.x, or garbage that aiohttp answers with a 400
         if isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.write(error_response(
-                505, "HTTP Version Not Supported",
-                "kvsleep speaks HTTP/1.0 and HTTP/1.1; the request line has no HTTP version.",
-                "http_version_not_supported"))
+            self.transport.write(
+                error_response(
+                    505,
+                    "HTTP Version Not Supported",
+                    "kvsleep speaks HTTP/1.0 and HTTP/1.1; the request line has no HTTP version.",
+                    "http_version_not_supported",
+                )
+            )
         self.pool.closed(self)
         if self.transport is not None:
             self.transport.close()
@@ -242,10 +262,20 @@ class _Guard(asyncio.Protocol):
 def error_response(status: int, reason: str, message: str, code: str) -> bytes:
     """An answer for a connection aiohttp never turned into a request, so that no handler can
     answer: in the OpenAI error shape, like every other error."""
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                 "param": None, "code": code}}).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }
+    ).encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 class OpenAIErrorsHandler(web.RequestHandler):
@@ -254,14 +284,19 @@ class OpenAIErrorsHandler(web.RequestHandler):
 
     __slots__ = ()
 
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; raises if output started
         kind = "invalid_request_error" if status < 500 else "server_error"
         text = message or (str(exc) if exc else "") or "The request could not be handled."
         response = web.json_response(
-            {"error": {"message": text, "type": kind, "param": None, "code": status}},
-            status=status)
+            {"error": {"message": text, "type": kind, "param": None, "code": status}}, status=status
+        )
         response.force_close()
         return response
 
@@ -270,8 +305,14 @@ class GuardedSite(web.BaseSite):
     """A TCP listener whose connections go through a ConnectionPool. It starts from a socket
     bound beforehand, so that the port is ours before anything else starts."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, pool: ConnectionPool,
-                 handler_args: dict[str, Any], backlog: int = 128) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        pool: ConnectionPool,
+        handler_args: dict[str, Any],
+        backlog: int = 128,
+    ) -> None:
         super().__init__(runner, backlog=backlog)
         self._sock = sock
         self._pool = pool
@@ -291,8 +332,9 @@ class GuardedSite(web.BaseSite):
         def make() -> asyncio.Protocol:
             return OpenAIErrorsHandler(server, loop=loop, **self._handler_args)
 
-        self._server = await loop.create_server(lambda: self._pool.protocol(make),
-                                                sock=self._sock, backlog=self._backlog)
+        self._server = await loop.create_server(
+            lambda: self._pool.protocol(make), sock=self._sock, backlog=self._backlog
+        )
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -51,16 +51,20 @@ class _FleetAdapter(EngineAdapter):
         name = urllib.parse.quote(self.model.name, safe="")
         url = f"{replica}/models/{name}/{verb}"
         try:
-            async with self.session.post(url, params=query, headers=self.headers,
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self.session.post(
+                url,
+                params=query,
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise EngineError(f"replica {replica}: {verb} failed: {exc!r}",
-                              retryable=False) from exc
+            raise EngineError(
+                f"replica {replica}: {verb} failed: {exc!r}", retryable=False
+            ) from exc
         if resp.status != 200 or not (isinstance(body, dict) and body.get("success")):
             message = body.get("message") if isinstance(body, dict) else body
-            raise EngineError(f"replica {replica}: {verb} refused (HTTP {resp.status}): "
-                              f"{message}")
+            raise EngineError(f"replica {replica}: {verb} refused (HTTP {resp.status}): {message}")
 
 
 class OwnerAdapter(_FleetAdapter):
@@ -70,8 +74,9 @@ class OwnerAdapter(_FleetAdapter):
 
     async def sleep(self) -> None:
         timeout = self.retry.sleep_timeout_seconds
-        await asyncio.gather(*(self.ask(peer, "sleep", {"from": "owner"}, timeout)
-                               for peer in self.peers))
+        await asyncio.gather(
+            *(self.ask(peer, "sleep", {"from": "owner"}, timeout) for peer in self.peers)
+        )
         await self.inner.sleep()
 
     async def wake(self) -> None:
@@ -90,5 +95,4 @@ class MemberAdapter(_FleetAdapter):
         """The owner asked us to drain; it puts the engine to sleep itself."""
 
     async def wake(self) -> None:
-        await self.ask(self.owner, "wake", {"reason": "request"},
-                       self.retry.wake_timeout_seconds)
+        await self.ask(self.owner, "wake", {"reason": "request"}, self.retry.wake_timeout_seconds)

@@ -257,9 +257,7 @@ class KvcachedRoutes:
         refusal = server.manager.wake_refusal(name)
         if refusal is not None:
             return _action(name, False, f"Model {name} wake request failed: {refusal}", 400)
-        return await server._answer(
-            name, "wake", server.manager.request_wake(name, "manual"), wait
-        )
+        return await server._answer(name, "wake", server.manager.request_wake(name, "manual"), wait)
 
 
 def status_document(server: KvsleepServer) -> dict[str, Any]:

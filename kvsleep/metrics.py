@@ -138,14 +138,28 @@ class _StateCollector(Collector):
             blocked.add_metric([snap.name], 1.0 if snap.waiting_for_memory else 0.0)
             cannot_sleep.add_metric([snap.name], 1.0 if snap.cannot_sleep else 0.0)
             failures.add_metric([snap.name], snap.sleep_failures)
-        yield from (state, in_flight, held, last_seen, threshold, up, eta, blocked,
-                    cannot_sleep, failures)
-        budget = GaugeMetricFamily("kvsleep_gpu_memory_budget_bytes",
-                                   "GPU memory the configuration lets models hold.",
-                                   labels=["gpu"])
-        committed = GaugeMetricFamily("kvsleep_gpu_memory_committed_bytes",
-                                      "GPU memory held by models that are not asleep "
-                                      "(their configured memory_gb).", labels=["gpu"])
+        yield from (
+            state,
+            in_flight,
+            held,
+            last_seen,
+            threshold,
+            up,
+            eta,
+            blocked,
+            cannot_sleep,
+            failures,
+        )
+        budget = GaugeMetricFamily(
+            "kvsleep_gpu_memory_budget_bytes",
+            "GPU memory the configuration lets models hold.",
+            labels=["gpu"],
+        )
+        committed = GaugeMetricFamily(
+            "kvsleep_gpu_memory_committed_bytes",
+            "GPU memory held by models that are not asleep (their configured memory_gb).",
+            labels=["gpu"],
+        )
         for gpu, budget_gb, committed_gb in self._source.gpu_snapshots():
             budget.add_metric([str(gpu)], budget_gb * GB)
             committed.add_metric([str(gpu)], committed_gb * GB)
@@ -161,82 +175,108 @@ class Metrics:
             self.registry.register(default)
         reg = self.registry
         self.requests = Counter(
-            "kvsleep_requests", "Requests routed to a configured model, by HTTP status code.",
-            ["model", "endpoint", "code"], registry=reg,
+            "kvsleep_requests",
+            "Requests routed to a configured model, by HTTP status code.",
+            ["model", "endpoint", "code"],
+            registry=reg,
         )
         self.request_duration = Histogram(
             "kvsleep_request_duration_seconds",
             "Time from request arrival to the last byte relayed (hold time included).",
-            ["model", "endpoint"], buckets=REQUEST_BUCKETS, registry=reg,
+            ["model", "endpoint"],
+            buckets=REQUEST_BUCKETS,
+            registry=reg,
         )
         self.unknown_model_requests = Counter(
             "kvsleep_unknown_model_requests",
             "Requests naming a model that is not configured (the name is never a label).",
-            ["endpoint"], registry=reg,
+            ["endpoint"],
+            registry=reg,
         )
         self.sleeps = Counter(
-            "kvsleep_sleeps", "Sleep operations, by what asked for them and how they ended.",
-            ["model", "reason", "result"], registry=reg,
+            "kvsleep_sleeps",
+            "Sleep operations, by what asked for them and how they ended.",
+            ["model", "reason", "result"],
+            registry=reg,
         )
         self.wakes = Counter(
-            "kvsleep_wakes", "Wake operations, by what asked for them and how they ended.",
-            ["model", "reason", "result"], registry=reg,
+            "kvsleep_wakes",
+            "Wake operations, by what asked for them and how they ended.",
+            ["model", "reason", "result"],
+            registry=reg,
         )
         self.sleep_duration = Histogram(
             "kvsleep_sleep_duration_seconds",
             "Time the engine took to go to sleep (drain excluded).",
-            ["model"], buckets=OPERATION_BUCKETS, registry=reg,
+            ["model"],
+            buckets=OPERATION_BUCKETS,
+            registry=reg,
         )
         self.wake_duration = Histogram(
             "kvsleep_wake_duration_seconds",
             "Time the engine took to wake, weight reloads included.",
-            ["model"], buckets=OPERATION_BUCKETS, registry=reg,
+            ["model"],
+            buckets=OPERATION_BUCKETS,
+            registry=reg,
         )
         self.request_hold = Histogram(
             "kvsleep_request_hold_seconds",
             "Time a request waited for its model to become awake.",
-            ["model"], buckets=OPERATION_BUCKETS, registry=reg,
+            ["model"],
+            buckets=OPERATION_BUCKETS,
+            registry=reg,
         )
         self.rejected_requests = Counter(
             "kvsleep_rejected_requests",
             "Requests refused because their model could not be made awake in time.",
-            ["model", "reason"], registry=reg,
+            ["model", "reason"],
+            registry=reg,
         )
         self.evictions = Counter(
-            "kvsleep_evictions", "Models put to sleep to make GPU memory room for a wake.",
-            ["model"], registry=reg,
+            "kvsleep_evictions",
+            "Models put to sleep to make GPU memory room for a wake.",
+            ["model"],
+            registry=reg,
         )
         self.reconcile_duration = Histogram(
             "kvsleep_reconcile_duration_seconds",
             "Time one reconcile pass took (probes included).",
-            buckets=RECONCILE_BUCKETS, registry=reg,
+            buckets=RECONCILE_BUCKETS,
+            registry=reg,
         )
         self.reconcile_errors = Counter(
-            "kvsleep_reconcile_errors", "Reconcile passes or actions that raised an error.",
+            "kvsleep_reconcile_errors",
+            "Reconcile passes or actions that raised an error.",
             registry=reg,
         )
         self.config_last_reload_successful = Gauge(
             "kvsleep_config_last_reload_successful",
-            "Whether the last configuration load or reload succeeded.", registry=reg,
+            "Whether the last configuration load or reload succeeded.",
+            registry=reg,
         )
         self.config_last_reload_success_timestamp = Gauge(
             "kvsleep_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful configuration load or reload.", registry=reg,
+            "Unix time of the last successful configuration load or reload.",
+            registry=reg,
         )
         self.policy_source_up = Gauge(
             "kvsleep_policy_source_up",
             "Whether idle decisions could read their traffic source at the last reconcile "
-            "(always 1 for the local source; 0: no model is slept).", registry=reg,
+            "(always 1 for the local source; 0: no model is slept).",
+            registry=reg,
         )
         self.policy_source_up.set(1)
         self.client_connections = Gauge(
-            "kvsleep_client_connections", "Client connections open now.", registry=reg,
+            "kvsleep_client_connections",
+            "Client connections open now.",
+            registry=reg,
         )
         self.client_connections_closed = Counter(
             "kvsleep_client_connections_closed",
             "Client connections kvsleep closed to bound what clients can cost: idle_timeout, "
             "header_timeout, body_timeout, or limit (max_client_connections reached).",
-            ["reason"], registry=reg,
+            ["reason"],
+            registry=reg,
         )
         for reason in ("idle_timeout", "header_timeout", "body_timeout", "limit"):
             self.client_connections_closed.labels(reason)
@@ -256,9 +296,17 @@ class Metrics:
 
     def remove_model(self, name: str) -> None:
         """Drop a model's series when it leaves the configuration (hot reload)."""
-        for metric in (self.requests, self.request_duration, self.sleeps, self.wakes,
-                       self.sleep_duration, self.wake_duration, self.request_hold,
-                       self.rejected_requests, self.evictions):
+        for metric in (
+            self.requests,
+            self.request_duration,
+            self.sleeps,
+            self.wakes,
+            self.sleep_duration,
+            self.wake_duration,
+            self.request_hold,
+            self.rejected_requests,
+            self.evictions,
+        ):
             metric.remove_by_labels({"model": name})
 
     def watch(self, source: SnapshotSource) -> None:

@@ -108,8 +108,7 @@ def heal(view: ModelView) -> Adopt | None:
         # Another replica sleeps this engine; between its peers' drain and its sleep call the
         # engine still says "awake", so only the owner's word makes this replica forward again.
         if obs.asleep is True and view.state is ModelState.AWAKE:
-            return Adopt(view.name, ModelState.ASLEEP, "engine reports it is asleep",
-                         view.version)
+            return Adopt(view.name, ModelState.ASLEEP, "engine reports it is asleep", view.version)
         return None
     if obs.asleep is True and view.state in (ModelState.AWAKE, ModelState.FAILED):
         return Adopt(view.name, ModelState.ASLEEP, "engine reports it is asleep", view.version)
@@ -118,8 +117,7 @@ def heal(view: ModelView) -> Adopt | None:
     if obs.asleep is None and view.state is ModelState.ASLEEP and view.engine_up is False:
         # An engine that cannot report its sleep state and was unreachable has restarted:
         # a fresh process holds its memory again.
-        return Adopt(view.name, ModelState.AWAKE, "engine came back after being down",
-                     view.version)
+        return Adopt(view.name, ModelState.AWAKE, "engine came back after being down", view.version)
     return None
 
 
@@ -132,8 +130,9 @@ def decide(views: list[ModelView], now: float) -> list[Action]:
         adopt = heal(view)
         if adopt is not None:
             actions.append(adopt)
-        elif (view.deferred_wake and view.state is ModelState.ASLEEP
-              and now >= wake_allowed_at(view)):
+        elif (
+            view.deferred_wake and view.state is ModelState.ASLEEP and now >= wake_allowed_at(view)
+        ):
             actions.append(Wake(view.name, view.deferred_wake))
         elif view.policy.auto_sleep_enabled and sleep_candidate(view, now):
             actions.append(Sleep(view.name, "idle"))
@@ -152,8 +151,15 @@ class Admission(enum.Enum):
     REJECT_NO_WAKE = "asleep_no_wake"
 
 
-def admission(state: ModelState, held: int, policy: SleepPolicy, *, size: int = 0,
-              held_bytes: int = 0, room_bytes: float = float("inf")) -> Admission:
+def admission(
+    state: ModelState,
+    held: int,
+    policy: SleepPolicy,
+    *,
+    size: int = 0,
+    held_bytes: int = 0,
+    room_bytes: float = float("inf"),
+) -> Admission:
     """What to do with a request of `size` body bytes that arrives for a model in `state`
     with `held` requests (`held_bytes` bytes) waiting; `room_bytes` is what the overall
     budget for held bodies has left."""
@@ -210,8 +216,12 @@ class RoomPlan:
     reason: str = ""
 
 
-def plan_room(target: MemoryView, others: list[MemoryView], budgets: dict[int, float],
-              free_gb: dict[int, float] | None = None) -> RoomPlan:
+def plan_room(
+    target: MemoryView,
+    others: list[MemoryView],
+    budgets: dict[int, float],
+    free_gb: dict[int, float] | None = None,
+) -> RoomPlan:
     """Make room on the target's GPUs by sleeping least-recently-used idle models.
 
     A model holds memory unless it is asleep; one already on its way to sleep counts as freeing.
@@ -227,21 +237,31 @@ def plan_room(target: MemoryView, others: list[MemoryView], budgets: dict[int, f
     for g in gpus:
         held = sum(m.memory_gb for m in on[g] if m.state is not ModelState.ASLEEP)
         need[g] = held + target.memory_gb - budgets[g]
-        freeing[g] = sum(m.memory_gb for m in on[g] if not m.want_awake and m.state in
-                         (ModelState.DRAINING, ModelState.SLEEPING))
+        freeing[g] = sum(
+            m.memory_gb
+            for m in on[g]
+            if not m.want_awake and m.state in (ModelState.DRAINING, ModelState.SLEEPING)
+        )
     if all(n <= 1e-9 for n in need.values()):
         free = free_gb or {}
         short = [g for g in gpus if g in free and free[g] + 1e-9 < target.memory_gb]
         if short:
-            return RoomPlan(ok=False, reason=", ".join(
-                f"GPU {g} has {free[g]:.1f} GB free (NVML), needs {target.memory_gb:g} GB"
-                for g in short))
+            return RoomPlan(
+                ok=False,
+                reason=", ".join(
+                    f"GPU {g} has {free[g]:.1f} GB free (NVML), needs {target.memory_gb:g} GB"
+                    for g in short
+                ),
+            )
         return RoomPlan(ok=True)
     remaining = {g: need[g] - freeing[g] for g in gpus}
     evict: list[str] = []
-    candidates = sorted({m.name: m for g in gpus for m in on[g]
-                         if m.evictable and m.state is ModelState.AWAKE}.values(),
-                        key=lambda m: (m.last_activity, m.name))
+    candidates = sorted(
+        {
+            m.name: m for g in gpus for m in on[g] if m.evictable and m.state is ModelState.AWAKE
+        }.values(),
+        key=lambda m: (m.last_activity, m.name),
+    )
     for m in candidates:
         if all(r <= 1e-9 for r in remaining.values()):
             break
@@ -251,13 +271,19 @@ def plan_room(target: MemoryView, others: list[MemoryView], budgets: dict[int, f
                 if g in remaining:
                     remaining[g] -= m.memory_gb
     if evict and all(r <= 1e-9 for r in remaining.values()):
-        return RoomPlan(ok=False, evict=tuple(evict), reason="sleeping " + ", ".join(evict)
-                        + " to make room")
+        return RoomPlan(
+            ok=False, evict=tuple(evict), reason="sleeping " + ", ".join(evict) + " to make room"
+        )
     if all(r <= 1e-9 for r in (need[g] - freeing[g] for g in gpus)):
         return RoomPlan(ok=False, reason="waiting for models going to sleep to free memory")
-    return RoomPlan(ok=False, reason="; ".join(
-        f"GPU {g} needs {need[g]:g} GB more and every model on it is busy or pinned"
-        for g in gpus if need[g] - freeing[g] > 1e-9))
+    return RoomPlan(
+        ok=False,
+        reason="; ".join(
+            f"GPU {g} needs {need[g]:g} GB more and every model on it is busy or pinned"
+            for g in gpus
+            if need[g] - freeing[g] > 1e-9
+        ),
+    )
 
 
 def wake_eta(history: list[float], configured: float | None) -> float | None:
@@ -270,8 +296,9 @@ def wake_eta(history: list[float], configured: float | None) -> float | None:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def eta_remaining(state: ModelState, state_since: float, eta: float | None,
-                  now: float) -> float | None:
+def eta_remaining(
+    state: ModelState, state_since: float, eta: float | None, now: float
+) -> float | None:
     """How long a request arriving now would wait for the model (None: unknown)."""
     if state is ModelState.AWAKE:
         return 0.0

@@ -50,18 +50,26 @@ class PrometheusSource:
         """Fresh fleet traffic per model; a model missing from the result must not be slept."""
         if self.session is None:
             self.session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.config.query_timeout_seconds))
+                timeout=aiohttp.ClientTimeout(total=self.config.query_timeout_seconds)
+            )
         try:
             last, flight, age = await asyncio.gather(
-                self._query(LAST_SEEN), self._query(IN_FLIGHT), self._query(AGE))
+                self._query(LAST_SEEN), self._query(IN_FLIGHT), self._query(AGE)
+            )
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
-            log.warning("Prometheus policy source %s unusable, no model will be slept: %s",
-                        self.config.url, exc)
+            log.warning(
+                "Prometheus policy source %s unusable, no model will be slept: %s",
+                self.config.url,
+                exc,
+            )
             self.up.set(0)
             return {}
         fresh = {m for m, a in age.items() if a <= self.config.max_staleness_seconds}
-        result = {m: FleetTraffic(last.get(m, 0.0), int(flight.get(m, 0)))
-                  for m in models if m in fresh and m in flight}
+        result = {
+            m: FleetTraffic(last.get(m, 0.0), int(flight.get(m, 0)))
+            for m in models
+            if m in fresh and m in flight
+        }
         self.up.set(1)
         return result
 
@@ -71,5 +79,7 @@ class PrometheusSource:
             body = await resp.json(content_type=None)
         if resp.status != 200 or body.get("status") != "success":
             raise ValueError(f"query {promql!r}: HTTP {resp.status} {body.get('error', '')}")
-        return {item["metric"].get("model", ""): float(item["value"][1])
-                for item in body["data"]["result"]}
+        return {
+            item["metric"].get("model", ""): float(item["value"][1])
+            for item in body["data"]["result"]
+        }

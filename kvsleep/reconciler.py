@@ -43,8 +43,14 @@ class Reconciler:
         # A launched engine being started is the launcher's: nothing to probe or adopt yet.
         slots = [s for s in self.manager.slots.values() if s.state is not ModelState.STARTING]
         observations = await asyncio.gather(
-            *(self._observe(s.adapter, stored[s.cfg.name].state if s.cfg.name in stored
-                            else ModelState.AWAKE) for s in slots))
+            *(
+                self._observe(
+                    s.adapter,
+                    stored[s.cfg.name].state if s.cfg.name in stored else ModelState.AWAKE,
+                )
+                for s in slots
+            )
+        )
         for slot, obs in zip(slots, observations, strict=True):
             record = stored.get(slot.cfg.name)
             if record is not None and record.url != slot.cfg.url:
@@ -56,28 +62,46 @@ class Reconciler:
                 slot.slept_at = record.since if record else self.manager.clock()
             slot.state = state
             slot.state_since = self.manager.clock()
-            log.info("model %s: engine %s, starting as %s", slot.cfg.name,
-                     "up" if obs.up else f"down ({obs.detail})", state.value)
-        await asyncio.gather(*(self.manager.finish_interrupted_wake(s) for s in slots
-                               if s.state is ModelState.WAKING))
+            log.info(
+                "model %s: engine %s, starting as %s",
+                slot.cfg.name,
+                "up" if obs.up else f"down ({obs.detail})",
+                state.value,
+            )
+        await asyncio.gather(
+            *(
+                self.manager.finish_interrupted_wake(s)
+                for s in slots
+                if s.state is ModelState.WAKING
+            )
+        )
         await self.manager.flush()
 
     async def tick(self) -> list[policy.Action]:
         """One pass; returns the actions it took (for tests and logs)."""
         started = time.perf_counter()
         manager = self.manager
-        slots = [s for s in manager.slots.values()
-                 if not s.busy and s.state is not ModelState.STARTING and not s.stopped]
+        slots = [
+            s
+            for s in manager.slots.values()
+            if not s.busy and s.state is not ModelState.STARTING and not s.stopped
+        ]
         versions = [s.version for s in slots]
         observations = await asyncio.gather(*(self._observe(s.adapter, s.state) for s in slots))
-        fleet = (await self.source.fleet_traffic(s.cfg.name for s in slots)
-                 if self.source is not None else {})
+        fleet = (
+            await self.source.fleet_traffic(s.cfg.name for s in slots)
+            if self.source is not None
+            else {}
+        )
         views = []
         for slot, version, obs in zip(slots, versions, observations, strict=True):
             if slot.version != version or manager.slots.get(slot.cfg.name) is not slot:
                 continue  # changed while we probed: judge it next pass
-            views.append(manager.view(slot, obs, fleet.get(slot.cfg.name),
-                                      fleet_mode=self.source is not None))
+            views.append(
+                manager.view(
+                    slot, obs, fleet.get(slot.cfg.name), fleet_mode=self.source is not None
+                )
+            )
             previous_up, slot.engine_up = slot.engine_up, obs.up
             if previous_up and not obs.up:
                 log.warning("model %s: engine unreachable: %s", slot.cfg.name, obs.detail)

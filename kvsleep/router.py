@@ -27,10 +27,21 @@ log = logging.getLogger(__name__)
 
 INFERENCE_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 
-_HOP_BY_HOP = frozenset(h.lower() for h in (
-    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-    "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
-))
+_HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
 _NOT_RELAYED = _HOP_BY_HOP | {"date", "server"}
 # aiohttp has already decoded a compressed request body by the time it is read and forwarded.
 _NOT_FORWARDED = _HOP_BY_HOP | {"content-encoding"}
@@ -40,8 +51,16 @@ CLIENT_GONE = 499  # nginx's code for "client closed the request"; bounded like 
 class OpenAIError(Exception):
     """An error answered in the OpenAI shape."""
 
-    def __init__(self, status: int, message: str, type_: str, *, param: str | None = None,
-                 code: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -54,12 +73,16 @@ class OpenAIError(Exception):
         headers = {}
         if self.retry_after is not None:  # rounded up: a client that obeys it comes back in time
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
-        return web.json_response(error_body(self.message, self.type, self.param, self.code),
-                                 status=self.status, headers=headers)
+        return web.json_response(
+            error_body(self.message, self.type, self.param, self.code),
+            status=self.status,
+            headers=headers,
+        )
 
 
-def error_body(message: str, type_: str, param: str | None = None,
-               code: str | int | None = None) -> dict[str, object]:
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, object]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -68,22 +91,42 @@ def parse_model(body: bytes) -> tuple[str, bool]:
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
-        raise OpenAIError(400, "The request body is not valid JSON.",
-                          "invalid_request_error", code="invalid_json") from None
+        raise OpenAIError(
+            400, "The request body is not valid JSON.", "invalid_request_error", code="invalid_json"
+        ) from None
     if not isinstance(doc, dict):
-        raise OpenAIError(400, "The request body must be a JSON object.",
-                          "invalid_request_error", code="invalid_json")
+        raise OpenAIError(
+            400,
+            "The request body must be a JSON object.",
+            "invalid_request_error",
+            code="invalid_json",
+        )
     model = doc.get("model")
     if model is None:
-        raise OpenAIError(400, "You must provide a model parameter.", "invalid_request_error",
-                          param="model", code="missing_model")
+        raise OpenAIError(
+            400,
+            "You must provide a model parameter.",
+            "invalid_request_error",
+            param="model",
+            code="missing_model",
+        )
     if not isinstance(model, str) or not model:
-        raise OpenAIError(400, "The model parameter must be a non-empty string.",
-                          "invalid_request_error", param="model", code="invalid_model")
+        raise OpenAIError(
+            400,
+            "The model parameter must be a non-empty string.",
+            "invalid_request_error",
+            param="model",
+            code="invalid_model",
+        )
     stream = doc.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise OpenAIError(400, "The stream parameter must be a boolean.",
-                          "invalid_request_error", param="stream", code="invalid_type")
+        raise OpenAIError(
+            400,
+            "The stream parameter must be a boolean.",
+            "invalid_request_error",
+            param="stream",
+            code="invalid_type",
+        )
     return model, bool(stream)
 
 
@@ -97,15 +140,23 @@ def parse_deadline(request: web.Request) -> float | None:
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):
-        raise OpenAIError(400, "X-Request-Timeout must be a positive number of seconds.",
-                          "invalid_request_error", code="invalid_header")
+        raise OpenAIError(
+            400,
+            "X-Request-Timeout must be a positive number of seconds.",
+            "invalid_request_error",
+            code="invalid_header",
+        )
     return value
 
 
-def _sse_error(message: str, type_: str = "server_error", code: str | int | None = 502,
-               body: object = None) -> bytes:
-    event = json.dumps(body if isinstance(body, dict) and "error" in body
-                       else error_body(message, type_, code=code))
+def _sse_error(
+    message: str, type_: str = "server_error", code: str | int | None = 502, body: object = None
+) -> bytes:
+    event = json.dumps(
+        body
+        if isinstance(body, dict) and "error" in body
+        else error_body(message, type_, code=code)
+    )
     return f"data: {event}\n\ndata: [DONE]\n\n".encode()
 
 
@@ -123,9 +174,11 @@ class Router:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None,
-                                          sock_connect=self.config.connect_timeout_seconds,
-                                          sock_read=self.config.upstream_timeout_seconds),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.config.connect_timeout_seconds,
+                sock_read=self.config.upstream_timeout_seconds,
+            ),
         )
 
     async def close(self) -> None:
@@ -143,8 +196,13 @@ class Router:
         configured = self.manager.slots.get(model)
         if configured is None:
             self.metrics.unknown_model_requests.labels(endpoint).inc()
-            raise OpenAIError(404, f"The model `{model}` does not exist.",
-                              "invalid_request_error", param="model", code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"The model `{model}` does not exist.",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
         started = time.perf_counter()
         traffic = self.manager.traffic_monitor
         stats = traffic.record_request_start(model, endpoint)
@@ -153,9 +211,14 @@ class Router:
             lease, early = await self._hold(request, model, stream, deadline, len(body))
             if isinstance(lease, Rejected):
                 code = lease.status
-                rejected = OpenAIError(lease.status, str(lease), "service_unavailable",
-                                       param="model", code=lease.reason,
-                                       retry_after=lease.retry_after)
+                rejected = OpenAIError(
+                    lease.status,
+                    str(lease),
+                    "service_unavailable",
+                    param="model",
+                    code=lease.reason,
+                    retry_after=lease.retry_after,
+                )
                 if early is None:
                     return rejected.response()
                 await _finish(early, _sse_error(str(lease), "service_unavailable", lease.reason))
@@ -176,11 +239,12 @@ class Router:
             if self.manager.slots.get(model) is configured:  # a removed model leaves no series
                 self.metrics.requests.labels(model, endpoint, str(code)).inc()
                 self.metrics.request_duration.labels(model, endpoint).observe(
-                    time.perf_counter() - started)
+                    time.perf_counter() - started
+                )
 
-    async def _hold(self, request: web.Request, model: str, stream: bool,
-                    deadline: float | None, size: int
-                    ) -> tuple[ModelSlot | Rejected, web.StreamResponse | None]:
+    async def _hold(
+        self, request: web.Request, model: str, stream: bool, deadline: float | None, size: int
+    ) -> tuple[ModelSlot | Rejected, web.StreamResponse | None]:
         """Get the model's lease; a streaming request held for a wake gets SSE comment lines
         (`: waking MODEL, eta Ns`) meanwhile, which OpenAI clients ignore and which keep
         proxies and load balancers from timing the connection out."""
@@ -198,37 +262,51 @@ class Router:
 
         try:
             lease = await self.manager.acquire(
-                model, deadline, keepalive if stream and interval else None, interval or 5.0,
-                size)
+                model, deadline, keepalive if stream and interval else None, interval or 5.0, size
+            )
         except Rejected as exc:
             return exc, early
         except ConnectionResetError:  # the client left while held
             raise asyncio.CancelledError from None
         return lease, early
 
-    async def _forward(self, request: web.Request, slot: ModelSlot, body: bytes,
-                       early: web.StreamResponse | None) -> tuple[web.StreamResponse, int]:
+    async def _forward(
+        self, request: web.Request, slot: ModelSlot, body: bytes, early: web.StreamResponse | None
+    ) -> tuple[web.StreamResponse, int]:
         """Send to the engine and relay its answer; `early` is a stream already started."""
         assert self.session is not None
-        headers = CIMultiDict((k, v) for k, v in request.headers.items()
-                              if k.lower() not in _NOT_FORWARDED)
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED
+        )
         # rel_url, not raw_path: an absolute-form target (`POST http://host/v1/...`) is routed
         # by its path, as HTTP/1.1 servers must accept it.
         url = slot.cfg.url.rstrip("/") + request.rel_url.raw_path_qs
         cfg = self.config  # per request, so that a reload applies to the next one
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_seconds,
-                                        sock_read=cfg.upstream_timeout_seconds)
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=cfg.connect_timeout_seconds,
+            sock_read=cfg.upstream_timeout_seconds,
+        )
         try:
-            upstream = await self.session.request(request.method, url, data=body,
-                                                  headers=headers, timeout=timeout)
+            upstream = await self.session.request(
+                request.method, url, data=body, headers=headers, timeout=timeout
+            )
         except asyncio.TimeoutError:
-            raise OpenAIError(504, f"The engine of model `{slot.cfg.name}` did not answer in "
-                              "time.", "server_error", code="engine_timeout") from None
+            raise OpenAIError(
+                504,
+                f"The engine of model `{slot.cfg.name}` did not answer in time.",
+                "server_error",
+                code="engine_timeout",
+            ) from None
         except aiohttp.ClientError as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 self.manager.engine_unreachable(slot.cfg.name, str(exc))
-            raise OpenAIError(502, f"The engine of model `{slot.cfg.name}` is unreachable: "
-                              f"{exc}", "server_error", code="engine_unreachable") from None
+            raise OpenAIError(
+                502,
+                f"The engine of model `{slot.cfg.name}` is unreachable: {exc}",
+                "server_error",
+                code="engine_unreachable",
+            ) from None
         try:
             streamed = upstream.content_type == "text/event-stream"
             if early is not None and not (streamed and upstream.status == 200):
@@ -237,17 +315,24 @@ class Router:
                     detail = json.loads(payload)
                 except ValueError:
                     detail = None
-                await _finish(early, _sse_error(payload.decode(errors="replace")[:500],
-                                                code=upstream.status, body=detail))
+                await _finish(
+                    early,
+                    _sse_error(
+                        payload.decode(errors="replace")[:500], code=upstream.status, body=detail
+                    ),
+                )
                 return early, upstream.status
             if early is not None:
                 return await self._relay(request, slot, upstream, early)
-            out_headers = CIMultiDict((k, v) for k, v in upstream.headers.items()
-                                      if k.lower() not in _NOT_RELAYED)
+            out_headers = CIMultiDict(
+                (k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_RELAYED
+            )
             if upstream.content_length is not None and not streamed:
                 payload = await self._read(slot, upstream)
-                return (web.Response(body=payload, status=upstream.status, headers=out_headers),
-                        upstream.status)
+                return (
+                    web.Response(body=payload, status=upstream.status, headers=out_headers),
+                    upstream.status,
+                )
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
             await response.prepare(request)
             return await self._relay(request, slot, upstream, response)
@@ -259,15 +344,27 @@ class Router:
         try:
             return await upstream.read()
         except asyncio.TimeoutError:
-            raise OpenAIError(504, f"The engine of model `{slot.cfg.name}` stopped answering.",
-                              "server_error", code="engine_timeout") from None
+            raise OpenAIError(
+                504,
+                f"The engine of model `{slot.cfg.name}` stopped answering.",
+                "server_error",
+                code="engine_timeout",
+            ) from None
         except aiohttp.ClientError as exc:
-            raise OpenAIError(502, f"The engine of model `{slot.cfg.name}` failed mid-answer: "
-                              f"{exc}", "server_error", code="engine_error") from None
+            raise OpenAIError(
+                502,
+                f"The engine of model `{slot.cfg.name}` failed mid-answer: {exc}",
+                "server_error",
+                code="engine_error",
+            ) from None
 
-    async def _relay(self, request: web.Request, slot: ModelSlot,
-                     upstream: aiohttp.ClientResponse,
-                     response: web.StreamResponse) -> tuple[web.StreamResponse, int]:
+    async def _relay(
+        self,
+        request: web.Request,
+        slot: ModelSlot,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+    ) -> tuple[web.StreamResponse, int]:
         """Relay a stream chunk by chunk into a started response; an engine failure
         mid-stream ends it in SSE form."""
         try:
@@ -282,8 +379,9 @@ class Router:
             upstream.close()
             if upstream.content_type == "text/event-stream":
                 with contextlib.suppress(ConnectionResetError):
-                    await response.write(_sse_error(
-                        f"The engine of model `{slot.cfg.name}` failed mid-stream."))
+                    await response.write(
+                        _sse_error(f"The engine of model `{slot.cfg.name}` failed mid-stream.")
+                    )
             return response, 502
         except asyncio.CancelledError:
             upstream.close()

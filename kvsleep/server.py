@@ -63,10 +63,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class KvsleepServer:
     """One kvsleep instance. `app` is what aiohttp serves; `start`/`stop` run with it."""
 
-    def __init__(self, config: Config, *, config_path: str | None = None,
-                 clock: Callable[[], float] = time.time,
-                 retry: RetryPolicy | None = None,
-                 overrides: Callable[[Config], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        clock: Callable[[], float] = time.time,
+        retry: RetryPolicy | None = None,
+        overrides: Callable[[Config], Config] | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         # The command line's changes to the file (`serve --port`, ...), applied to each reload.
@@ -74,21 +79,31 @@ class KvsleepServer:
         self.clock = clock
         self.metrics = Metrics()
         self.traffic = TrafficMonitor(config.sleep_manager.idle_threshold_seconds, clock=clock)
-        self.manager = SleepManager(config.sleep_manager, self.traffic, metrics=self.metrics,
-                                    state_store=StateStore(config.state_dir), clock=clock,
-                                    retry=retry, adapter_factory=self._adapter,
-                                    owns=lambda name: self.owner(name) is None)
+        self.manager = SleepManager(
+            config.sleep_manager,
+            self.traffic,
+            metrics=self.metrics,
+            state_store=StateStore(config.state_dir),
+            clock=clock,
+            retry=retry,
+            adapter_factory=self._adapter,
+            owns=lambda name: self.owner(name) is None,
+        )
         for model in config.models:
             self.manager.add_model(model)
         self._apply_gpus(config)
         if config.policy_source.type == "prometheus":
             self.manager.reconciler.source = PrometheusSource(
-                config.policy_source, self.metrics.policy_source_up)
+                config.policy_source, self.metrics.policy_source_up
+            )
         self.router = Router(self.manager, self.metrics, config.router)
         self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.connections = ConnectionPool(lambda: self.config.router,
-                                          self.metrics.client_connections_closed,
-                                          self.metrics.client_connections.set, 0)
+        self.connections = ConnectionPool(
+            lambda: self.config.router,
+            self.metrics.client_connections_closed,
+            self.metrics.client_connections.set,
+            0,
+        )
         self._apply_router(config)
         self.ready = False
         self.launching = False  # launched engines' first start under way (kvsleep serve)
@@ -101,7 +116,8 @@ class KvsleepServer:
     def _apply_router(self, config: Config) -> None:
         self.manager.max_held_bytes = config.router.max_held_bytes
         self.connections.max_connections = connection_limit(
-            config.router.max_client_connections, self.file_limit)
+            config.router.max_client_connections, self.file_limit
+        )
 
     def _apply_gpus(self, config: Config) -> None:
         self.manager.gpu_budgets = {gpu.id: gpu.memory_gb for gpu in config.gpus}
@@ -114,8 +130,9 @@ class KvsleepServer:
         owner = owner_of(model, self.config.fleet)
         return None if owner == self.config.fleet.self_url else owner
 
-    def _adapter(self, model: ModelConfig, sessions: SessionSource,
-                 retry: RetryPolicy) -> EngineAdapter:
+    def _adapter(
+        self, model: ModelConfig, sessions: SessionSource, retry: RetryPolicy
+    ) -> EngineAdapter:
         inner = adapter_for(model, sessions, retry)
         if not self.config.fleet.peers:
             return inner
@@ -142,17 +159,19 @@ class KvsleepServer:
         """Pass an operator's sleep to the replica that owns the model."""
         headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
         async with self.manager.session.post(owner + request.path_qs, headers=headers) as resp:
-            return web.Response(body=await resp.read(), status=resp.status,
-                                content_type=resp.content_type)
+            return web.Response(
+                body=await resp.read(), status=resp.status, content_type=resp.content_type
+            )
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
         self._app_max_body = self.config.router.max_body_bytes
         kvcached = KvcachedRoutes(self)
-        app = web.Application(client_max_size=self._app_max_body,
-                              middlewares=[kvcached.plain_errors, self._errors,
-                                           self._client_limits])
+        app = web.Application(
+            client_max_size=self._app_max_body,
+            middlewares=[kvcached.plain_errors, self._errors, self._client_limits],
+        )
         add = app.router
         for path in INFERENCE_ENDPOINTS:
             add.add_post(path, self.router.handle)
@@ -201,26 +220,34 @@ class KvsleepServer:
             # A body aiohttp cannot decode (e.g. bad gzip): its parser has given up on this
             # connection, so answer and close it; nothing is left to read (no lingering read).
             request.content.feed_eof()
-            response = OpenAIError(400, "The request body cannot be decoded (Content-Encoding "
-                                   "or framing).", "invalid_request_error",
-                                   code="invalid_body").response()
+            response = OpenAIError(
+                400,
+                "The request body cannot be decoded (Content-Encoding or framing).",
+                "invalid_request_error",
+                code="invalid_body",
+            ).response()
             response.force_close()
             return response
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
-            message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) \
-                else exc.reason
+            message = (
+                exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+            )
             if exc.status == 413:
-                message = (f"The request body is larger than the limit of "
-                           f"{self.config.router.max_body_bytes} bytes.")
-            return web.json_response(error_body(message, kind, code=exc.status),
-                                     status=exc.status, headers=_kept_headers(exc))
+                message = (
+                    f"The request body is larger than the limit of "
+                    f"{self.config.router.max_body_bytes} bytes."
+                )
+            return web.json_response(
+                error_body(message, kind, code=exc.status),
+                status=exc.status,
+                headers=_kept_headers(exc),
+            )
 
     @web.middleware
-    async def _client_limits(self, request: web.Request,
-                             handler: Handler) -> web.StreamResponse:
+    async def _client_limits(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Mark the connection as inside a request (no idle or head timer: a held request or a
         long generation is never cut), and read the body within its deadline."""
         guard = self.connections.find(request.transport)
@@ -249,8 +276,12 @@ class KvsleepServer:
             await asyncio.wait_for(request.read(), limit)
         except asyncio.TimeoutError:
             self.connections.count("body_timeout", f"a request body took over {limit:g}s")
-            response = OpenAIError(408, f"The request body was not received within {limit:g}s.",
-                                   "invalid_request_error", code="body_timeout").response()
+            response = OpenAIError(
+                408,
+                f"The request body was not received within {limit:g}s.",
+                "invalid_request_error",
+                code="body_timeout",
+            ).response()
             response.force_close()
             raise _Answered(response) from None
         return request
@@ -263,18 +294,27 @@ class KvsleepServer:
             if token:
                 scheme, _, given = request.headers.get("Authorization", "").partition(" ")
                 # surrogateescape: a header with non-UTF-8 bytes is a wrong token, not a 500.
-                same = hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
-                                           token.encode("utf-8", "surrogateescape"))
+                same = hmac.compare_digest(
+                    given.strip().encode("utf-8", "surrogateescape"),
+                    token.encode("utf-8", "surrogateescape"),
+                )
                 if not (same and scheme.lower() == "bearer"):
-                    refused = OpenAIError(401, "A valid bearer token is required for control "
-                                          "routes.", "authentication_error",
-                                          code="unauthorized").response()
+                    refused = OpenAIError(
+                        401,
+                        "A valid bearer token is required for control routes.",
+                        "authentication_error",
+                        code="unauthorized",
+                    ).response()
                     refused.headers["WWW-Authenticate"] = 'Bearer realm="kvsleep"'
                     return refused
             elif not _is_loopback(request.remote):
-                raise OpenAIError(403, "Control routes answer loopback clients only unless an "
-                                  "admin token is configured.", "permission_error",
-                                  code="forbidden")
+                raise OpenAIError(
+                    403,
+                    "Control routes answer loopback clients only unless an "
+                    "admin token is configured.",
+                    "permission_error",
+                    code="forbidden",
+                )
             return await handler(request)
 
         return guarded
@@ -293,8 +333,13 @@ class KvsleepServer:
     def model_object(self, name: str) -> dict[str, Any]:
         """The OpenAI model object of a configured model, with its sleep state."""
         slot = self.manager.slots[name]
-        return {"id": name, "object": "model", "created": int(self.clock()),
-                "owned_by": slot.cfg.engine, "state": self.manager.reported_state(slot).value}
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(self.clock()),
+            "owned_by": slot.cfg.engine,
+            "state": self.manager.reported_state(slot).value,
+        }
 
     async def healthy(self, request: web.Request) -> web.Response:
         return web.Response(text="kvsleep is Healthy.\n")
@@ -307,8 +352,11 @@ class KvsleepServer:
         for name, slot in self.manager.slots.items():
             by_state.setdefault(self.manager.reported_state(slot), []).append(name)
         starting, down = by_state.get(ModelState.STARTING, []), by_state.get(ModelState.DOWN, [])
-        details = "".join(f"{label}: {', '.join(names)}\n"
-                          for label, names in (("starting", starting), ("down", down)) if names)
+        details = "".join(
+            f"{label}: {', '.join(names)}\n"
+            for label, names in (("starting", starting), ("down", down))
+            if names
+        )
         if not self.ready or self.launching:
             return web.Response(status=503, text="kvsleep is not ready.\n" + details)
         return web.Response(text="kvsleep is Ready.\n" + details)
@@ -333,12 +381,18 @@ class KvsleepServer:
         reason = _choice(request, "reason", ("request", "manual")) or "manual"
         wait = _choice(request, "wait", ("true", "false")) != "false"
         if reason != "request" and (at := self.manager.defer_wake(name, reason)) is not None:
-            return _action(name, True, f"Model {name} slept less than min_sleep_duration; wake "
-                           f"scheduled in {at - self.clock():.0f}s", 202)
+            return _action(
+                name,
+                True,
+                f"Model {name} slept less than min_sleep_duration; wake "
+                f"scheduled in {at - self.clock():.0f}s",
+                202,
+            )
         return await self._answer(name, "wake", self.manager.request_wake(name, reason), wait)
 
-    async def _answer(self, name: str, verb: str, outcome: asyncio.Future[bool],
-                      wait: bool) -> web.Response:
+    async def _answer(
+        self, name: str, verb: str, outcome: asyncio.Future[bool], wait: bool
+    ) -> web.Response:
         """Answer once the operation is over, as the kvcached controller did (or at once with
         `?wait=false`)."""
         if not wait:
@@ -346,8 +400,12 @@ class KvsleepServer:
         ok = await outcome
         slot = self.manager.slots.get(name)
         detail = "" if ok or slot is None or not slot.last_error else f": {slot.last_error}"
-        return _action(name, ok, f"Model {name} {verb} request "
-                       f"{'successful' if ok else 'failed'}{detail}", 200 if ok else 400)
+        return _action(
+            name,
+            ok,
+            f"Model {name} {verb} request {'successful' if ok else 'failed'}{detail}",
+            200 if ok else 400,
+        )
 
     async def alertmanager_webhook(self, request: web.Request) -> web.Response:
         try:  # bytes: json detects UTF-8/16/32 itself, whatever charset the header claims
@@ -357,16 +415,22 @@ class KvsleepServer:
         try:
             actions = parse_webhook(payload, self.manager.slots)
         except PayloadError as exc:
-            raise OpenAIError(400, f"Alertmanager payload refused: {exc}",
-                              "invalid_request_error", code="invalid_payload") from None
+            raise OpenAIError(
+                400,
+                f"Alertmanager payload refused: {exc}",
+                "invalid_request_error",
+                code="invalid_payload",
+            ) from None
         results = []
         for act in actions:
             try:
                 if act.action == "sleep" and (owner := self.owner(act.model)) is not None:
                     self._background(self._ask_owner_to_sleep(owner, act.model))
                     outcome = f"sleep passed to owner {owner}"
-                elif act.action == "sleep" and (why := self.manager.slots[act.model]
-                                                .cannot_sleep) is not None:
+                elif (
+                    act.action == "sleep"
+                    and (why := self.manager.slots[act.model].cannot_sleep) is not None
+                ):
                     outcome = f"ignored: the model cannot sleep ({why})"
                 elif act.action == "sleep":
                     self.manager.request_sleep(act.model, "alert")
@@ -403,10 +467,14 @@ class KvsleepServer:
             raise
         if restart := needs_restart(self.config, new):
             self._mark_reload(False)
-            problems = [f"{new.source}: {key}: changed; this takes a restart of kvsleep "
-                        "(reload refused, nothing applied)" for key in restart]
-            log.error("reload rejected, keeping the running configuration:\n%s",
-                      "\n".join(problems))
+            problems = [
+                f"{new.source}: {key}: changed; this takes a restart of kvsleep "
+                "(reload refused, nothing applied)"
+                for key in restart
+            ]
+            log.error(
+                "reload rejected, keeping the running configuration:\n%s", "\n".join(problems)
+            )
             raise ConfigError(problems)
         old_names = {m.name for m in self.config.models}
         new_names = {m.name for m in new.models}
@@ -436,8 +504,13 @@ class KvsleepServer:
         has already decoded)."""
         name = request.match_info["model"]
         if name not in self.manager.slots:
-            raise OpenAIError(404, f"The model `{name}` does not exist.", "invalid_request_error",
-                              param="model", code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"The model `{name}` does not exist.",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
         return name
 
 
@@ -450,8 +523,9 @@ class _Answered(Exception):
 
 
 def _action(name: str, success: bool, message: str, status: int) -> web.Response:
-    return web.json_response({"model_name": name, "success": success, "message": message},
-                             status=status)
+    return web.json_response(
+        {"model_name": name, "success": success, "message": message}, status=status
+    )
 
 
 def _choice(request: web.Request, key: str, allowed: tuple[str, ...]) -> str | None:
@@ -460,8 +534,13 @@ def _choice(request: web.Request, key: str, allowed: tuple[str, ...]) -> str | N
     if not values:
         return None
     if len(values) > 1 or values[0] not in allowed:
-        raise OpenAIError(400, f"Query parameter `{key}` must be one of: {', '.join(allowed)}.",
-                          "invalid_request_error", param=key, code="invalid_value")
+        raise OpenAIError(
+            400,
+            f"Query parameter `{key}` must be one of: {', '.join(allowed)}.",
+            "invalid_request_error",
+            param=key,
+            code="invalid_value",
+        )
     return values[0]
 
 
@@ -498,28 +577,40 @@ async def listen(server: KvsleepServer, sock: socket.socket) -> web.AppRunner:
     """Serve `server.app` on a bound socket, each connection under the server's limits."""
     cfg = server.config.router
     server.file_limit = raise_file_limit()
-    server.connections.max_connections = connection_limit(cfg.max_client_connections,
-                                                          server.file_limit)
-    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=cfg.shutdown_grace_seconds)
+    server.connections.max_connections = connection_limit(
+        cfg.max_client_connections, server.file_limit
+    )
+    runner = web.AppRunner(
+        server.app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=cfg.shutdown_grace_seconds,
+    )
     await runner.setup()
-    await GuardedSite(runner, sock, server.connections, {"access_log": None},
-                      backlog=cfg.listen_backlog).start()
+    await GuardedSite(
+        runner, sock, server.connections, {"access_log": None}, backlog=cfg.listen_backlog
+    ).start()
     return runner
 
 
-async def serve(server: KvsleepServer, stop: asyncio.Event,
-                sock: socket.socket | None = None) -> None:
+async def serve(
+    server: KvsleepServer, stop: asyncio.Event, sock: socket.socket | None = None
+) -> None:
     """Serve until `stop` is set, then stop accepting and let in-flight requests finish.
 
     `sock`: the router's socket, already bound (kvsleep serve binds before launching)."""
     cfg = server.config.router
     runner = await listen(server, sock if sock is not None else bind(cfg.host, cfg.port))
-    log.info("kvsleep listening on http://%s:%d with %d models", cfg.host, cfg.port,
-             len(server.manager.slots))
+    log.info(
+        "kvsleep listening on http://%s:%d with %d models",
+        cfg.host,
+        cfg.port,
+        len(server.manager.slots),
+    )
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: finishing in-flight requests (at most %gs)",
-                 cfg.shutdown_grace_seconds)
+        log.info(
+            "shutting down: finishing in-flight requests (at most %gs)", cfg.shutdown_grace_seconds
+        )
         await runner.cleanup()

@@ -68,13 +68,17 @@ class Trace:
     name: str = "trace"
 
     @classmethod
-    def of(cls, requests: Iterable[Request], start: float | None = None,
-           end: float | None = None, name: str = "trace") -> Trace:
+    def of(
+        cls,
+        requests: Iterable[Request],
+        start: float | None = None,
+        end: float | None = None,
+        name: str = "trace",
+    ) -> Trace:
         ordered = sorted(requests, key=lambda r: r.t)
         first = ordered[0].t if ordered else 0.0
         last = max((r.t + r.duration for r in ordered), default=first)
-        return cls(ordered, first if start is None else start, last if end is None else end,
-                   name)
+        return cls(ordered, first if start is None else start, last if end is None else end, name)
 
     @property
     def models(self) -> list[str]:
@@ -106,8 +110,10 @@ def load_csv(path: str) -> Trace:
             reader = csv.DictReader(lines)
             fields = [f.strip() for f in reader.fieldnames or []]
             if "timestamp" not in fields or "model" not in fields:
-                raise TraceError(f"{path}: the header must name timestamp,model[,duration], "
-                                 f"got {','.join(fields) or 'nothing'}")
+                raise TraceError(
+                    f"{path}: the header must name timestamp,model[,duration], "
+                    f"got {','.join(fields) or 'nothing'}"
+                )
             for row in reader:
                 row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
                 where = f"{path}: request {reader.line_num - 1}"
@@ -119,8 +125,9 @@ def load_csv(path: str) -> Trace:
                 if not row["model"]:
                     raise TraceError(f"{where}: empty model")
                 if not (math.isfinite(t) and math.isfinite(duration)) or duration < 0:
-                    raise TraceError(f"{where}: timestamp and duration must be finite, "
-                                     "duration >= 0")
+                    raise TraceError(
+                        f"{where}: timestamp and duration must be finite, duration >= 0"
+                    )
                 requests.append(Request(t, row["model"], duration))
     except OSError as exc:
         raise TraceError(f"{path}: {exc.strerror or exc}") from exc
@@ -165,15 +172,17 @@ class PrometheusReader:
 
     def query(self, promql: str, at: float) -> list[dict[str, Any]]:
         params = urllib.parse.urlencode({"query": promql, "time": f"{at:.3f}"})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}",
-                                    timeout=self.timeout) as resp:
+        with urllib.request.urlopen(
+            f"{self.url}/api/v1/query?{params}", timeout=self.timeout
+        ) as resp:
             body = json.loads(resp.read())
         if body.get("status") != "success":
             raise TraceError(f"Prometheus {self.url}: {promql}: {body.get('error', body)}")
         return body["data"]["result"]
 
-    def samples(self, selector: str, start: float, end: float
-                ) -> dict[tuple[tuple[str, str], ...], list[tuple[float, float]]]:
+    def samples(
+        self, selector: str, start: float, end: float
+    ) -> dict[tuple[tuple[str, str], ...], list[tuple[float, float]]]:
         """Every raw sample of `selector` in [start, end], per series (labels sorted)."""
         series: dict[tuple[tuple[str, str], ...], dict[float, float]] = defaultdict(dict)
         chunk_end = end
@@ -199,8 +208,9 @@ def _increases(samples: list[tuple[float, float]]) -> list[tuple[float, float, f
     return out
 
 
-def trace_from_prometheus(url: str, range_seconds: float, end: float
-                          ) -> tuple[Trace, dict[str, float]]:
+def trace_from_prometheus(
+    url: str, range_seconds: float, end: float
+) -> tuple[Trace, dict[str, float]]:
     """Rebuild arrivals from `kvsleep_requests_total` over (end - range, end].
 
     The counter moves when a request finishes, so for every scrape interval with n finished
@@ -235,13 +245,17 @@ def trace_from_prometheus(url: str, range_seconds: float, end: float
                 done = t0 + (k + 0.5) * step
                 requests.append(Request(max(start, done - duration), model, duration))
     if not counts:
-        raise TraceError(f"Prometheus {url}: no kvsleep_requests_total samples between "
-                         f"{_iso(start)} and {_iso(end)}")
+        raise TraceError(
+            f"Prometheus {url}: no kvsleep_requests_total samples between "
+            f"{_iso(start)} and {_iso(end)}"
+        )
     window = f"{math.ceil(range_seconds)}s"
     wake = {}
     for item in reader.query(
-            f"sum by (model) (increase(kvsleep_wake_duration_seconds_sum[{window}])) / "
-            f"sum by (model) (increase(kvsleep_wake_duration_seconds_count[{window}]))", end):
+        f"sum by (model) (increase(kvsleep_wake_duration_seconds_sum[{window}])) / "
+        f"sum by (model) (increase(kvsleep_wake_duration_seconds_count[{window}]))",
+        end,
+    ):
         value = float(item["value"][1])
         if math.isfinite(value) and value >= 0:
             wake[item["metric"].get("model", "")] = value
@@ -291,14 +305,19 @@ def as_configured() -> Variant:
 
 
 def fixed(seconds: float) -> Variant:
-    return Variant(f"fixed-{seconds:g}", lambda c: _with_policy(
-        c, idle_policy="fixed", idle_threshold_seconds=float(seconds), auto_sleep_enabled=True))
+    return Variant(
+        f"fixed-{seconds:g}",
+        lambda c: _with_policy(
+            c, idle_policy="fixed", idle_threshold_seconds=float(seconds), auto_sleep_enabled=True
+        ),
+    )
 
 
 def adaptive() -> Variant:
     """Adaptive thresholds for every model (bounds and break-even from the config)."""
-    return Variant("adaptive", lambda c: _with_policy(c, idle_policy="adaptive",
-                                                      auto_sleep_enabled=True))
+    return Variant(
+        "adaptive", lambda c: _with_policy(c, idle_policy="adaptive", auto_sleep_enabled=True)
+    )
 
 
 def variants(sweep: Sequence[float] = DEFAULT_SWEEP) -> list[Variant]:
@@ -308,8 +327,9 @@ def variants(sweep: Sequence[float] = DEFAULT_SWEEP) -> list[Variant]:
     return main + [fixed(s) for s in sweep if s != 300]
 
 
-def sim_models(config: Config, trace_models: Iterable[str],
-               wake_history: dict[str, float] | None = None) -> tuple[list[SimModel], list[str]]:
+def sim_models(
+    config: Config, trace_models: Iterable[str], wake_history: dict[str, float] | None = None
+) -> tuple[list[SimModel], list[str]]:
     """The replayed models (the trace's, with their config) and notes about guesses made."""
     notes: list[str] = []
     out: list[SimModel] = []
@@ -331,8 +351,12 @@ def sim_models(config: Config, trace_models: Iterable[str],
 
 def tick_interval(config: Config, models: Iterable[SimModel]) -> float:
     """The live reconciler's cadence: the shortest check interval in force."""
-    return min([config.sleep_manager.check_interval_seconds,
-                *(m.cfg.policy.check_interval_seconds for m in models)])
+    return min(
+        [
+            config.sleep_manager.check_interval_seconds,
+            *(m.cfg.policy.check_interval_seconds for m in models),
+        ]
+    )
 
 
 # ---- the replay ------------------------------------------------------------------------------
@@ -383,9 +407,16 @@ class _Model:
 class Replay:
     """One policy over one trace. `run()` returns its RunResult."""
 
-    def __init__(self, trace: Trace, models: Sequence[SimModel], variant: Variant,
-                 tick_seconds: float, sleep_seconds: float = 0.0, timeline: bool = False,
-                 trace_thresholds: bool = False) -> None:
+    def __init__(
+        self,
+        trace: Trace,
+        models: Sequence[SimModel],
+        variant: Variant,
+        tick_seconds: float,
+        sleep_seconds: float = 0.0,
+        timeline: bool = False,
+        trace_thresholds: bool = False,
+    ) -> None:
         self.trace = trace
         self.variant = variant
         self.tick_seconds = tick_seconds
@@ -401,13 +432,19 @@ class Replay:
         self.models: dict[str, _Model] = {}
         for spec, cfg in zip(models, configs, strict=True):
             self.traffic.add_model(cfg.name)
-            m = _Model(spec, cfg, ModelResult(cfg.name, spec.memory_gb),
-                       state_since=trace.start, held_since=trace.start)
+            m = _Model(
+                spec,
+                cfg,
+                ModelResult(cfg.name, spec.memory_gb),
+                state_since=trace.start,
+                held_since=trace.start,
+            )
             if timeline:
                 m.result.timeline.append((trace.start, spec.memory_gb))
             self.models[cfg.name] = m
-        self.result = RunResult(variant.name, trace.start, trace.end,
-                                {n: m.result for n, m in self.models.items()})
+        self.result = RunResult(
+            variant.name, trace.start, trace.end, {n: m.result for n, m in self.models.items()}
+        )
         self._events: list[tuple[float, int, int, Any]] = []
         self._seq = 0
 
@@ -491,19 +528,31 @@ class Replay:
         """As SleepManager.view builds it (local traffic, this replica owns the model)."""
         stats = self.traffic.model_stats[m.cfg.name]
         return policy.ModelView(
-            name=m.cfg.name, state=m.state, state_since=m.state_since, version=m.version,
-            busy=m.busy, in_flight=stats.in_flight, held=len(m.waiters),
+            name=m.cfg.name,
+            state=m.state,
+            state_since=m.state_since,
+            version=m.version,
+            busy=m.busy,
+            in_flight=stats.in_flight,
+            held=len(m.waiters),
             last_activity=stats.last_activity_time,
-            policy=self.thresholds.policy_for(m.cfg), always_on=m.cfg.always_on,
-            engine_up=True, observation=None, slept_at=m.slept_at, deferred_wake=None,
-            owned=True, sleep_allowed=True)
+            policy=self.thresholds.policy_for(m.cfg),
+            always_on=m.cfg.always_on,
+            engine_up=True,
+            observation=None,
+            slept_at=m.slept_at,
+            deferred_wake=None,
+            owned=True,
+            sleep_allowed=True,
+        )
 
     def _tick(self) -> None:
         now = self.now
         if self.keep_thresholds:
             self.result.thresholds.extend(
                 (now, m.cfg.name, self.thresholds.threshold_for(m.cfg))
-                for m in self.models.values())
+                for m in self.models.values()
+            )
         views = [self._view(m) for m in self.models.values() if not m.busy]
         for action in policy.decide(views, now):
             if isinstance(action, policy.Sleep):
@@ -552,11 +601,18 @@ class Replay:
                 m.result.timeline.append((now, 0.0))
 
 
-def replay(trace: Trace, models: Sequence[SimModel], variant: Variant, tick_seconds: float,
-           sleep_seconds: float = 0.0, timeline: bool = False,
-           trace_thresholds: bool = False) -> RunResult:
-    return Replay(trace, models, variant, tick_seconds, sleep_seconds, timeline,
-                  trace_thresholds).run()
+def replay(
+    trace: Trace,
+    models: Sequence[SimModel],
+    variant: Variant,
+    tick_seconds: float,
+    sleep_seconds: float = 0.0,
+    timeline: bool = False,
+    trace_thresholds: bool = False,
+) -> RunResult:
+    return Replay(
+        trace, models, variant, tick_seconds, sleep_seconds, timeline, trace_thresholds
+    ).run()
 
 
 # ---- summaries -------------------------------------------------------------------------------
@@ -593,15 +649,21 @@ class Summary:
         return round(1.0 - self.gb_hours / self.always_on_gb_hours, 12) + 0.0  # no "-0.0%"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "requests": self.requests,
-                "gb_hours": round(self.gb_hours, 3),
-                "always_on_gb_hours": round(self.always_on_gb_hours, 3),
-                "saved_share": round(self.saved, 4), "waited": self.waited,
-                "rejected": self.rejected, "added_latency_p50_s": round(self.p50, 3),
-                "added_latency_p99_s": round(self.p99, 3),
-                "waited_latency_p50_s": round(self.waited_p50, 3),
-                "waited_latency_p99_s": round(self.waited_p99, 3),
-                "sleeps": self.sleeps, "cycles_per_hour": round(self.cycles_per_hour, 3)}
+        return {
+            "policy": self.policy,
+            "requests": self.requests,
+            "gb_hours": round(self.gb_hours, 3),
+            "always_on_gb_hours": round(self.always_on_gb_hours, 3),
+            "saved_share": round(self.saved, 4),
+            "waited": self.waited,
+            "rejected": self.rejected,
+            "added_latency_p50_s": round(self.p50, 3),
+            "added_latency_p99_s": round(self.p99, 3),
+            "waited_latency_p50_s": round(self.waited_p50, 3),
+            "waited_latency_p99_s": round(self.waited_p99, 3),
+            "sleeps": self.sleeps,
+            "cycles_per_hour": round(self.cycles_per_hour, 3),
+        }
 
 
 def summarize(run: RunResult, models: Iterable[str] | None = None) -> Summary:
@@ -613,19 +675,28 @@ def summarize(run: RunResult, models: Iterable[str] | None = None) -> Summary:
     everyone = waits + [0.0] * (requests - len(waits))
     sleeps = sum(m.sleeps for m in chosen)
     return Summary(
-        policy=run.policy, requests=requests,
+        policy=run.policy,
+        requests=requests,
         gb_hours=sum(m.gb_seconds for m in chosen) / 3600,
         always_on_gb_hours=sum(m.memory_gb for m in chosen) * hours,
-        waited=sum(m.waited for m in chosen), rejected=sum(m.rejected for m in chosen),
-        p50=percentile(everyone, 50), p99=percentile(everyone, 99),
-        waited_p50=percentile(waits, 50), waited_p99=percentile(waits, 99),
-        sleeps=sleeps, cycles_per_hour=sleeps / hours)
+        waited=sum(m.waited for m in chosen),
+        rejected=sum(m.rejected for m in chosen),
+        p50=percentile(everyone, 50),
+        p99=percentile(everyone, 99),
+        waited_p50=percentile(waits, 50),
+        waited_p99=percentile(waits, 99),
+        sleeps=sleeps,
+        cycles_per_hour=sleeps / hours,
+    )
 
 
 def best_fixed(summaries: Iterable[Summary], adaptive_summary: Summary) -> Summary | None:
     """The fixed threshold that saves most with no more waits than the adaptive policy."""
-    fair = [s for s in summaries if s.policy.startswith("fixed-")
-            and s.waited <= adaptive_summary.waited]
+    fair = [
+        s
+        for s in summaries
+        if s.policy.startswith("fixed-") and s.waited <= adaptive_summary.waited
+    ]
     return max(fair, key=lambda s: (s.saved, -s.waited), default=None)
 
 
@@ -657,57 +728,97 @@ class Comparison:
                 "policies": {p: self.summary(p, model).as_dict() for p in self.runs},
                 "best_fixed_with_no_more_waits": best.policy if best else None,
                 "adaptive_saves_at_least_best_fixed": (
-                    best is None or adapt.saved + 1e-9 >= best.saved),
+                    best is None or adapt.saved + 1e-9 >= best.saved
+                ),
             }
 
         return {
-            "trace": {"name": self.trace.name, "start": self.trace.start, "end": self.trace.end,
-                      "hours": round((self.trace.end - self.trace.start) / 3600, 3),
-                      "requests": len(self.trace.requests)},
+            "trace": {
+                "name": self.trace.name,
+                "start": self.trace.start,
+                "end": self.trace.end,
+                "hours": round((self.trace.end - self.trace.start) / 3600, 3),
+                "requests": len(self.trace.requests),
+            },
             "tick_seconds": self.tick_seconds,
-            "models": {m.cfg.name: {"memory_gb": m.memory_gb, "wake_seconds": m.wake_seconds,
-                                    "idle_threshold_seconds": m.cfg.policy.idle_threshold_seconds,
-                                    "min_idle_threshold_seconds":
-                                        m.cfg.policy.min_idle_threshold_seconds,
-                                    "max_idle_threshold_seconds":
-                                        m.cfg.policy.max_idle_threshold_seconds,
-                                    **scope(m.cfg.name)}
-                       for m in self.models},
+            "models": {
+                m.cfg.name: {
+                    "memory_gb": m.memory_gb,
+                    "wake_seconds": m.wake_seconds,
+                    "idle_threshold_seconds": m.cfg.policy.idle_threshold_seconds,
+                    "min_idle_threshold_seconds": m.cfg.policy.min_idle_threshold_seconds,
+                    "max_idle_threshold_seconds": m.cfg.policy.max_idle_threshold_seconds,
+                    **scope(m.cfg.name),
+                }
+                for m in self.models
+            },
             "total": scope(None),
             "notes": self.notes,
         }
 
 
-def compare(trace: Trace, models: Sequence[SimModel], tick_seconds: float, *,
-            sweep: Sequence[float] = DEFAULT_SWEEP, sleep_seconds: float = 0.0,
-            timeline: bool = False, notes: Iterable[str] = ()) -> Comparison:
-    runs = {v.name: replay(trace, models, v, tick_seconds, sleep_seconds,
-                           timeline=timeline and v.name in MAIN_POLICIES)
-            for v in variants(sweep)}
+def compare(
+    trace: Trace,
+    models: Sequence[SimModel],
+    tick_seconds: float,
+    *,
+    sweep: Sequence[float] = DEFAULT_SWEEP,
+    sleep_seconds: float = 0.0,
+    timeline: bool = False,
+    notes: Iterable[str] = (),
+) -> Comparison:
+    runs = {
+        v.name: replay(
+            trace,
+            models,
+            v,
+            tick_seconds,
+            sleep_seconds,
+            timeline=timeline and v.name in MAIN_POLICIES,
+        )
+        for v in variants(sweep)
+    }
     return Comparison(trace, list(models), runs, tick_seconds, list(notes))
 
 
-def simulate_config(config: Config, trace: Trace, *, wake_history: dict[str, float] | None = None,
-                    sweep: Sequence[float] = DEFAULT_SWEEP, sleep_seconds: float = 0.0,
-                    timeline: bool = False) -> Comparison:
+def simulate_config(
+    config: Config,
+    trace: Trace,
+    *,
+    wake_history: dict[str, float] | None = None,
+    sweep: Sequence[float] = DEFAULT_SWEEP,
+    sleep_seconds: float = 0.0,
+    timeline: bool = False,
+) -> Comparison:
     idle = [m.name for m in config.models if m.name not in set(trace.models)]
     models, notes = sim_models(config, [*trace.models, *idle], wake_history)
     notes += [f"{name}: no request in the trace (idle throughout)" for name in idle]
-    return compare(trace, models, tick_interval(config, models), sweep=sweep,
-                   sleep_seconds=sleep_seconds, timeline=timeline, notes=notes)
+    return compare(
+        trace,
+        models,
+        tick_interval(config, models),
+        sweep=sweep,
+        sleep_seconds=sleep_seconds,
+        timeline=timeline,
+        notes=notes,
+    )
 
 
 # ---- output ----------------------------------------------------------------------------------
 
-_HEADER = (f"{'policy':<14}{'GB-h held':>11}{'saved':>8}{'waits':>7}{'wait%':>7}"
-           f"{'p50 s':>8}{'p99 s':>8}{'waited p99':>11}{'cycles/h':>10}")
+_HEADER = (
+    f"{'policy':<14}{'GB-h held':>11}{'saved':>8}{'waits':>7}{'wait%':>7}"
+    f"{'p50 s':>8}{'p99 s':>8}{'waited p99':>11}{'cycles/h':>10}"
+)
 
 
 def _row(s: Summary, label: str | None = None) -> str:
     share = s.waited / s.requests if s.requests else 0.0
-    return (f"{label or s.policy:<14}{s.gb_hours:>11.1f}{s.saved:>8.1%}{s.waited:>7d}"
-            f"{share:>7.1%}{s.p50:>8.2f}{s.p99:>8.2f}{s.waited_p99:>11.2f}"
-            f"{s.cycles_per_hour:>10.2f}")
+    return (
+        f"{label or s.policy:<14}{s.gb_hours:>11.1f}{s.saved:>8.1%}{s.waited:>7d}"
+        f"{share:>7.1%}{s.p50:>8.2f}{s.p99:>8.2f}{s.waited_p99:>11.2f}"
+        f"{s.cycles_per_hour:>10.2f}"
+    )
 
 
 def format_table(comparison: Comparison) -> str:
@@ -715,17 +826,21 @@ def format_table(comparison: Comparison) -> str:
     that needs no more waits than adaptive."""
     c = comparison
     hours = (c.trace.end - c.trace.start) / 3600
-    lines = [f"trace: {c.trace.name}: {len(c.trace.requests)} requests over {hours:.1f} h, "
-             f"reconcile every {c.tick_seconds:g} s"]
+    lines = [
+        f"trace: {c.trace.name}: {len(c.trace.requests)} requests over {hours:.1f} h, "
+        f"reconcile every {c.tick_seconds:g} s"
+    ]
     for scope in c.scopes():
         if scope is None:
             title = "TOTAL"
         else:
             m = next(x for x in c.models if x.cfg.name == scope)
             pol = m.cfg.policy
-            title = (f"{scope}  ({m.memory_gb:g} GB, wake {m.wake_seconds:g} s, config "
-                     f"threshold {pol.idle_threshold_seconds:g} s, adaptive bounds "
-                     f"{pol.min_idle_threshold_seconds:g}..{pol.max_idle_threshold_seconds:g} s)")
+            title = (
+                f"{scope}  ({m.memory_gb:g} GB, wake {m.wake_seconds:g} s, config "
+                f"threshold {pol.idle_threshold_seconds:g} s, adaptive bounds "
+                f"{pol.min_idle_threshold_seconds:g}..{pol.max_idle_threshold_seconds:g} s)"
+            )
         lines += ["", title, _HEADER]
         lines += [_row(c.summary(p, scope)) for p in MAIN_POLICIES if p in c.runs]
         best = c.best_fixed(scope)
@@ -733,11 +848,15 @@ def format_table(comparison: Comparison) -> str:
         if best is None:
             lines.append("  no fixed threshold of the sweep needs as few waits as adaptive")
         else:
-            verdict = "adaptive saves at least as much" if adapt.saved + 1e-9 >= best.saved \
+            verdict = (
+                "adaptive saves at least as much"
+                if adapt.saved + 1e-9 >= best.saved
                 else "adaptive saves LESS"
+            )
             lines.append(_row(best, f"best {best.policy}"))
-            lines.append(f"  best fixed threshold with <= {adapt.waited} waits: {best.policy} "
-                         f"({verdict})")
+            lines.append(
+                f"  best fixed threshold with <= {adapt.waited} waits: {best.policy} ({verdict})"
+            )
     if c.notes:
         lines += ["", *(f"note: {n}" for n in c.notes)]
     return "\n".join(lines)
@@ -751,8 +870,9 @@ def plot(comparison: Comparison, path: str) -> None:
     import matplotlib.pyplot as plt
 
     shown = [p for p in MAIN_POLICIES if p in comparison.runs and p != "always-on"]
-    fig, axes = plt.subplots(len(shown), 1, figsize=(12, 2.6 * len(shown)), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(shown), 1, figsize=(12, 2.6 * len(shown)), sharex=True, squeeze=False
+    )
     start = comparison.trace.start
     total_gb = sum(m.memory_gb for m in comparison.models)
     for ax, name in zip(axes[:, 0], shown, strict=True):
@@ -774,11 +894,18 @@ def plot(comparison: Comparison, path: str) -> None:
         ax.fill_between(xs, ys, step="post", alpha=0.35, label="GB held")
         ax.axhline(total_gb, color="grey", linestyle="--", linewidth=0.8, label="always-on")
         wakes = sorted((t - start) / 3600 for m in run.models.values() for t in m.wake_times)
-        ax.plot(wakes, [total_gb * 1.02] * len(wakes), "|", color="tab:red", markersize=6,
-                label=f"wakes ({len(wakes)})")
+        ax.plot(
+            wakes,
+            [total_gb * 1.02] * len(wakes),
+            "|",
+            color="tab:red",
+            markersize=6,
+            label=f"wakes ({len(wakes)})",
+        )
         s = comparison.summary(name)
-        ax.set_title(f"{name}: {s.gb_hours:.0f} GB-h held, {s.saved:.0%} saved, "
-                     f"{s.waited} waits", fontsize=9)
+        ax.set_title(
+            f"{name}: {s.gb_hours:.0f} GB-h held, {s.saved:.0%} saved, {s.waited} waits", fontsize=9
+        )
         ax.set_ylabel("GB")
         ax.set_ylim(0, total_gb * 1.08)
         ax.legend(loc="upper right", fontsize=7)

@@ -188,8 +188,9 @@ class _GpuBacking:
     def sync(self, weights: bool, kv_cache: bool) -> None:
         for part, wanted in (("weights", weights), ("kv_cache", kv_cache)):
             if wanted and part not in self.tensors and self.sizes[part]:
-                tensor = self.torch.empty(self.sizes[part], dtype=self.torch.uint8,
-                                          device=self.device)
+                tensor = self.torch.empty(
+                    self.sizes[part], dtype=self.torch.uint8, device=self.device
+                )
                 tensor.fill_(1)  # touch it, as loading weights would
                 self.tensors[part] = tensor
             elif not wanted and part in self.tensors:
@@ -224,8 +225,11 @@ class SimEngine:
         self._closing = False
         self._ready_at = 0.0
         self._token_times: collections.deque[float] = collections.deque(maxlen=100_000)
-        self.gpu = (_GpuBacking(settings.cuda_device, settings.weights_gb, settings.kv_cache_gb)
-                    if settings.cuda_device is not None else None)
+        self.gpu = (
+            _GpuBacking(settings.cuda_device, settings.weights_gb, settings.kv_cache_gb)
+            if settings.cuda_device is not None
+            else None
+        )
 
         self.registry = CollectorRegistry(auto_describe=True)
         self._memory_gauge = Gauge(
@@ -1270,8 +1274,13 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         help="SGLang: keep weights across release (no reload needed after resume)",
     )
     parser.add_argument("--weights-path", help="SGLang: path update_weights_from_disk expects")
-    parser.add_argument("--cuda-device", type=int, default=None, metavar="N",
-                        help="hold real GPU memory on cuda:N (needs torch) while resident")
+    parser.add_argument(
+        "--cuda-device",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hold real GPU memory on cuda:N (needs torch) while resident",
+    )
     for flag, verb in (("--fail-next", "answer 500 to"), ("--hang-next", "never answer")):
         parser.add_argument(
             flag,

@@ -54,8 +54,11 @@ def _with_policy_fields(cls: type) -> type:
     for policy_field in dataclasses.fields(SleepPolicy):
         if policy_field.name not in annotations:
             annotations[policy_field.name] = policy_field.type
-            setattr(cls, policy_field.name, field(
-                default=policy_field.default, default_factory=policy_field.default_factory))
+            setattr(
+                cls,
+                policy_field.name,
+                field(default=policy_field.default, default_factory=policy_field.default_factory),
+            )
     return cls
 
 
@@ -81,7 +84,8 @@ class SleepConfig:
     sglang_models_config: dict[str, dict[str, Any]] | None = None
     # The managers whose models follow this config's policy fields.
     _managers: weakref.WeakSet[SleepManager] = field(
-        default_factory=weakref.WeakSet, init=False, repr=False, compare=False)
+        default_factory=weakref.WeakSet, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.vllm_models_config is None:
@@ -109,21 +113,28 @@ class SleepConfig:
         assert found is not None  # set by __post_init__
         return found
 
+
 HoldCallback = Callable[[], Awaitable[None]]
 Starter = Callable[[str], Awaitable[None]]
 AdapterFactory = Callable[[ModelConfig, SessionSource, RetryPolicy], EngineAdapter]
 
 WAKE_HISTORY = 10  # measured wakes the ETA is the median of
 MEMORY_RECHECK_SECONDS = 0.5  # a wake blocked on GPU memory re-plans at least this often
-_SETTLED = (ModelState.AWAKE, ModelState.ASLEEP, ModelState.FAILED,
-            ModelState.SLEEPING, ModelState.WAKING)
+_SETTLED = (
+    ModelState.AWAKE,
+    ModelState.ASLEEP,
+    ModelState.FAILED,
+    ModelState.SLEEPING,
+    ModelState.WAKING,
+)
 
 
 class Rejected(Exception):
     """A request that cannot be served because its model cannot be made awake for it."""
 
-    def __init__(self, model: str, reason: str, message: str, status: int,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, model: str, reason: str, message: str, status: int, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.model = model
         self.reason = reason
@@ -188,20 +199,26 @@ class ModelSlot:
 class SleepManager:
     """Owns model state; see the module docstring."""
 
-    def __init__(self, config: SleepConfig | SleepPolicy | None = None,
-                 traffic_monitor: TrafficMonitor | None = None, *,
-                 metrics: Metrics | None = None, state_store: StateStore | None = None,
-                 clock: Callable[[], float] = time.time,
-                 session: aiohttp.ClientSession | None = None,
-                 retry: RetryPolicy | None = None,
-                 adapter_factory: AdapterFactory = adapter_for,
-                 owns: Callable[[str], bool] = lambda name: True) -> None:
+    def __init__(
+        self,
+        config: SleepConfig | SleepPolicy | None = None,
+        traffic_monitor: TrafficMonitor | None = None,
+        *,
+        metrics: Metrics | None = None,
+        state_store: StateStore | None = None,
+        clock: Callable[[], float] = time.time,
+        session: aiohttp.ClientSession | None = None,
+        retry: RetryPolicy | None = None,
+        adapter_factory: AdapterFactory = adapter_for,
+        owns: Callable[[str], bool] = lambda name: True,
+    ) -> None:
         self.clock = clock
         self.slots: dict[str, ModelSlot] = {}
         self._config = SleepConfig()
         self.config = config or SleepConfig()
         self.traffic_monitor = traffic_monitor or TrafficMonitor(
-            self.config.idle_threshold_seconds, clock=clock)
+            self.config.idle_threshold_seconds, clock=clock
+        )
         self.metrics = metrics or Metrics()
         self.state_store = state_store
         self.retry = retry or RetryPolicy()
@@ -227,8 +244,9 @@ class SleepManager:
         # kvcached's SleepConfig names its engines; they become models here.
         for engine in ("vllm", "sglang"):
             for name, where in list(self.config.models_of(engine).items()):
-                self._add_engine(engine, name, where.get("host", "localhost"),
-                                 where.get("port", "8000"))
+                self._add_engine(
+                    engine, name, where.get("host", "localhost"), where.get("port", "8000")
+                )
 
     # ---- configuration -------------------------------------------------------------------
 
@@ -242,8 +260,10 @@ class SleepManager:
     def config(self, value: SleepConfig | SleepPolicy) -> None:
         if isinstance(value, SleepPolicy):
             value = SleepConfig.from_policy(
-                value, vllm_models_config=self._config.models_of("vllm"),
-                sglang_models_config=self._config.models_of("sglang"))
+                value,
+                vllm_models_config=self._config.models_of("vllm"),
+                sglang_models_config=self._config.models_of("sglang"),
+            )
         self._config._managers.discard(self)
         value._managers.add(self)
         self._config = value
@@ -251,16 +271,16 @@ class SleepManager:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
     def _get_session(self) -> aiohttp.ClientSession:
         return self.session
 
     def add_model(self, cfg: ModelConfig, state: ModelState = ModelState.AWAKE) -> ModelSlot:
-        slot = ModelSlot(cfg, self.adapter_factory(cfg, self._get_session, self.retry), state,
-                         self.clock())
+        slot = ModelSlot(
+            cfg, self.adapter_factory(cfg, self._get_session, self.retry), state, self.clock()
+        )
         self.slots[cfg.name] = slot
         self.traffic_monitor.add_model(cfg.name)
         self.metrics.add_models([cfg.name])
@@ -276,21 +296,25 @@ class SleepManager:
     def _add_engine(self, engine: str, name: str, host: str, port: str | int) -> None:
         """kvcached's add: a known model keeps its state and takes the new address."""
         netloc_host = f"[{host}]" if ":" in host else host  # an IPv6 address
-        cfg = ModelConfig(name, engine, f"http://{netloc_host}:{port}",
-                          policy=self.config.policy(),
-                          weights_path=name if engine == "sglang" else None)
+        cfg = ModelConfig(
+            name,
+            engine,
+            f"http://{netloc_host}:{port}",
+            policy=self.config.policy(),
+            weights_path=name if engine == "sglang" else None,
+        )
         if name in self.slots:
             self.update_model(cfg)
         else:
             self.add_model(cfg)
         self._list_engine(cfg, {"host": host, "port": port})
 
-    def add_vllm_model(self, model_name: str, host: str = "localhost",
-                       port: str = "8000") -> None:
+    def add_vllm_model(self, model_name: str, host: str = "localhost", port: str = "8000") -> None:
         self._add_engine("vllm", model_name, host, port)
 
-    def add_sglang_model(self, model_name: str, host: str = "localhost",
-                         port: str = "8000") -> None:
+    def add_sglang_model(
+        self, model_name: str, host: str = "localhost", port: str = "8000"
+    ) -> None:
         self._add_engine("sglang", model_name, host, port)
 
     def remove_vllm_model(self, model_name: str) -> None:
@@ -356,12 +380,14 @@ class SleepManager:
     async def start(self) -> None:
         """Learn every engine's real state, then run the reconcile loop."""
         await self.reconciler.sync()
-        self._reconciler_task = asyncio.create_task(self.reconciler.run(),
-                                                    name="kvsleep-reconcile")
+        self._reconciler_task = asyncio.create_task(self.reconciler.run(), name="kvsleep-reconcile")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._reconciler_task,
-                             *(s.worker for s in self.slots.values())) if t is not None]
+        tasks = [
+            t
+            for t in (self._reconciler_task, *(s.worker for s in self.slots.values()))
+            if t is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -375,9 +401,14 @@ class SleepManager:
 
     # ---- the request path ----------------------------------------------------------------
 
-    async def acquire(self, model_name: str, deadline: float | None = None,
-                      on_hold: HoldCallback | None = None,
-                      hold_interval: float = 5.0, size: int = 0) -> ModelSlot:
+    async def acquire(
+        self,
+        model_name: str,
+        deadline: float | None = None,
+        on_hold: HoldCallback | None = None,
+        hold_interval: float = 5.0,
+        size: int = 0,
+    ) -> ModelSlot:
         """Wait until the model is awake and count the request as in the engine.
 
         Raises Rejected when the request must not wait (queue full by count or by the `size`
@@ -394,26 +425,46 @@ class SleepManager:
         timeout = min(pol.wake_timeout_seconds, deadline or pol.wake_timeout_seconds)
         wait = self.eta_remaining(slot)
         retry_after = max(1.0, wait) if wait is not None else 1.0
-        decision = policy.admission(slot.state, len(slot.waiters), pol, size=size,
-                                    held_bytes=slot.held_bytes,
-                                    room_bytes=self.max_held_bytes - self.held_bytes)
+        decision = policy.admission(
+            slot.state,
+            len(slot.waiters),
+            pol,
+            size=size,
+            held_bytes=slot.held_bytes,
+            room_bytes=self.max_held_bytes - self.held_bytes,
+        )
         if decision is policy.Admission.REJECT_NO_WAKE:
-            raise self._reject(slot, "asleep_no_wake", 503, None,
-                               f"model `{model_name}` is {slot.state.value} and "
-                               "wakeup_on_request is off; wake it first")
+            raise self._reject(
+                slot,
+                "asleep_no_wake",
+                503,
+                None,
+                f"model `{model_name}` is {slot.state.value} and "
+                "wakeup_on_request is off; wake it first",
+            )
         if decision is policy.Admission.REJECT_QUEUE_FULL:
-            raise self._reject(slot, "queue_full", 503, retry_after,
-                               f"model `{model_name}` is {slot.state.value} and its hold "
-                               f"queue is full ({len(slot.waiters)} requests, "
-                               f"{slot.held_bytes} body bytes wait for it)")
+            raise self._reject(
+                slot,
+                "queue_full",
+                503,
+                retry_after,
+                f"model `{model_name}` is {slot.state.value} and its hold "
+                f"queue is full ({len(slot.waiters)} requests, "
+                f"{slot.held_bytes} body bytes wait for it)",
+            )
         if not slot.want_awake or not slot.busy:
             self.request_wake(model_name, "request")
         if wait is not None and wait > timeout:
             # Waiting in vain helps nobody: say when to come back; the wake goes on.
-            raise self._reject(slot, "wake_timeout", 503, retry_after,
-                               f"model `{model_name}` is {slot.state.value}; its wake is "
-                               f"expected to take {wait:.0f}s, longer than this request's "
-                               f"{timeout:g}s deadline")
+            raise self._reject(
+                slot,
+                "wake_timeout",
+                503,
+                retry_after,
+                f"model `{model_name}` is {slot.state.value}; its wake is "
+                f"expected to take {wait:.0f}s, longer than this request's "
+                f"{timeout:g}s deadline",
+            )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         slot.waiters.append(fut)
         slot.held_bytes += size
@@ -424,10 +475,14 @@ class SleepManager:
         except asyncio.TimeoutError:
             self._forget_waiter(slot, fut)
             wait = self.eta_remaining(slot)
-            raise self._reject(slot, "wake_timeout", 504, max(1.0, wait or 1.0),
-                               f"model `{model_name}` did not wake within {timeout:g}s"
-                               + (f" ({slot.waiting_for_memory})"
-                                  if slot.waiting_for_memory else "")) from None
+            raise self._reject(
+                slot,
+                "wake_timeout",
+                504,
+                max(1.0, wait or 1.0),
+                f"model `{model_name}` did not wake within {timeout:g}s"
+                + (f" ({slot.waiting_for_memory})" if slot.waiting_for_memory else ""),
+            ) from None
         except Rejected as exc:
             if self.slots.get(model_name) is slot:  # a removed model leaves no series behind
                 self.metrics.rejected_requests.labels(model_name, exc.reason).inc()
@@ -446,16 +501,18 @@ class SleepManager:
         return slot
 
     @staticmethod
-    async def _wait_held(fut: asyncio.Future[None], until: float,
-                         on_hold: HoldCallback | None, interval: float) -> None:
+    async def _wait_held(
+        fut: asyncio.Future[None], until: float, on_hold: HoldCallback | None, interval: float
+    ) -> None:
         """Every held request waits the same way (asyncio.wait on its own future), so all are
         resumed in the order their futures were resolved: the FIFO order of arrival."""
         while True:
             left = until - time.monotonic()
             if left <= 0:
                 raise asyncio.TimeoutError
-            done, _ = await asyncio.wait({fut}, timeout=min(left, interval)
-                                         if on_hold is not None else left)
+            done, _ = await asyncio.wait(
+                {fut}, timeout=min(left, interval) if on_hold is not None else left
+            )
             if done:
                 fut.result()
                 return
@@ -483,11 +540,11 @@ class SleepManager:
         return policy.wake_eta(list(slot.wake_history), slot.cfg.wake_eta_seconds)
 
     def eta_remaining(self, slot: ModelSlot) -> float | None:
-        return policy.eta_remaining(slot.state, slot.state_since, self.wake_eta(slot),
-                                    self.clock())
+        return policy.eta_remaining(slot.state, slot.state_since, self.wake_eta(slot), self.clock())
 
-    def _reject(self, slot: ModelSlot, reason: str, status: int, retry_after: float | None,
-                message: str) -> Rejected:
+    def _reject(
+        self, slot: ModelSlot, reason: str, status: int, retry_after: float | None, message: str
+    ) -> Rejected:
         self.metrics.rejected_requests.labels(slot.cfg.name, reason).inc()
         return Rejected(slot.cfg.name, reason, message, status, retry_after)
 
@@ -570,8 +627,11 @@ class SleepManager:
         and starts on its first request)."""
         if slot.stopped:
             return slot.state
-        if slot.engine_up is False and slot.state in (ModelState.AWAKE, ModelState.ASLEEP,
-                                                      ModelState.FAILED):
+        if slot.engine_up is False and slot.state in (
+            ModelState.AWAKE,
+            ModelState.ASLEEP,
+            ModelState.FAILED,
+        ):
             return ModelState.DOWN
         return slot.state
 
@@ -591,8 +651,9 @@ class SleepManager:
 
     def _kick(self, slot: ModelSlot) -> None:
         if not slot.busy:
-            slot.worker = asyncio.create_task(self._converge(slot),
-                                              name=f"kvsleep-op-{slot.cfg.name}")
+            slot.worker = asyncio.create_task(
+                self._converge(slot), name=f"kvsleep-op-{slot.cfg.name}"
+            )
 
     async def _converge(self, slot: ModelSlot) -> None:
         while True:
@@ -617,8 +678,12 @@ class SleepManager:
         try:
             await asyncio.wait_for(slot.drained.wait(), slot.cfg.policy.drain_timeout_seconds)
         except asyncio.TimeoutError:
-            self._sleep_failed(slot, reason, f"{slot.in_engine} requests still in flight after "
-                                             f"{slot.cfg.policy.drain_timeout_seconds:g}s")
+            self._sleep_failed(
+                slot,
+                reason,
+                f"{slot.in_engine} requests still in flight after "
+                f"{slot.cfg.policy.drain_timeout_seconds:g}s",
+            )
             return
         self._set_state(slot, ModelState.SLEEPING)
         await self._record_before_engine_call(slot)
@@ -628,8 +693,9 @@ class SleepManager:
         except Exception as exc:  # any failure must leave the model serving, not stuck
             observed = await slot.adapter.observe(ModelState.SLEEPING)
             if observed.asleep is not True:
-                self._sleep_failed(slot, reason, str(exc),
-                                   unsupported=isinstance(exc, SleepUnsupported))
+                self._sleep_failed(
+                    slot, reason, str(exc), unsupported=isinstance(exc, SleepUnsupported)
+                )
                 return
         self.metrics.sleep_duration.labels(name).observe(time.monotonic() - started)
         self.metrics.sleeps.labels(name, reason, "ok").inc()
@@ -642,8 +708,9 @@ class SleepManager:
         self._event(name, f"asleep (reason: {reason})")
         self._settle(slot.sleep_outcomes, True)
 
-    def _sleep_failed(self, slot: ModelSlot, reason: str, error: str,
-                      unsupported: bool = False) -> None:
+    def _sleep_failed(
+        self, slot: ModelSlot, reason: str, error: str, unsupported: bool = False
+    ) -> None:
         slot.sleep_failures += 1
         delay = policy.sleep_retry_delay(slot.sleep_failures, slot.cfg.policy)
         slot.sleep_retry_at = self.clock() + delay
@@ -651,8 +718,13 @@ class SleepManager:
             slot.cannot_sleep = error
             log.error("model %s cannot sleep, it stays awake: %s", slot.cfg.name, error)
         else:
-            log.warning("sleeping model %s failed (%d in a row), it stays awake; idle sleeps "
-                        "wait %gs: %s", slot.cfg.name, slot.sleep_failures, delay, error)
+            log.warning(
+                "sleeping model %s failed (%d in a row), it stays awake; idle sleeps wait %gs: %s",
+                slot.cfg.name,
+                slot.sleep_failures,
+                delay,
+                error,
+            )
         self._event(slot.cfg.name, f"sleep failed, stays awake: {error}")
         self.metrics.sleeps.labels(slot.cfg.name, reason, "error").inc()
         slot.last_error = error
@@ -679,8 +751,7 @@ class SleepManager:
             slot.last_error = str(exc)
             slot.want_awake = False
             self._set_state(slot, ModelState.FAILED)
-            self._reject_waiters(slot, "wake_failed",
-                                 f"model `{name}` failed to wake: {exc}", 503)
+            self._reject_waiters(slot, "wake_failed", f"model `{name}` failed to wake: {exc}", 503)
             self._settle(slot.wake_outcomes, False)
             return
         took = time.monotonic() - started
@@ -726,9 +797,12 @@ class SleepManager:
         give_up = time.monotonic() + slot.cfg.policy.wake_timeout_seconds
         try:
             while True:
-                plan = policy.plan_room(self.memory_view(slot), [
-                    self.memory_view(s) for s in self.slots.values() if s is not slot],
-                    self.gpu_budgets, self.gpu_free())
+                plan = policy.plan_room(
+                    self.memory_view(slot),
+                    [self.memory_view(s) for s in self.slots.values() if s is not slot],
+                    self.gpu_budgets,
+                    self.gpu_free(),
+                )
                 if plan.ok:
                     return True
                 for victim in plan.evict:
@@ -738,13 +812,15 @@ class SleepManager:
                 if plan.reason != slot.waiting_for_memory:
                     log.info("model %s waits for GPU memory: %s", name, plan.reason)
                 slot.waiting_for_memory = plan.reason
-                nobody_waits = (slot.wake_reason == "request" and not slot.waiters
-                                and not slot.in_engine)
+                nobody_waits = (
+                    slot.wake_reason == "request" and not slot.waiters and not slot.in_engine
+                )
                 if nobody_waits or time.monotonic() > give_up:
                     slot.want_awake = False
                     slot.last_error = f"no GPU memory to wake: {plan.reason}"
-                    self._reject_waiters(slot, "wake_failed",
-                                         f"model `{name}` cannot wake: {plan.reason}", 503)
+                    self._reject_waiters(
+                        slot, "wake_failed", f"model `{name}` cannot wake: {plan.reason}", 503
+                    )
                     self._settle(slot.wake_outcomes, False)
                     return False
                 changed = self._changed
@@ -757,18 +833,28 @@ class SleepManager:
         stats = self.traffic_monitor.model_stats.get(slot.cfg.name)
         idle = slot.in_engine == 0 and not slot.waiters and (stats is None or not stats.in_flight)
         return policy.MemoryView(
-            name=slot.cfg.name, gpus=slot.cfg.gpus, memory_gb=slot.cfg.memory_gb or 0.0,
+            name=slot.cfg.name,
+            gpus=slot.cfg.gpus,
+            memory_gb=slot.cfg.memory_gb or 0.0,
             state=ModelState.ASLEEP if slot.queued or slot.stopped else slot.state,
             want_awake=slot.want_awake,
             evictable=idle and not slot.cfg.always_on and not slot.busy,
-            last_activity=stats.last_activity_time if stats else 0.0)
+            last_activity=stats.last_activity_time if stats else 0.0,
+        )
 
     def gpu_committed(self) -> dict[int, float]:
         """GB each budgeted GPU holds for models that are not asleep."""
-        return {g: sum(s.cfg.memory_gb or 0.0 for s in self.slots.values()
-                       if g in s.cfg.gpus and s.state is not ModelState.ASLEEP
-                       and not s.queued and not s.stopped)
-                for g in self.gpu_budgets}
+        return {
+            g: sum(
+                s.cfg.memory_gb or 0.0
+                for s in self.slots.values()
+                if g in s.cfg.gpus
+                and s.state is not ModelState.ASLEEP
+                and not s.queued
+                and not s.stopped
+            )
+            for g in self.gpu_budgets
+        }
 
     @staticmethod
     def _settle(outcomes: list[asyncio.Future[bool]], result: bool) -> None:
@@ -801,8 +887,9 @@ class SleepManager:
 
     # ---- launched engines (the launcher reports, requests are held meanwhile) ---------------
 
-    def engine_starting(self, model_name: str, problem: str | None = None,
-                        queued: bool = False) -> None:
+    def engine_starting(
+        self, model_name: str, problem: str | None = None, queued: bool = False
+    ) -> None:
         """A launched engine is (re)starting: hold its requests until it is ready. `queued`:
         it waits for its turn and holds no memory yet."""
         slot = self.slots.get(model_name)
@@ -859,8 +946,9 @@ class SleepManager:
         slot.want_awake = False
         slot.queued = False
         self._set_state(slot, ModelState.FAILED)
-        self._reject_waiters(slot, "wake_failed", f"model `{model_name}` engine failed to "
-                             f"start: {error}", 503)
+        self._reject_waiters(
+            slot, "wake_failed", f"model `{model_name}` engine failed to start: {error}", 503
+        )
         self._settle(slot.wake_outcomes, False)
         self._settle(slot.sleep_outcomes, False)
 
@@ -886,8 +974,13 @@ class SleepManager:
         slot = self.slots.get(action.model)
         if slot is None or slot.busy or slot.version != action.version:
             return False
-        log.warning("model %s: %s; now %s (was %s)", action.model, action.why,
-                    action.state.value, slot.state.value)
+        log.warning(
+            "model %s: %s; now %s (was %s)",
+            action.model,
+            action.why,
+            action.state.value,
+            slot.state.value,
+        )
         slot.want_awake = action.state is ModelState.AWAKE
         if action.state is ModelState.ASLEEP:
             slot.slept_at = self.clock()
@@ -911,13 +1004,20 @@ class SleepManager:
             await self.flush()
 
     def _stored(self) -> dict[str, StoredModel]:
-        return {name: StoredModel(s.state, s.state_since, s.cfg.engine, s.cfg.url)
-                for name, s in self.slots.items()}
+        return {
+            name: StoredModel(s.state, s.state_since, s.cfg.engine, s.cfg.url)
+            for name, s in self.slots.items()
+        }
 
     # ---- views ---------------------------------------------------------------------------
 
-    def view(self, slot: ModelSlot, observation: Observation | None = None,
-             fleet: FleetTraffic | None = None, fleet_mode: bool = False) -> policy.ModelView:
+    def view(
+        self,
+        slot: ModelSlot,
+        observation: Observation | None = None,
+        fleet: FleetTraffic | None = None,
+        fleet_mode: bool = False,
+    ) -> policy.ModelView:
         """The policy's view of a model; in fleet mode traffic merges every replica's, and a
         model the fleet view lacks must not be slept."""
         stats = self.traffic_monitor.add_model(slot.cfg.name)
@@ -926,15 +1026,24 @@ class SleepManager:
             in_flight = max(in_flight, fleet.in_flight)
             last_activity = max(last_activity, fleet.last_activity)
         return policy.ModelView(
-            name=slot.cfg.name, state=slot.state, state_since=slot.state_since,
-            version=slot.version, busy=slot.busy, in_flight=in_flight,
-            held=len(slot.waiters), last_activity=last_activity,
-            policy=self.thresholds.policy_for(slot.cfg), always_on=slot.cfg.always_on,
+            name=slot.cfg.name,
+            state=slot.state,
+            state_since=slot.state_since,
+            version=slot.version,
+            busy=slot.busy,
+            in_flight=in_flight,
+            held=len(slot.waiters),
+            last_activity=last_activity,
+            policy=self.thresholds.policy_for(slot.cfg),
+            always_on=slot.cfg.always_on,
             engine_up=slot.engine_up,
-            observation=observation, slept_at=slot.slept_at, deferred_wake=slot.deferred_wake,
+            observation=observation,
+            slept_at=slot.slept_at,
+            deferred_wake=slot.deferred_wake,
             owned=self.owns(slot.cfg.name),
             sleep_allowed=fleet is not None or not fleet_mode,
-            sleep_retry_at=slot.sleep_retry_at, cannot_sleep=slot.cannot_sleep is not None,
+            sleep_retry_at=slot.sleep_retry_at,
+            cannot_sleep=slot.cannot_sleep is not None,
         )
 
     def model_snapshots(self) -> Iterator[ModelSnapshot]:
@@ -942,11 +1051,14 @@ class SleepManager:
         for name, slot in self.slots.items():
             s = stats.get(name)
             yield ModelSnapshot(
-                name=name, state=self.reported_state(slot),
-                in_flight=s.in_flight if s else 0, held=len(slot.waiters),
+                name=name,
+                state=self.reported_state(slot),
+                in_flight=s.in_flight if s else 0,
+                held=len(slot.waiters),
                 last_request_timestamp=s.last_activity_time if s else 0.0,
                 idle_threshold_seconds=self.thresholds.threshold_for(slot.cfg),
-                engine_up=slot.engine_up, wake_eta_seconds=self.wake_eta(slot),
+                engine_up=slot.engine_up,
+                wake_eta_seconds=self.wake_eta(slot),
                 waiting_for_memory=slot.waiting_for_memory is not None,
                 cannot_sleep=slot.cannot_sleep is not None,
                 sleep_failures=slot.sleep_failures,
@@ -980,8 +1092,10 @@ class SleepManager:
             return f"model {model_name} is not asleep"
         view = self.view(slot)
         if slot.state is ModelState.ASLEEP and self.clock() < policy.wake_allowed_at(view):
-            return (f"model {model_name} has slept {self.clock() - (slot.slept_at or 0.0):.0f}s, "
-                    f"less than min_sleep_duration ({view.policy.min_sleep_duration:g}s)")
+            return (
+                f"model {model_name} has slept {self.clock() - (slot.slept_at or 0.0):.0f}s, "
+                f"less than min_sleep_duration ({view.policy.min_sleep_duration:g}s)"
+            )
         return None
 
     async def put_model_to_sleep(self, model_name: str, manual: bool = False) -> bool:
@@ -1021,8 +1135,7 @@ class SleepManager:
     @property
     def sleeping_models(self) -> dict[str, float]:
         """Model -> when it went to sleep (kvcached's attribute; a fresh copy, read-only)."""
-        return {name: info["sleep_start_time"]
-                for name, info in self.get_sleeping_models().items()}
+        return {name: info["sleep_start_time"] for name, info in self.get_sleeping_models().items()}
 
     @property
     def manual_sleep_models(self) -> set[str]:
@@ -1043,8 +1156,11 @@ class SleepManager:
 
     def get_sleep_candidates(self) -> list[str]:
         now = self.clock()
-        return [name for name, slot in self.slots.items()
-                if policy.sleep_candidate(self.view(slot), now)]
+        return [
+            name
+            for name, slot in self.slots.items()
+            if policy.sleep_candidate(self.view(slot), now)
+        ]
 
     async def check_model_sleep_status(self, model_name: str) -> bool | None:
         """The engine's word: True asleep, False awake, None when it cannot say (SGLang has no
@@ -1070,16 +1186,22 @@ class SleepManager:
     async def _call_sglang_resume_api(self, host: str, port: str) -> bool:
         return await self._engine_call("sglang", host, port, "resume")
 
-    async def _engine_call(self, engine: str, host: str, port: str, operation: str,
-                           sleep_level: int = 1) -> bool:
+    async def _engine_call(
+        self, engine: str, host: str, port: str, operation: str, sleep_level: int = 1
+    ) -> bool:
         netloc_host = f"[{host}]" if ":" in host else host
-        cfg = ModelConfig(f"{host}:{port}", engine, f"http://{netloc_host}:{port}",
-                          sleep_level=sleep_level)
+        cfg = ModelConfig(
+            f"{host}:{port}", engine, f"http://{netloc_host}:{port}", sleep_level=sleep_level
+        )
         adapter = adapter_for(cfg, self._get_session, self.retry)
         try:
             if operation == "resume":
-                found = await adapter.call("POST", "/resume_memory_occupation", json={},
-                                           timeout=self.retry.wake_timeout_seconds)
+                found = await adapter.call(
+                    "POST",
+                    "/resume_memory_occupation",
+                    json={},
+                    timeout=self.retry.wake_timeout_seconds,
+                )
                 return found is not None
             await getattr(adapter, operation)()
         except Exception as exc:  # kvcached's contract: False on any failure, logged

@@ -57,23 +57,34 @@ class StateStore:
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             return {
-                name: StoredModel(ModelState(rec["state"]), float(rec["since"]),
-                                  str(rec["engine"]), str(rec["url"]))
+                name: StoredModel(
+                    ModelState(rec["state"]),
+                    float(rec["since"]),
+                    str(rec["engine"]),
+                    str(rec["url"]),
+                )
                 for name, rec in raw["models"].items()
             }
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-            log.warning("state file %s is unreadable (%s); recovering state from engine probes",
-                        self.path, exc)
+            log.warning(
+                "state file %s is unreadable (%s); recovering state from engine probes",
+                self.path,
+                exc,
+            )
             return {}
 
     def save(self, models: dict[str, StoredModel]) -> None:
         doc = {
             "version": 1,
             "models": {
-                name: {"state": rec.state.value, "since": rec.since, "engine": rec.engine,
-                       "url": rec.url}
+                name: {
+                    "state": rec.state.value,
+                    "since": rec.since,
+                    "engine": rec.engine,
+                    "url": rec.url,
+                }
                 for name, rec in sorted(models.items())
             },
         }
@@ -99,8 +110,9 @@ class StateWriter:
 
     DELAY_SECONDS = 0.05
 
-    def __init__(self, store: StateStore | None,
-                 snapshot: Callable[[], dict[str, StoredModel]]) -> None:
+    def __init__(
+        self, store: StateStore | None, snapshot: Callable[[], dict[str, StoredModel]]
+    ) -> None:
         self.store = store
         self.snapshot = snapshot
         self._task: asyncio.Task[None] | None = None

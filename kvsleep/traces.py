@@ -40,8 +40,13 @@ SYNTHETIC_CONFIG: dict[str, Any] = {
         "max_idle_threshold_seconds": 3600,
     },
     "models": [
-        {"name": name, "engine": "vllm", "url": f"http://127.0.0.1:{18000 + i}",
-         "memory_gb": gb, "wake_eta_seconds": wake}
+        {
+            "name": name,
+            "engine": "vllm",
+            "url": f"http://127.0.0.1:{18000 + i}",
+            "memory_gb": gb,
+            "wake_eta_seconds": wake,
+        }
         for i, (name, (gb, wake)) in enumerate(MODELS.items())
     ],
 }
@@ -52,8 +57,9 @@ def _duration(rng: random.Random) -> float:
     return round(min(120.0, 0.3 + rng.expovariate(1 / 3.0)), 3)
 
 
-def _poisson(rng: random.Random, model: str, mean_gap: float, start: float, end: float
-             ) -> list[Request]:
+def _poisson(
+    rng: random.Random, model: str, mean_gap: float, start: float, end: float
+) -> list[Request]:
     out, t = [], start + rng.expovariate(1 / mean_gap)
     while t < end:
         out.append(Request(round(t, 3), model, _duration(rng)))
@@ -64,15 +70,19 @@ def _poisson(rng: random.Random, model: str, mean_gap: float, start: float, end:
 def poisson(rng: random.Random) -> Trace:
     end = START + 2 * DAY
     gaps = {"chat-8b": 40.0, "code-32b": 240.0, "embed-1b": 1500.0}
-    return Trace.of([r for m, g in gaps.items() for r in _poisson(rng, m, g, START, end)],
-                    START, end, "poisson")
+    return Trace.of(
+        [r for m, g in gaps.items() for r in _poisson(rng, m, g, START, end)], START, end, "poisson"
+    )
 
 
 def bursty(rng: random.Random) -> Trace:
     """Sessions: on for ~`on` seconds with requests ~`gap` apart, then off for ~`off`."""
     end = START + 2 * DAY
-    shapes = {"chat-8b": (900.0, 8.0, 2700.0), "code-32b": (600.0, 20.0, 7200.0),
-              "embed-1b": (120.0, 3.0, 1800.0)}
+    shapes = {
+        "chat-8b": (900.0, 8.0, 2700.0),
+        "code-32b": (600.0, 20.0, 7200.0),
+        "embed-1b": (120.0, 3.0, 1800.0),
+    }
     requests = []
     for model, (on, gap, off) in shapes.items():
         t = START + rng.expovariate(1 / off)
@@ -92,24 +102,36 @@ def diurnal(rng: random.Random) -> Trace:
         hour = ((t - START) % DAY) / HOUR
         return max(0.0, math.sin(math.pi * (hour - 9.0) / 12.0)) ** 2 if 9 <= hour <= 21 else 0.0
 
-    requests = [Request(r.t, r.model, r.duration)
-                for m, g in peak_gaps.items() for r in _poisson(rng, m, g, START, end)
-                if rng.random() < shape(r.t)]
+    requests = [
+        Request(r.t, r.model, r.duration)
+        for m, g in peak_gaps.items()
+        for r in _poisson(rng, m, g, START, end)
+        if rng.random() < shape(r.t)
+    ]
     return Trace.of(requests, START, end, "diurnal")
 
 
 def batch(rng: random.Random) -> Trace:
     """One job per model: requests ~`gap` apart for `length` seconds from `at`, then silence."""
     end = START + DAY
-    jobs = {"chat-8b": (3 * HOUR, 1800.0, 2.0), "code-32b": (10 * HOUR, 3600.0, 6.0),
-            "embed-1b": (1 * HOUR, 600.0, 0.5)}
-    requests = [r for m, (at, length, gap) in jobs.items()
-                for r in _poisson(rng, m, gap, START + at, START + at + length)]
+    jobs = {
+        "chat-8b": (3 * HOUR, 1800.0, 2.0),
+        "code-32b": (10 * HOUR, 3600.0, 6.0),
+        "embed-1b": (1 * HOUR, 600.0, 0.5),
+    }
+    requests = [
+        r
+        for m, (at, length, gap) in jobs.items()
+        for r in _poisson(rng, m, gap, START + at, START + at + length)
+    ]
     return Trace.of(requests, START, end, "batch")
 
 
 SYNTHETIC: dict[str, Callable[[random.Random], Trace]] = {
-    "poisson": poisson, "bursty": bursty, "diurnal": diurnal, "batch": batch,
+    "poisson": poisson,
+    "bursty": bursty,
+    "diurnal": diurnal,
+    "batch": batch,
 }
 
 

@@ -89,8 +89,7 @@ class ModelActivityStats:
             self.successful_requests += 1
             if request_stats.response_time:
                 n = self.successful_requests
-                self.avg_response_time += (request_stats.response_time
-                                           - self.avg_response_time) / n
+                self.avg_response_time += (request_stats.response_time - self.avg_response_time) / n
         else:
             self.failed_requests += 1
 
@@ -135,9 +134,12 @@ class ModelActivityStats:
 class TrafficMonitor:
     """Traffic per model. Single-threaded (asyncio): no locks, every update is O(1)."""
 
-    def __init__(self, idle_threshold_seconds: float = 300,
-                 clock: Callable[[], float] = time.time,
-                 models: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        idle_threshold_seconds: float = 300,
+        clock: Callable[[], float] = time.time,
+        models: Iterable[str] = (),
+    ) -> None:
         self.idle_threshold_seconds = idle_threshold_seconds
         self.clock = clock
         # A defaultdict as in kvcached: `model_stats[name]` makes a model known.
@@ -155,8 +157,9 @@ class TrafficMonitor:
         """Start the periodic cleanup of stale rate history (memory is bounded without it)."""
         self._running = True
         if self._cleanup_task is None:
-            self._cleanup_task = asyncio.create_task(self._periodic_cleanup(),
-                                                     name="kvsleep-traffic-cleanup")
+            self._cleanup_task = asyncio.create_task(
+                self._periodic_cleanup(), name="kvsleep-traffic-cleanup"
+            )
 
     async def stop(self) -> None:
         self._running = False
@@ -199,15 +202,20 @@ class TrafficMonitor:
         stats.note_arrival(now)
         return RequestStats(timestamp=now, model_name=model_name, endpoint_path=endpoint_path)
 
-    def record_request_end(self, request_stats: RequestStats, success: bool = True,
-                           response_time: float | None = None,
-                           error_message: str | None = None) -> None:
+    def record_request_end(
+        self,
+        request_stats: RequestStats,
+        success: bool = True,
+        response_time: float | None = None,
+        error_message: str | None = None,
+    ) -> None:
         if request_stats.ended:
             return
         now = self.clock()
         request_stats.ended = True
-        request_stats.response_time = (now - request_stats.timestamp
-                                       if response_time is None else response_time)
+        request_stats.response_time = (
+            now - request_stats.timestamp if response_time is None else response_time
+        )
         request_stats.success = success
         request_stats.error_message = error_message
         stats = self.model_stats.get(request_stats.model_name)
@@ -232,13 +240,19 @@ class TrafficMonitor:
     def get_active_models(self, idle_threshold_seconds: float | None = None) -> list[str]:
         """Models that saw traffic and are not idle (a model never used is not active)."""
         threshold = self._threshold(idle_threshold_seconds)
-        return [name for name, s in self.model_stats.items()
-                if s.has_traffic and not s.is_idle(threshold)]
+        return [
+            name
+            for name, s in self.model_stats.items()
+            if s.has_traffic and not s.is_idle(threshold)
+        ]
 
     def get_traffic_summary(self, window_seconds: float = 60) -> dict[str, dict[str, object]]:
         """kvcached's per-model summary, of the models that saw traffic."""
-        return {name: self.describe(name, window_seconds)
-                for name, s in self.model_stats.items() if s.has_traffic}
+        return {
+            name: self.describe(name, window_seconds)
+            for name, s in self.model_stats.items()
+            if s.has_traffic
+        }
 
     def describe(self, model_name: str, window_seconds: float = 60) -> dict[str, object]:
         """The kvcached controller's per-model keys, plus `in_flight`."""

@@ -21,9 +21,14 @@ from kvsleep.policy import Action
 from kvsleep.server import KvsleepServer, listen
 
 # Retries fast enough for tests: three attempts within about 30 ms.
-FAST_RETRY = RetryPolicy(attempts=3, initial_wait_seconds=0.005, max_wait_seconds=0.02,
-                         probe_timeout_seconds=2.0, sleep_timeout_seconds=5.0,
-                         wake_timeout_seconds=5.0)
+FAST_RETRY = RetryPolicy(
+    attempts=3,
+    initial_wait_seconds=0.005,
+    max_wait_seconds=0.02,
+    probe_timeout_seconds=2.0,
+    sleep_timeout_seconds=5.0,
+    wake_timeout_seconds=5.0,
+)
 
 
 class FakeClock:
@@ -60,37 +65,58 @@ class RunningKvsleep:
         await self.runner.cleanup()
 
 
-def config_doc(models: list[dict[str, Any]], state_dir: Path, *,
-               router: dict[str, Any] | None = None, gpus: list[dict[str, Any]] | None = None,
-               **sleep_manager: Any) -> dict[str, Any]:
+def config_doc(
+    models: list[dict[str, Any]],
+    state_dir: Path,
+    *,
+    router: dict[str, Any] | None = None,
+    gpus: list[dict[str, Any]] | None = None,
+    **sleep_manager: Any,
+) -> dict[str, Any]:
     """A canonical config document; sleep_manager keys override test defaults, `router` keys
     (e.g. `upstream_timeout_seconds`, `max_body_bytes`) override the router section, and
     `gpus` gives GPU memory budgets."""
-    policy = {"check_interval_seconds": 3600, "idle_threshold_seconds": 60,
-              "auto_sleep_enabled": True, "min_awake_seconds": 0, "min_sleep_duration": 0,
-              "wake_timeout_seconds": 10, **sleep_manager}
-    doc = {"router": {"host": "127.0.0.1", "port": 8080, **(router or {})},
-           "sleep_manager": policy, "models": models, "state_dir": str(state_dir),
-           "log_dir": str(state_dir / "logs")}
+    policy = {
+        "check_interval_seconds": 3600,
+        "idle_threshold_seconds": 60,
+        "auto_sleep_enabled": True,
+        "min_awake_seconds": 0,
+        "min_sleep_duration": 0,
+        "wake_timeout_seconds": 10,
+        **sleep_manager,
+    }
+    doc = {
+        "router": {"host": "127.0.0.1", "port": 8080, **(router or {})},
+        "sleep_manager": policy,
+        "models": models,
+        "state_dir": str(state_dir),
+        "log_dir": str(state_dir / "logs"),
+    }
     if gpus:
         doc["gpus"] = gpus
     return doc
 
 
-async def start_kvsleep(doc: dict[str, Any], clock: FakeClock | None = None,
-                        retry: RetryPolicy = FAST_RETRY, config_path: str | None = None,
-                        port: int = 0) -> RunningKvsleep:
+async def start_kvsleep(
+    doc: dict[str, Any],
+    clock: FakeClock | None = None,
+    retry: RetryPolicy = FAST_RETRY,
+    config_path: str | None = None,
+    port: int = 0,
+) -> RunningKvsleep:
     """Start kvsleep from a config document on a free loopback port (started = synced)."""
     clock = clock or FakeClock()
-    server = KvsleepServer(parse_config(doc, "<test>"), clock=clock, retry=retry,
-                           config_path=config_path)
+    server = KvsleepServer(
+        parse_config(doc, "<test>"), clock=clock, retry=retry, config_path=config_path
+    )
     runner = await listen(server, bind("127.0.0.1", port))  # the listener `serve` uses
     port = runner.addresses[0][1]
     return RunningKvsleep(server, runner, f"http://127.0.0.1:{port}", clock)
 
 
-async def post_json(session: aiohttp.ClientSession, url: str, body: Any,
-                    **kwargs: Any) -> tuple[int, Any]:
+async def post_json(
+    session: aiohttp.ClientSession, url: str, body: Any, **kwargs: Any
+) -> tuple[int, Any]:
     async with session.post(url, json=body, **kwargs) as resp:
         return resp.status, await resp.json(content_type=None)
 

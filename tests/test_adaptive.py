@@ -27,8 +27,12 @@ from kvsleep.adaptive import (
 from kvsleep.config import ConfigError, ModelConfig, SleepPolicy, parse_config
 from kvsleep.traffic_monitor import TrafficMonitor
 
-POLICY = SleepPolicy(idle_threshold_seconds=300, idle_policy="adaptive",
-                     min_idle_threshold_seconds=30, max_idle_threshold_seconds=3600)
+POLICY = SleepPolicy(
+    idle_threshold_seconds=300,
+    idle_policy="adaptive",
+    min_idle_threshold_seconds=30,
+    max_idle_threshold_seconds=3600,
+)
 
 
 def histogram(gaps: list[float]) -> GapHistogram:
@@ -50,7 +54,7 @@ def exponential(mean: float, n: int = 400) -> list[float]:
 
 def test_bins_cover_every_gap_at_a_quarter_octave() -> None:
     assert adaptive._bin(0.0) == 0 and adaptive._bin(0.99) == 0
-    assert adaptive._bin(1.0) == 1 and adaptive._bin(2 ** 0.25 - 1e-6) == 1
+    assert adaptive._bin(1.0) == 1 and adaptive._bin(2**0.25 - 1e-6) == 1
     assert adaptive._bin(2.0) == 5
     assert adaptive._bin(1e9) == N_BINS - 1
     for i, edge in enumerate(EDGES[:-1]):
@@ -74,10 +78,15 @@ def test_memory_is_bounded_and_old_gaps_fade() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(gaps=st.lists(st.floats(0, 50_000), min_size=1, max_size=60),
-       wake_cost=st.floats(0, 5000), low=st.floats(0, 100), span=st.floats(0, 10_000))
-def test_best_threshold_is_the_argmin_of_the_expected_cost(gaps: list[float], wake_cost: float,
-                                                           low: float, span: float) -> None:
+@given(
+    gaps=st.lists(st.floats(0, 50_000), min_size=1, max_size=60),
+    wake_cost=st.floats(0, 5000),
+    low=st.floats(0, 100),
+    span=st.floats(0, 10_000),
+)
+def test_best_threshold_is_the_argmin_of_the_expected_cost(
+    gaps: list[float], wake_cost: float, low: float, span: float
+) -> None:
     """The one-pass search agrees with evaluating E[min(g,T)] + B P(g>T) at every candidate."""
     hist = histogram(gaps)
     high = low + span
@@ -103,8 +112,10 @@ def test_sessions_sleep_just_after_the_session_gaps() -> None:
     """Gaps of a few seconds within sessions, a 30 to 60 min pause between: the threshold sits
     above the in-session gaps and far below the pauses (a fixed 300 s wastes minutes each)."""
     rng = random.Random(2)
-    gaps = [rng.expovariate(1 / 5) if rng.random() > 0.03 else rng.uniform(1800, 3600)
-            for _ in range(400)]
+    gaps = [
+        rng.expovariate(1 / 5) if rng.random() > 0.03 else rng.uniform(1800, 3600)
+        for _ in range(400)
+    ]
     threshold = adaptive_threshold(histogram(gaps), [], POLICY, None)
     assert 20 < threshold < 120
 
@@ -120,8 +131,9 @@ def test_beyond_every_recent_gap_the_threshold_keeps_a_margin() -> None:
     """Only short gaps seen: the cost is flat past the longest, so the rule takes twice it."""
     gaps = [1.0 + 0.1 * (i % 200) for i in range(400)]  # 1 .. 20.9 s
     threshold = adaptive_threshold(histogram(gaps), [], POLICY, None)
-    longest = max(s / c for c, s in zip(histogram(gaps).counts, histogram(gaps).sums,
-                                        strict=True) if c > 0.5)
+    longest = max(
+        s / c for c, s in zip(histogram(gaps).counts, histogram(gaps).sums, strict=True) if c > 0.5
+    )
     assert threshold == pytest.approx(2 * longest)
     assert 30 <= threshold < 45
 
@@ -171,8 +183,9 @@ def test_learner_judges_each_sleep_by_the_next_arrival() -> None:
 def test_thresholds_only_move_adaptive_models() -> None:
     monitor = TrafficMonitor(clock=lambda: 0.0)
     thresholds = Thresholds.watching(monitor)
-    fixed = ModelConfig("f", "vllm", "http://127.0.0.1:1", policy=SleepPolicy(
-        idle_threshold_seconds=120))
+    fixed = ModelConfig(
+        "f", "vllm", "http://127.0.0.1:1", policy=SleepPolicy(idle_threshold_seconds=120)
+    )
     adapt = ModelConfig("a", "vllm", "http://127.0.0.1:2", policy=POLICY)
     now = 0.0
     monitor.clock = lambda: now
@@ -213,15 +226,27 @@ async def test_live_kvsleep_exports_the_learned_threshold(sim_factory, kvsleep_f
 
     sparse = await sim_factory("vllm", "org/sparse")
     fixed = await sim_factory("vllm", "org/fixed")
-    kv = await kvsleep_factory([
-        sim_model(sparse, idle_policy="adaptive", idle_threshold_seconds=300,
-                  min_idle_threshold_seconds=40, max_idle_threshold_seconds=3000),
-        sim_model(fixed, idle_threshold_seconds=77)], auto_sleep_enabled=False)
+    kv = await kvsleep_factory(
+        [
+            sim_model(
+                sparse,
+                idle_policy="adaptive",
+                idle_threshold_seconds=300,
+                min_idle_threshold_seconds=40,
+                max_idle_threshold_seconds=3000,
+            ),
+            sim_model(fixed, idle_threshold_seconds=77),
+        ],
+        auto_sleep_enabled=False,
+    )
     async with aiohttp.ClientSession() as session:
         for _ in range(25):
             kv.clock.advance(1000)
-            status, _ = await post_json(session, f"{kv.url}/v1/completions",
-                                        {"model": "org/sparse", "prompt": "x", "max_tokens": 1})
+            status, _ = await post_json(
+                session,
+                f"{kv.url}/v1/completions",
+                {"model": "org/sparse", "prompt": "x", "max_tokens": 1},
+            )
             assert status == 200
         async with session.get(f"{kv.url}/metrics") as resp:
             text = await resp.text()
@@ -236,35 +261,67 @@ async def test_live_kvsleep_exports_the_learned_threshold(sim_factory, kvsleep_f
 
 
 def doc(sleep_manager: dict, **model: object) -> dict:
-    return {"sleep_manager": sleep_manager,
-            "models": [{"name": "m", "engine": "vllm", "url": "http://127.0.0.1:9", **model}]}
+    return {
+        "sleep_manager": sleep_manager,
+        "models": [{"name": "m", "engine": "vllm", "url": "http://127.0.0.1:9", **model}],
+    }
 
 
 def test_config_defaults_and_per_model_overrides() -> None:
     config = parse_config(doc({}))
     p = config.models[0].policy
-    assert (p.idle_policy, p.min_idle_threshold_seconds, p.max_idle_threshold_seconds) == \
-        ("fixed", 30.0, 3600.0)
-    config = parse_config(doc({"idle_policy": "adaptive", "min_idle_threshold_seconds": 60},
-                              idle_policy="fixed", max_idle_threshold_seconds=600))
+    assert (p.idle_policy, p.min_idle_threshold_seconds, p.max_idle_threshold_seconds) == (
+        "fixed",
+        30.0,
+        3600.0,
+    )
+    config = parse_config(
+        doc(
+            {"idle_policy": "adaptive", "min_idle_threshold_seconds": 60},
+            idle_policy="fixed",
+            max_idle_threshold_seconds=600,
+        )
+    )
     assert config.sleep_manager.idle_policy == "adaptive"
     p = config.models[0].policy
-    assert (p.idle_policy, p.min_idle_threshold_seconds, p.max_idle_threshold_seconds) == \
-        ("fixed", 60.0, 600.0)
+    assert (p.idle_policy, p.min_idle_threshold_seconds, p.max_idle_threshold_seconds) == (
+        "fixed",
+        60.0,
+        600.0,
+    )
 
 
-@pytest.mark.parametrize(("sleep_manager", "model", "problem"), [
-    ({"idle_policy": "smart"}, {}, "sleep_manager.idle_policy: expected one of fixed, adaptive"),
-    ({"min_idle_threshold_seconds": -1}, {}, "sleep_manager.min_idle_threshold_seconds: must "
-     "be >= 0"),
-    ({"max_idle_threshold_seconds": 0}, {}, "sleep_manager.max_idle_threshold_seconds: must "
-     "be > 0"),
-    ({"min_idle_threshold_seconds": 900, "max_idle_threshold_seconds": 600}, {},
-     "sleep_manager.min_idle_threshold_seconds: must be <= max_idle_threshold_seconds (600)"),
-    ({}, {"min_idle_threshold_seconds": 5000},
-     "models[0].min_idle_threshold_seconds: must be <= max_idle_threshold_seconds (3600)"),
-    ({}, {"idle_policy": True}, "models[0].idle_policy: expected one of"),
-])
+@pytest.mark.parametrize(
+    ("sleep_manager", "model", "problem"),
+    [
+        (
+            {"idle_policy": "smart"},
+            {},
+            "sleep_manager.idle_policy: expected one of fixed, adaptive",
+        ),
+        (
+            {"min_idle_threshold_seconds": -1},
+            {},
+            "sleep_manager.min_idle_threshold_seconds: must be >= 0",
+        ),
+        (
+            {"max_idle_threshold_seconds": 0},
+            {},
+            "sleep_manager.max_idle_threshold_seconds: must be > 0",
+        ),
+        (
+            {"min_idle_threshold_seconds": 900, "max_idle_threshold_seconds": 600},
+            {},
+            "sleep_manager.min_idle_threshold_seconds: must be <= max_idle_threshold_seconds (600)",
+        ),
+        (
+            {},
+            {"min_idle_threshold_seconds": 5000},
+            "models[0].min_idle_threshold_seconds: must be <= max_idle_threshold_seconds (3600)",
+        ),
+        ({}, {"idle_policy": True}, "models[0].idle_policy: expected one of"),
+    ],
+)
 def test_config_problems_name_their_key(sleep_manager: dict, model: dict, problem: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(doc(sleep_manager, **model))

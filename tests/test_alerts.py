@@ -62,8 +62,12 @@ NO_MODEL_LABEL = {
     "kvsleep_gpu_memory_committed_bytes",
 }
 # Alerts about the kvsleep process itself carry no model label; they name the instance instead.
-PROCESS_ALERTS = {"KvsleepDown", "KvsleepReconcileErrors", "KvsleepConfigReloadFailed",
-                  "KvsleepPolicySourceDown"}
+PROCESS_ALERTS = {
+    "KvsleepDown",
+    "KvsleepReconcileErrors",
+    "KvsleepConfigReloadFailed",
+    "KvsleepPolicySourceDown",
+}
 
 
 def tool(name: str) -> str:

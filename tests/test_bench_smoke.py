@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
     shutil.which("wrk") is None,
-    reason="wrk is not installed (apt-get install wrk; scripts/test installs it as root)")
+    reason="wrk is not installed (apt-get install wrk; scripts/test installs it as root)",
+)
 
 TARGETS = {"direct", "kvsleep", "vllm-router", "litellm"}
 
@@ -28,7 +29,12 @@ def test_quick_benchmark_writes_every_scenario(tmp_path: Path) -> None:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "bench", "--quick", "--no-peers", "--out", str(tmp_path)],
-            cwd=REPO, capture_output=True, text=True, timeout=150, check=False)
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:  # children die with it (PR_SET_PDEATHSIG)
         pytest.fail(f"python -m bench --quick did not finish in 150 s:\n{exc.stdout}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -40,8 +46,10 @@ def test_quick_benchmark_writes_every_scenario(tmp_path: Path) -> None:
     scenarios = results["scenarios"]
     assert set(scenarios) == {"nonstream", "stream", "wake", "scale"}
 
-    for name, levels, metric in (("nonstream", {"c1", "c16", "c256"}, "ok_per_s"),
-                                 ("stream", {"c64", "c512"}, "chunks_per_s")):
+    for name, levels, metric in (
+        ("nonstream", {"c1", "c16", "c256"}, "ok_per_s"),
+        ("stream", {"c64", "c512"}, "chunks_per_s"),
+    ):
         points = scenarios[name]["points"]
         assert set(points) == levels
         for point in points.values():
@@ -58,8 +66,15 @@ def test_quick_benchmark_writes_every_scenario(tmp_path: Path) -> None:
             assert key in targets["kvsleep"]
 
     wake = scenarios["wake"]
-    for key in ("wake_calls", "errors", "ttfb_minus_wake_p50_ms", "ttfb_minus_wake_p99_ms",
-                "hold_added_p99_ms", "single_hold_added_ms", "rounds"):
+    for key in (
+        "wake_calls",
+        "errors",
+        "ttfb_minus_wake_p50_ms",
+        "ttfb_minus_wake_p99_ms",
+        "hold_added_p99_ms",
+        "single_hold_added_ms",
+        "rounds",
+    ):
         assert key in wake
     # Correctness, not speed: one wake per burst, nothing lost, nothing sent to a sleeping engine.
     assert wake["wake_calls"] == [1] * len(wake["rounds"])

@@ -17,8 +17,9 @@ def sample(kv, name: str, **labels: str) -> float | None:
 
 
 async def complete(session: aiohttp.ClientSession, kv, model: str, **extra) -> int:
-    async with session.post(f"{kv.url}/v1/completions",
-                            json={"model": model, "prompt": "x", "max_tokens": 2, **extra}) as r:
+    async with session.post(
+        f"{kv.url}/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2, **extra}
+    ) as r:
         await r.read()
         return r.status
 
@@ -44,7 +45,8 @@ async def three_on_room_for_two(sim_factory, tmp_path):
 
 
 async def test_waking_the_third_model_sleeps_the_least_recently_used_idle_one(
-        three_on_room_for_two):
+    three_on_room_for_two,
+):
     kv, _ = three_on_room_for_two
     async with aiohttp.ClientSession() as session:
         assert await complete(session, kv, "org/b") == 200
@@ -52,8 +54,7 @@ async def test_waking_the_third_model_sleeps_the_least_recently_used_idle_one(
         assert await complete(session, kv, "org/a") == 200  # a is now the most recent
         assert sample(kv, "kvsleep_gpu_memory_committed_bytes", gpu="0") == 16 * 1024**3
         assert await complete(session, kv, "org/c") == 200
-    assert (kv.state("org/a"), kv.state("org/b"), kv.state("org/c")) == (
-        "awake", "asleep", "awake")
+    assert (kv.state("org/a"), kv.state("org/b"), kv.state("org/c")) == ("awake", "asleep", "awake")
     assert sample(kv, "kvsleep_evictions_total", model="org/b") == 1
     assert sample(kv, "kvsleep_gpu_memory_budget_bytes", gpu="0") == 20 * 1024**3
     assert sample(kv, "kvsleep_gpu_memory_committed_bytes", gpu="0") == 16 * 1024**3
@@ -62,17 +63,26 @@ async def test_waking_the_third_model_sleeps_the_least_recently_used_idle_one(
 async def test_with_both_others_busy_the_wake_is_held_until_one_finishes(three_on_room_for_two):
     kv, sims = three_on_room_for_two
     async with aiohttp.ClientSession() as session:
+
         async def stream(model: str) -> float:
-            async with session.post(f"{kv.url}/v1/completions", json={
-                    "model": model, "prompt": "x", "max_tokens": 20, "stream": True,
-                    "ignore_eos": True}) as r:
+            async with session.post(
+                f"{kv.url}/v1/completions",
+                json={
+                    "model": model,
+                    "prompt": "x",
+                    "max_tokens": 20,
+                    "stream": True,
+                    "ignore_eos": True,
+                },
+            ) as r:
                 assert r.status == 200
                 await r.read()
             return time.monotonic()
 
         busy = [asyncio.create_task(stream(m)) for m in ("org/a", "org/b")]
-        while not all(s.sim.stats()["requests"]["in_flight"] for m, s in sims.items()
-                      if m != "org/c"):
+        while not all(
+            s.sim.stats()["requests"]["in_flight"] for m, s in sims.items() if m != "org/c"
+        ):
             await asyncio.sleep(0.01)
         waiting = asyncio.create_task(complete(session, kv, "org/c"))
         for _ in range(100):
@@ -102,9 +112,11 @@ async def test_eta_learns_the_wake_time_and_sets_retry_after(sim_factory, tmp_pa
             # Configured guess until measured: a 2 s deadline cannot wait out a 30 s wake.
             assert await kv.manager.put_model_to_sleep("org/m", manual=True)
             assert sample(kv, "kvsleep_model_wake_eta_seconds", model="org/m") == 30
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/m", "prompt": "x"},
-                                    headers={"X-Request-Timeout": "2"}) as r:
+            async with session.post(
+                f"{kv.url}/v1/completions",
+                json={"model": "org/m", "prompt": "x"},
+                headers={"X-Request-Timeout": "2"},
+            ) as r:
                 assert r.status == 503
                 assert r.headers["Retry-After"] == "30"
                 body = await r.json()
@@ -120,13 +132,17 @@ async def test_eta_learns_the_wake_time_and_sets_retry_after(sim_factory, tmp_pa
             assert 0.3 <= eta <= 0.36, eta
             # Measured now: a deadline longer than the ETA waits and is served.
             assert await kv.manager.put_model_to_sleep("org/m", manual=True)
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/m", "prompt": "x"},
-                                    headers={"X-Request-Timeout": "5"}) as r:
+            async with session.post(
+                f"{kv.url}/v1/completions",
+                json={"model": "org/m", "prompt": "x"},
+                headers={"X-Request-Timeout": "5"},
+            ) as r:
                 assert r.status == 200
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/m", "prompt": "x"},
-                                    headers={"X-Request-Timeout": "soon"}) as r:
+            async with session.post(
+                f"{kv.url}/v1/completions",
+                json={"model": "org/m", "prompt": "x"},
+                headers={"X-Request-Timeout": "soon"},
+            ) as r:
                 assert r.status == 400
     finally:
         await kv.close()
@@ -135,16 +151,18 @@ async def test_eta_learns_the_wake_time_and_sets_retry_after(sim_factory, tmp_pa
 
 async def test_queue_full_retry_after_comes_from_the_eta(sim_factory, tmp_path):
     sim = await sim_factory("sglang", "org/m", wake_latency=0.5)
-    kv = await start_kvsleep(config_doc([sim_model(sim, wake_eta_seconds=7)], tmp_path,
-                                        max_held_requests=1))
+    kv = await start_kvsleep(
+        config_doc([sim_model(sim, wake_eta_seconds=7)], tmp_path, max_held_requests=1)
+    )
     try:
         assert await kv.manager.put_model_to_sleep("org/m", manual=True)
         async with aiohttp.ClientSession() as session:
             first = asyncio.create_task(complete(session, kv, "org/m"))
             while not kv.manager.slots["org/m"].waiters:
                 await asyncio.sleep(0.01)
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/m", "prompt": "x"}) as r:
+            async with session.post(
+                f"{kv.url}/v1/completions", json={"model": "org/m", "prompt": "x"}
+            ) as r:
                 assert r.status == 503
                 retry_after = int(r.headers["Retry-After"])
             assert 6 <= retry_after <= 7  # the wake already started: less than the full ETA
@@ -154,16 +172,26 @@ async def test_queue_full_retry_after_comes_from_the_eta(sim_factory, tmp_path):
 
 
 async def test_held_stream_gets_comment_lines_and_parses_with_the_openai_client(
-        sim_factory, tmp_path):
+    sim_factory, tmp_path
+):
     sim = await sim_factory("vllm", "org/m", wake_latency=1.0)
-    kv = await start_kvsleep(config_doc([sim_model(sim, wake_eta_seconds=1)], tmp_path,
-                                        router={"hold_keepalive_seconds": 0.3}))
+    kv = await start_kvsleep(
+        config_doc(
+            [sim_model(sim, wake_eta_seconds=1)], tmp_path, router={"hold_keepalive_seconds": 0.3}
+        )
+    )
     try:
-        body = {"model": "org/m", "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 5, "stream": True}
+        body = {
+            "model": "org/m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "stream": True,
+        }
         assert await kv.manager.put_model_to_sleep("org/m", manual=True)
-        async with aiohttp.ClientSession() as session, session.post(
-                f"{kv.url}/v1/chat/completions", json=body) as r:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{kv.url}/v1/chat/completions", json=body) as r,
+        ):
             assert r.status == 200
             assert r.headers["Content-Type"].startswith("text/event-stream")
             raw = (await r.read()).decode()
@@ -175,9 +203,15 @@ async def test_held_stream_gets_comment_lines_and_parses_with_the_openai_client(
         assert await kv.manager.put_model_to_sleep("org/m", manual=True)
         client = openai.AsyncOpenAI(base_url=f"{kv.url}/v1", api_key="unused", max_retries=0)
         try:
-            chunks = [c async for c in await client.chat.completions.create(
-                model="org/m", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                stream=True)]
+            chunks = [
+                c
+                async for c in await client.chat.completions.create(
+                    model="org/m",
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=5,
+                    stream=True,
+                )
+            ]
         finally:
             await client.close()
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -189,17 +223,21 @@ async def test_held_stream_gets_comment_lines_and_parses_with_the_openai_client(
 
 async def test_held_stream_whose_wake_fails_ends_with_an_sse_error(sim_factory, tmp_path):
     sim = await sim_factory("vllm", "org/m", wake_latency=0.4)
-    kv = await start_kvsleep(config_doc([sim_model(sim)], tmp_path,
-                                        router={"hold_keepalive_seconds": 0.1}))
+    kv = await start_kvsleep(
+        config_doc([sim_model(sim)], tmp_path, router={"hold_keepalive_seconds": 0.1})
+    )
     try:
         assert await kv.manager.put_model_to_sleep("org/m", manual=True)
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{sim.url}/sim/faults", json={"hang": {"wake": 1},
-                                                                   "fail": {"wake": 3}}):
+            async with session.post(
+                f"{sim.url}/sim/faults", json={"hang": {"wake": 1}, "fail": {"wake": 3}}
+            ):
                 pass
-            async with session.post(f"{kv.url}/v1/completions", json={
-                    "model": "org/m", "prompt": "x", "stream": True},
-                    headers={"X-Request-Timeout": "0.5"}) as r:
+            async with session.post(
+                f"{kv.url}/v1/completions",
+                json={"model": "org/m", "prompt": "x", "stream": True},
+                headers={"X-Request-Timeout": "0.5"},
+            ) as r:
                 assert r.status == 200  # the stream had started with comment lines
                 raw = (await r.read()).decode()
         assert raw.startswith(": waking org/m")

@@ -12,8 +12,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def kvsleep(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvsleep", *args], capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "kvsleep", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def test_check_config_accepts_the_documented_examples():
@@ -29,8 +34,13 @@ def test_check_config_reports_every_problem_with_its_key_path():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 5, lines
-    for key in ("sleep_manager.idle_treshold_seconds", "sleep_manager.min_sleep_duration",
-                "models[1].engine", "models[2].name", "models[2].url"):
+    for key in (
+        "sleep_manager.idle_treshold_seconds",
+        "sleep_manager.min_sleep_duration",
+        "models[1].engine",
+        "models[2].name",
+        "models[2].url",
+    ):
         assert any(line.startswith(f"{path}: {key}: ") for line in lines), (key, lines)
     assert "did you mean 'idle_threshold_seconds'" in result.stderr
 
@@ -39,7 +49,8 @@ def test_serve_refuses_a_bad_config_with_one_line_reason():
     result = kvsleep("serve", "--config", "tests/data/five-mistakes.yaml")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "kvsleep: refusing to start: 5 configuration problem(s)")
+        "kvsleep: refusing to start: 5 configuration problem(s)"
+    )
 
 
 def test_version_and_help():
@@ -61,11 +72,15 @@ def test_an_unset_admin_token_warns_in_check_config_and_simulate_but_stops_serve
     config = tmp_path / "prod.yaml"
     config.write_text(
         "router: {admin_token_env: KVSLEEP_TEST_UNSET_TOKEN, port: 9}\n"
-        "models: [{name: m, engine: vllm, url: 'http://127.0.0.1:8001'}]\n")
+        "models: [{name: m, engine: vllm, url: 'http://127.0.0.1:8001'}]\n"
+    )
     trace = tmp_path / "trace.csv"
     trace.write_text("timestamp,model,duration\n0,m,1\n600,m,1\n")
-    warning = ("warning: " f"{config}: router.admin_token_env: environment variable "
-               "KVSLEEP_TEST_UNSET_TOKEN is not set (needed by kvsleep serve)")
+    warning = (
+        "warning: "
+        f"{config}: router.admin_token_env: environment variable "
+        "KVSLEEP_TEST_UNSET_TOKEN is not set (needed by kvsleep serve)"
+    )
     checked = kvsleep("check-config", str(config))
     assert checked.returncode == 0 and checked.stdout.startswith("OK: 1 model")
     assert warning in checked.stderr.splitlines()

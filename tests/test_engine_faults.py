@@ -219,8 +219,10 @@ async def test_an_engine_that_died_asleep_and_came_back_is_served_not_killed(fla
                 )
                 assert status == 503 and json.loads(raw)["error"]["code"] == "wake_failed"
                 assert kv.state(M) == "failed"
-                assert sample(kv, "kvsleep_wakes_total", model=M, reason="request",
-                              result="error") == attempt
+                assert (
+                    sample(kv, "kvsleep_wakes_total", model=M, reason="request", result="error")
+                    == attempt
+                )
             await engine.start()  # fresh: awake, nothing released
             status, _, raw = await post(
                 session, kv.url + "/v1/completions", {"model": M, "prompt": "x"}

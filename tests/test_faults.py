@@ -20,8 +20,9 @@ def sample(kv, name: str, **labels: str) -> float:
 
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 @pytest.mark.parametrize("fault", ["fail", "hang"])
-async def test_sleep_that_fails_or_hangs_leaves_the_model_serving(sim_factory, tmp_path, flavor,
-                                                                  fault):
+async def test_sleep_that_fails_or_hangs_leaves_the_model_serving(
+    sim_factory, tmp_path, flavor, fault
+):
     sim = await sim_factory(flavor, "org/m")
     kv = await start_kvsleep(config_doc([sim_model(sim)], tmp_path), retry=SHORT_SLEEP_TIMEOUT)
     try:
@@ -32,8 +33,9 @@ async def test_sleep_that_fails_or_hangs_leaves_the_model_serving(sim_factory, t
             sleeping = kv.manager.request_sleep("org/m", "manual")
 
             async def one() -> int:
-                async with session.post(f"{kv.url}/v1/completions",
-                                        json={"model": "org/m", "prompt": "x"}) as resp:
+                async with session.post(
+                    f"{kv.url}/v1/completions", json={"model": "org/m", "prompt": "x"}
+                ) as resp:
                     await resp.read()
                     return resp.status
 
@@ -44,11 +46,12 @@ async def test_sleep_that_fails_or_hangs_leaves_the_model_serving(sim_factory, t
             assert sample(kv, "kvsleep_request_hold_seconds_count", model="org/m") == 5
             assert kv.state("org/m") == "awake"
             assert kv.manager.slots["org/m"].last_error
-            assert sample(kv, "kvsleep_sleeps_total", model="org/m", reason="manual",
-                          result="error") == 1
+            assert (
+                sample(kv, "kvsleep_sleeps_total", model="org/m", reason="manual", result="error")
+                == 1
+            )
             # Retried later (the faults are spent): this time it sleeps.
-            async with session.post(f"{sim.url}/sim/faults",
-                                    json={fault: {"sleep": 0}}) as r:
+            async with session.post(f"{sim.url}/sim/faults", json={fault: {"sleep": 0}}) as r:
                 assert r.status == 200
             assert await kv.manager.put_model_to_sleep("org/m", manual=True) is True
     finally:
@@ -67,19 +70,22 @@ async def test_engine_down_at_start_is_marked_down_and_picked_up_later(sim_facto
         assert sample(kv, "kvsleep_engine_up", model="org/up") == 1
         assert sample(kv, "kvsleep_engine_up", model="org/late") == 0
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/up", "prompt": "x"}) as resp:
+            async with session.post(
+                f"{kv.url}/v1/completions", json={"model": "org/up", "prompt": "x"}
+            ) as resp:
                 assert resp.status == 200
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/late", "prompt": "x"}) as resp:
+            async with session.post(
+                f"{kv.url}/v1/completions", json={"model": "org/late", "prompt": "x"}
+            ) as resp:
                 assert resp.status == 502
                 assert (await resp.json())["error"]["code"] == "engine_unreachable"
             late = await sim_factory("vllm", "org/late", port=port)
             await kv.reconcile()
             assert sample(kv, "kvsleep_engine_up", model="org/late") == 1
             assert kv.state("org/late") == "awake"
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/late", "prompt": "x"}) as resp:
+            async with session.post(
+                f"{kv.url}/v1/completions", json={"model": "org/late", "prompt": "x"}
+            ) as resp:
                 assert resp.status == 200
     finally:
         await kv.close()

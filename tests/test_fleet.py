@@ -24,15 +24,15 @@ def test_every_replica_computes_the_same_owner():
     assert owner_of("org/m", FleetConfig(urls[0], ())) is None
 
 
-async def query(session: aiohttp.ClientSession, prom: Prometheus,
-                promql: str) -> dict[str, float]:
+async def query(session: aiohttp.ClientSession, prom: Prometheus, promql: str) -> dict[str, float]:
     async with session.get(f"{prom.url}/api/v1/query", params={"query": promql}) as resp:
         body = await resp.json()
     return {r["metric"].get("model", ""): float(r["value"][1]) for r in body["data"]["result"]}
 
 
-async def until(session: aiohttp.ClientSession, prom: Prometheus, promql: str, predicate,
-                timeout: float = 15) -> None:
+async def until(
+    session: aiohttp.ClientSession, prom: Prometheus, promql: str, predicate, timeout: float = 15
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -45,16 +45,24 @@ async def until(session: aiohttp.ClientSession, prom: Prometheus, promql: str, p
 
 
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
-async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, prometheus_factory,
-                                                            tmp_path, flavor):
+async def test_two_replicas_share_idleness_and_lose_nothing(
+    sim_factory, prometheus_factory, tmp_path, flavor
+):
     sim = await sim_factory(flavor, "org/m", tokens_per_second=20, wake_latency=0.1)
     ports = [free_port(), free_port()]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    prom = prometheus_factory({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "kvsleep", "scrape_interval": "500ms",
-                            "static_configs": [{"targets": [u.removeprefix("http://")
-                                                            for u in urls]}]}]})
+    prom = prometheus_factory(
+        {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": "kvsleep",
+                    "scrape_interval": "500ms",
+                    "static_configs": [{"targets": [u.removeprefix("http://") for u in urls]}],
+                }
+            ],
+        }
+    )
     clock = FakeClock()
     replicas = []
     try:
@@ -62,8 +70,11 @@ async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, prometh
             doc = config_doc([sim_model(sim)], tmp_path / f"state{i}", idle_threshold_seconds=60)
             doc["router"]["port"] = port
             doc["fleet"] = {"self_url": urls[i], "peers": [urls[1 - i]]}
-            doc["policy_source"] = {"type": "prometheus", "url": prom.url,
-                                    "max_staleness_seconds": 30}
+            doc["policy_source"] = {
+                "type": "prometheus",
+                "url": prom.url,
+                "max_staleness_seconds": 30,
+            }
             replicas.append(await start_kvsleep(doc, clock=clock, port=port))
         owner_url = owner_of("org/m", FleetConfig(urls[0], (urls[1],)))
         owner = replicas[urls.index(owner_url)]
@@ -72,27 +83,40 @@ async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, prometh
         async with aiohttp.ClientSession() as session:
             # A slow stream through the replica that does not own the model.
             async def stream(via) -> bytes:
-                async with session.post(f"{via.url}/v1/completions", json={
-                        "model": "org/m", "prompt": "x", "max_tokens": 80, "stream": True}) as r:
+                async with session.post(
+                    f"{via.url}/v1/completions",
+                    json={"model": "org/m", "prompt": "x", "max_tokens": 80, "stream": True},
+                ) as r:
                     assert r.status == 200
                     return await r.read()
 
             # Prometheus syncs new targets about every 5 s: wait until it scrapes both replicas.
             await until(session, prom, "sum(up)", lambda r: r.get("") == 2, timeout=20)
             streaming = asyncio.create_task(stream(other))
-            await until(session, prom, "sum by (model) (kvsleep_requests_in_flight)",
-                             lambda r: r.get("org/m") == 1)
+            await until(
+                session,
+                prom,
+                "sum by (model) (kvsleep_requests_in_flight)",
+                lambda r: r.get("org/m") == 1,
+            )
             clock.advance(600)
             assert await owner.reconcile() == []  # busy on the other replica: not slept
             assert owner.state("org/m") == "awake"
             body = await streaming
             assert body.endswith(b"data: [DONE]\n\n")
 
-            await until(session, prom, "sum by (model) (kvsleep_requests_in_flight)",
-                             lambda r: r.get("org/m") == 0)
-            await until(session, prom, "max by (model) "
-                             "(kvsleep_model_last_request_timestamp_seconds)",
-                             lambda r: r.get("org/m", 0) >= clock.now - 1)
+            await until(
+                session,
+                prom,
+                "sum by (model) (kvsleep_requests_in_flight)",
+                lambda r: r.get("org/m") == 0,
+            )
+            await until(
+                session,
+                prom,
+                "max by (model) (kvsleep_model_last_request_timestamp_seconds)",
+                lambda r: r.get("org/m", 0) >= clock.now - 1,
+            )
             assert await owner.reconcile() == []  # the stream just ended fleet-wide
             clock.advance(61)
             assert await other.reconcile() == []  # only the owner sleeps
@@ -103,9 +127,10 @@ async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, prometh
 
             # Right after the owner slept it, a burst reaches the other replica.
             async def one(via) -> int:
-                async with session.post(f"{via.url}/v1/completions",
-                                        json={"model": "org/m", "prompt": "x",
-                                              "max_tokens": 2}) as r:
+                async with session.post(
+                    f"{via.url}/v1/completions",
+                    json={"model": "org/m", "prompt": "x", "max_tokens": 2},
+                ) as r:
                     await r.read()
                     return r.status
 
@@ -117,14 +142,14 @@ async def test_two_replicas_share_idleness_and_lose_nothing(sim_factory, prometh
             prom.stop()
             clock.advance(3600)
             assert await owner.reconcile() == []
-            assert owner.server.metrics.registry.get_sample_value(
-                "kvsleep_policy_source_up") == 0
+            assert owner.server.metrics.registry.get_sample_value("kvsleep_policy_source_up") == 0
 
         stats = sim.sim.stats()
         assert not stats["hazards"], stats["hazards"]
         assert stats["requests"]["served_while_not_awake"] == 0
         wakes = stats["calls"].get("/wake_up", 0) + stats["calls"].get(
-            "/resume_memory_occupation", 0)
+            "/resume_memory_occupation", 0
+        )
         assert wakes == 1
     finally:
         for kv in replicas:

@@ -57,17 +57,26 @@ def _limit_files(limit: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serve_process(tmp_path: Path, doc: dict[str, Any],
-                        file_limit: int | None = None) -> AsyncIterator[ServeProcess]:
+async def serve_process(
+    tmp_path: Path, doc: dict[str, Any], file_limit: int | None = None
+) -> AsyncIterator[ServeProcess]:
     port = free_port()
     doc["router"]["port"] = port
     path = tmp_path / "kvsleep.yaml"
     path.write_text(yaml.safe_dump(doc))
     log = tmp_path / "kvsleep.stderr"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvsleep", "serve", "--config", str(path),
-        cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=log.open("wb"),
-        preexec_fn=(lambda: _limit_files(file_limit)) if file_limit else None)
+        sys.executable,
+        "-m",
+        "kvsleep",
+        "serve",
+        "--config",
+        str(path),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        preexec_fn=(lambda: _limit_files(file_limit)) if file_limit else None,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -112,9 +121,11 @@ async def test_slowloris_cannot_starve_legitimate_clients(sim_factory: SimFactor
     evicted at the connection limit), and /metrics counts each reason."""
     _raise_own_file_limit()
     sim = await sim_factory("vllm", model="m")
-    doc = config_doc([sim_model(sim)], tmp_path / "state",
-                     router={"idle_timeout_seconds": 4, "header_timeout_seconds": 3,
-                             "body_timeout_seconds": 3})
+    doc = config_doc(
+        [sim_model(sim)],
+        tmp_path / "state",
+        router={"idle_timeout_seconds": 4, "header_timeout_seconds": 3, "body_timeout_seconds": 3},
+    )
     async with serve_process(tmp_path, doc, file_limit=1024) as kv:
         port = int(kv.url.rsplit(":", 1)[1])
         attack_done = asyncio.Event()
@@ -152,18 +163,23 @@ async def test_slowloris_cannot_starve_legitimate_clients(sim_factory: SimFactor
 
         assert answers and all(a == 200 for a in answers), [a for a in answers if a != 200][:5]
         replies = await asyncio.wait_for(
-            asyncio.gather(*(_until_closed(r) for r, _ in idle + heads + bodies)), 120)
+            asyncio.gather(*(_until_closed(r) for r, _ in idle + heads + bodies)), 120
+        )
         for _, writer in idle + heads + bodies:
             writer.close()
         body_replies = replies[1300:]
         assert all(b" 408 " in r.split(b"\r\n", 1)[0] for r in body_replies), body_replies[:3]
         assert json.loads(body_replies[0].split(b"\r\n\r\n", 1)[1])["error"]["code"] == (
-            "body_timeout")
+            "body_timeout"
+        )
 
         async with aiohttp.ClientSession() as session:
-            closed = {reason: await kv.metric(session, "kvsleep_client_connections_closed_total",
-                                              reason=reason)
-                      for reason in ("idle_timeout", "header_timeout", "body_timeout", "limit")}
+            closed = {
+                reason: await kv.metric(
+                    session, "kvsleep_client_connections_closed_total", reason=reason
+                )
+                for reason in ("idle_timeout", "header_timeout", "body_timeout", "limit")
+            }
             assert closed["body_timeout"] == 200
             assert closed["limit"] > 0  # 1,500 sockets do not fit under a 1,024 file limit
             assert closed["idle_timeout"] + closed["header_timeout"] + closed["limit"] >= 1300
@@ -178,8 +194,12 @@ async def test_held_bodies_are_bounded_by_bytes(sim_factory: SimFactory, tmp_pat
     sim = await sim_factory("vllm", model="m")
     async with aiohttp.ClientSession() as session, session.post(sim.url + "/sleep") as resp:
         assert resp.status == 200
-    doc = config_doc([sim_model(sim)], tmp_path / "state", wake_timeout_seconds=120,
-                     router={"max_held_bytes": 128 * MiB, "max_body_bytes": 17 * MiB})
+    doc = config_doc(
+        [sim_model(sim)],
+        tmp_path / "state",
+        wake_timeout_seconds=120,
+        router={"max_held_bytes": 128 * MiB, "max_body_bytes": 17 * MiB},
+    )
     async with serve_process(tmp_path, doc) as kv:
         baseline = kv.status("VmRSS")
         padding = 16 * MiB - 100
@@ -188,8 +208,9 @@ async def test_held_bodies_are_bounded_by_bytes(sim_factory: SimFactory, tmp_pat
 
         async def send(session: aiohttp.ClientSession) -> None:
             headers = {"Content-Type": "application/json"}
-            async with session.post(kv.url + "/v1/completions", data=payload,
-                                    headers=headers) as resp:
+            async with session.post(
+                kv.url + "/v1/completions", data=payload, headers=headers
+            ) as resp:
                 results.append((resp.status, dict(resp.headers), await resp.read()))
 
         await sim.sim.control_lock.acquire()  # the wake starts and waits here
@@ -247,17 +268,26 @@ async def test_an_absolute_form_target_is_routed_by_its_path(sim_factory, kvslee
     sim = await sim_factory("vllm", "m")
     kv = await kvsleep_factory([sim_model(sim)])
     body = b'{"model": "m", "prompt": "hi", "max_tokens": 2}'
-    answer = await _exchange(kv.url, b"POST http://example.com/v1/completions?x=1 HTTP/1.1\r\n"
-                             b"Host: example.com\r\nConnection: close\r\n"
-                             b"Content-Type: application/json\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = await _exchange(
+        kv.url,
+        b"POST http://example.com/v1/completions?x=1 HTTP/1.1\r\n"
+        b"Host: example.com\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body,
+    )
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), answer
     assert json.loads(payload)["choices"]
     assert sim.sim.stats()["requests"]["completed"] == 1
     registry = kv.server.metrics.registry
-    assert registry.get_sample_value("kvsleep_requests_total", {
-        "model": "m", "endpoint": "/v1/completions", "code": "200"}) == 1
+    assert (
+        registry.get_sample_value(
+            "kvsleep_requests_total", {"model": "m", "endpoint": "/v1/completions", "code": "200"}
+        )
+        == 1
+    )
 
 
 async def test_malformed_http_is_answered_in_the_openai_error_shape(sim_factory, kvsleep_factory):
@@ -265,17 +295,21 @@ async def test_malformed_http_is_answered_in_the_openai_error_shape(sim_factory,
     HTTP/0.9 request line unanswered: kvsleep answers both like every other error."""
     sim = await sim_factory("vllm", "m")
     kv = await kvsleep_factory([sim_model(sim)])
-    for raw, status in ((b"GET /v1/models\r\n", 505), (b"GET /\r\n\r\n", 505),
-                        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
-                        (b"POST /v1/completions HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400)):
+    for raw, status in (
+        (b"GET /v1/models\r\n", 505),
+        (b"GET /\r\n\r\n", 505),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+        (b"POST /v1/completions HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+    ):
         got, error = _status_and_error(await _exchange(kv.url, raw))
         assert got == status, raw
         assert error["type"] == "invalid_request_error" and error["message"], raw
     assert sim.sim.stats()["requests"]["completed"] == 0
 
 
-async def test_a_client_leaving_as_its_stream_ends_is_no_error(sim_factory, kvsleep_factory,
-                                                               caplog):
+async def test_a_client_leaving_as_its_stream_ends_is_no_error(
+    sim_factory, kvsleep_factory, caplog
+):
     """The client goes away between the last chunk and the end of the stream: the final
     `write_eof` fails, which is the client's business, not an ERROR with a traceback."""
     sim = await sim_factory("vllm", "m")
@@ -289,8 +323,10 @@ async def test_a_client_leaving_as_its_stream_ends_is_no_error(sim_factory, kvsl
             raise ClientConnectionResetError("Cannot write to closing transport")
 
     body = {"model": "m", "prompt": "hi", "max_tokens": 3, "stream": True}
-    async with aiohttp.ClientSession() as session, session.post(
-            sim.url + "/v1/completions", json=body) as upstream:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(sim.url + "/v1/completions", json=body) as upstream,
+    ):
         slot = kv.manager.slots["m"]
         _, code = await kv.server.router._relay(None, slot, upstream, GoneAtTheEnd())
     assert code == 499  # counted as "client gone", like any other departure
@@ -312,6 +348,7 @@ async def test_a_removed_model_leaves_no_series_and_no_traffic_behind(sim_factor
         assert await kv.manager.put_model_to_sleep("org/asleep", manual=True)
         await asleep.sim.control_lock.acquire()  # its wake waits
         async with aiohttp.ClientSession() as session:
+
             async def call(model: str, stream: bool) -> int:
                 body = {"model": model, "prompt": "x", "max_tokens": 8, "stream": stream}
                 async with session.post(kv.url + "/v1/completions", json=body) as resp:
@@ -320,8 +357,10 @@ async def test_a_removed_model_leaves_no_series_and_no_traffic_behind(sim_factor
 
             streams = [asyncio.create_task(call("org/gone", True)) for _ in range(3)]
             held = [asyncio.create_task(call("org/asleep", False)) for _ in range(3)]
-            while (kv.manager.slots["org/gone"].in_engine < 3
-                   or len(kv.manager.slots["org/asleep"].waiters) < 3):
+            while (
+                kv.manager.slots["org/gone"].in_engine < 3
+                or len(kv.manager.slots["org/asleep"].waiters) < 3
+            ):
                 await asyncio.sleep(0.01)
             doc["models"] = [sim_model(kept)]
             path.write_text(yaml.safe_dump(doc))

@@ -31,8 +31,9 @@ def free_port() -> int:
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, _decode(resp.read())
@@ -78,7 +79,10 @@ class Serve:
         self.log = cwd / "kvsleep.stderr"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvsleep", "serve", "--config", str(config)],
-            cwd=cwd, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -109,18 +113,41 @@ def serve_runs():
 
 
 def sim_command(flavor: str, model: str, port: int, *extra: str) -> list[str]:
-    return ["{python}", "-m", "kvsleep", "sim-engine", "--flavor", flavor, "--model", model,
-            "--port", str(port), "--wake-latency", "0.2", "--tokens-per-second", "0", *extra]
+    return [
+        "{python}",
+        "-m",
+        "kvsleep",
+        "sim-engine",
+        "--flavor",
+        flavor,
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--wake-latency",
+        "0.2",
+        "--tokens-per-second",
+        "0",
+        *extra,
+    ]
 
 
 def write_config(tmp_path: Path, models: list[dict], **sleep_manager) -> Path:
     port = free_port()
-    doc = {"router": {"host": "127.0.0.1", "port": port},
-           "sleep_manager": {"check_interval_seconds": 0.5, "idle_threshold_seconds": 3600,
-                             "min_awake_seconds": 0, "min_sleep_duration": 0,
-                             "wake_timeout_seconds": 30, **sleep_manager},
-           "models": models, "state_dir": str(tmp_path / "state"),
-           "log_dir": str(tmp_path / "logs")}
+    doc = {
+        "router": {"host": "127.0.0.1", "port": port},
+        "sleep_manager": {
+            "check_interval_seconds": 0.5,
+            "idle_threshold_seconds": 3600,
+            "min_awake_seconds": 0,
+            "min_sleep_duration": 0,
+            "wake_timeout_seconds": 30,
+            **sleep_manager,
+        },
+        "models": models,
+        "state_dir": str(tmp_path / "state"),
+        "log_dir": str(tmp_path / "logs"),
+    }
     path = tmp_path / "kvsleep.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -137,8 +164,11 @@ def test_demo_runs_the_whole_cycle_and_leaves_no_process(tmp_path, serve_runs):
     demo = tmp_path / "demo.yaml"
     text = (REPO / "examples" / "demo.yaml").read_text()
     router, llama, qwen = free_port(), free_port(), free_port()
-    for old, new in (("port: 8080", f"port: {router}"), ("18001", str(llama)),
-                     ("18002", str(qwen))):
+    for old, new in (
+        ("port: 8080", f"port: {router}"),
+        ("18001", str(llama)),
+        ("18002", str(qwen)),
+    ):
         assert old in text
         text = text.replace(old, new)
     demo.write_text(text)
@@ -148,8 +178,9 @@ def test_demo_runs_the_whole_cycle_and_leaves_no_process(tmp_path, serve_runs):
     wait_for(lambda: http("GET", base + "/-/ready")[0] == 200, 30, "kvsleep ready")
     models = ["demo/llama-sim", "demo/qwen-sim"]
     for model in models:
-        status, body = http("POST", base + "/v1/completions",
-                            {"model": model, "prompt": "hi", "max_tokens": 2})
+        status, body = http(
+            "POST", base + "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2}
+        )
         assert status == 200, body
         assert body["choices"][0]["text"]
 
@@ -159,8 +190,9 @@ def test_demo_runs_the_whole_cycle_and_leaves_no_process(tmp_path, serve_runs):
 
     wait_for(both_asleep, 60, "both demo models asleep after their idle thresholds")
     for model in models:
-        status, body = http("POST", base + "/v1/completions",
-                            {"model": model, "prompt": "wake", "max_tokens": 2})
+        status, body = http(
+            "POST", base + "/v1/completions", {"model": model, "prompt": "wake", "max_tokens": 2}
+        )
         assert status == 200, body
     metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
     for model in models:
@@ -175,9 +207,18 @@ def test_demo_runs_the_whole_cycle_and_leaves_no_process(tmp_path, serve_runs):
 
 def test_killed_engine_is_restarted_and_its_requests_served(tmp_path, serve_runs):
     port = free_port()
-    config = write_config(tmp_path, [{
-        "name": "org/m", "engine": "vllm", "url": f"http://127.0.0.1:{port}",
-        "ready_timeout_seconds": 20, "command": sim_command("vllm", "org/m", port)}])
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "name": "org/m",
+                "engine": "vllm",
+                "url": f"http://127.0.0.1:{port}",
+                "ready_timeout_seconds": 20,
+                "command": sim_command("vllm", "org/m", port),
+            }
+        ],
+    )
     serve = Serve(config, tmp_path)
     serve_runs.append(serve)
     base = url_of(config)
@@ -185,8 +226,9 @@ def test_killed_engine_is_restarted_and_its_requests_served(tmp_path, serve_runs
     first = serve.engine_pids()[0]
     os.killpg(first, signal.SIGKILL)
     wait_for(lambda: len(serve.engine_pids()) == 2, 20, "engine restarted")
-    status, body = http("POST", base + "/v1/completions",
-                        {"model": "org/m", "prompt": "hi", "max_tokens": 2})
+    status, body = http(
+        "POST", base + "/v1/completions", {"model": "org/m", "prompt": "hi", "max_tokens": 2}
+    )
     assert status == 200, body
     metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
     assert 'kvsleep_engine_restarts_total{model="org/m"} 1.0' in metrics
@@ -200,11 +242,22 @@ def test_engine_that_keeps_dying_is_reported_as_a_crash_loop(tmp_path, serve_run
     port = free_port()
     marker = tmp_path / "started-once"
     sim = " ".join(f"'{a}'" for a in sim_command("vllm", "org/m", port)[1:])
-    script = (f"if [ -e {marker} ]; then echo 'fatal: CUDA out of memory (simulated)'; exit 3; "
-              f"fi; touch {marker}; exec {sys.executable} {sim}")
-    config = write_config(tmp_path, [{
-        "name": "org/m", "engine": "vllm", "url": f"http://127.0.0.1:{port}",
-        "ready_timeout_seconds": 20, "command": ["sh", "-c", script]}])
+    script = (
+        f"if [ -e {marker} ]; then echo 'fatal: CUDA out of memory (simulated)'; exit 3; "
+        f"fi; touch {marker}; exec {sys.executable} {sim}"
+    )
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "name": "org/m",
+                "engine": "vllm",
+                "url": f"http://127.0.0.1:{port}",
+                "ready_timeout_seconds": 20,
+                "command": ["sh", "-c", script],
+            }
+        ],
+    )
     serve = Serve(config, tmp_path)
     serve_runs.append(serve)
     base = url_of(config)
@@ -221,9 +274,17 @@ def test_engine_that_keeps_dying_is_reported_as_a_crash_loop(tmp_path, serve_run
 
 
 def test_command_that_exits_at_once_fails_start_with_its_log(tmp_path, serve_runs):
-    config = write_config(tmp_path, [{
-        "name": "org/broken", "engine": "sglang", "url": f"http://127.0.0.1:{free_port()}",
-        "command": ["sh", "-c", "echo 'ImportError: no module named sglang'; exit 1"]}])
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "name": "org/broken",
+                "engine": "sglang",
+                "url": f"http://127.0.0.1:{free_port()}",
+                "command": ["sh", "-c", "echo 'ImportError: no module named sglang'; exit 1"],
+            }
+        ],
+    )
     serve = Serve(config, tmp_path)
     serve_runs.append(serve)
     assert serve.proc.wait(30) == 1
@@ -233,10 +294,18 @@ def test_command_that_exits_at_once_fails_start_with_its_log(tmp_path, serve_run
 
 
 def test_engine_never_ready_fails_naming_model_and_log(tmp_path, serve_runs):
-    config = write_config(tmp_path, [{
-        "name": "org/slow", "engine": "vllm", "url": f"http://127.0.0.1:{free_port()}",
-        "ready_timeout_seconds": 1,
-        "command": ["sh", "-c", "echo 'loading weights...'; exec sleep 60"]}])
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "name": "org/slow",
+                "engine": "vllm",
+                "url": f"http://127.0.0.1:{free_port()}",
+                "ready_timeout_seconds": 1,
+                "command": ["sh", "-c", "echo 'loading weights...'; exec sleep 60"],
+            }
+        ],
+    )
     serve = Serve(config, tmp_path)
     serve_runs.append(serve)
     assert serve.proc.wait(30) == 1
@@ -264,8 +333,16 @@ def test_kvcached_instances_become_engine_commands():
 
 
 def test_vllm_launch_gets_sleep_mode_added():
-    doc = {"models": [{"name": "m", "engine": "vllm", "url": "http://127.0.0.1:9000",
-                       "command": ["vllm", "serve", "m", "--port", "9000"]}]}
+    doc = {
+        "models": [
+            {
+                "name": "m",
+                "engine": "vllm",
+                "url": "http://127.0.0.1:9000",
+                "command": ["vllm", "serve", "m", "--port", "9000"],
+            }
+        ]
+    }
     model = parse_config(doc).models[0]
     assert build_command(model)[-1] == "--enable-sleep-mode"
     assert build_env(model)["VLLM_SERVER_DEV_MODE"] == "1"
@@ -274,9 +351,18 @@ def test_vllm_launch_gets_sleep_mode_added():
 def test_engines_die_with_a_killed_kvsleep(tmp_path, serve_runs):
     """SIGKILL gives kvsleep no chance to clean up: its engines must not outlive it."""
     port = free_port()
-    config = write_config(tmp_path, [{
-        "name": "org/m", "engine": "sglang", "url": f"http://127.0.0.1:{port}",
-        "ready_timeout_seconds": 20, "command": sim_command("sglang", "org/m", port)}])
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "name": "org/m",
+                "engine": "sglang",
+                "url": f"http://127.0.0.1:{port}",
+                "ready_timeout_seconds": 20,
+                "command": sim_command("sglang", "org/m", port),
+            }
+        ],
+    )
     serve = Serve(config, tmp_path)
     serve_runs.append(serve)
     wait_for(lambda: http("GET", url_of(config) + "/-/ready")[0] == 200, 30, "kvsleep ready")

@@ -74,7 +74,8 @@ def test_admission_rejects_when_the_hold_queue_is_full(state):
 
 
 @pytest.mark.parametrize(
-    "state", [s for s in NOT_AWAKE if s not in (ModelState.WAKING, ModelState.STARTING)])
+    "state", [s for s in NOT_AWAKE if s not in (ModelState.WAKING, ModelState.STARTING)]
+)
 def test_admission_without_wakeup_on_request_rejects_instead_of_waking(state):
     off = pol(wakeup_on_request=False)
     assert policy.admission(state, 0, off) is Admission.REJECT_NO_WAKE
@@ -87,13 +88,16 @@ def test_admission_bounds_held_bodies_by_bytes_per_model_and_overall(state):
     small = pol(max_held_bytes=100)
     assert policy.admission(state, 0, small, size=100) is Admission.HOLD
     assert policy.admission(state, 1, small, size=1, held_bytes=100) is (
-        Admission.REJECT_QUEUE_FULL)
+        Admission.REJECT_QUEUE_FULL
+    )
     assert policy.admission(state, 0, POLICY, size=50, room_bytes=50) is Admission.HOLD
     assert policy.admission(state, 0, POLICY, size=51, room_bytes=50) is (
-        Admission.REJECT_QUEUE_FULL)
+        Admission.REJECT_QUEUE_FULL
+    )
     # An awake model holds nothing: its requests go straight to the engine.
     assert policy.admission(ModelState.AWAKE, 0, small, size=10**9, room_bytes=0) is (
-        Admission.ADMIT)
+        Admission.ADMIT
+    )
 
 
 @pytest.mark.parametrize("state", [ModelState.WAKING, ModelState.STARTING])

@@ -150,10 +150,14 @@ async def test_prometheus_scrapes_kvsleep_evaluates_rules_and_dashboard_queries(
     # Real clock: Prometheus compares kvsleep's timestamps with its own time().
     # No auto-sleep: this test decides every sleep; reconcile passes still run (and are timed).
     kv = await kvsleep_factory(
-        [sim_model(llama, memory_gb=16, gpus=[0]),
-         sim_model(qwen, idle_threshold_seconds=2, memory_gb=8, gpus=[0]),
-         sim_model(flaky), launched],
-        clock=time.time, gpus=[{"id": 0, "memory_gb": 80}],
+        [
+            sim_model(llama, memory_gb=16, gpus=[0]),
+            sim_model(qwen, idle_threshold_seconds=2, memory_gb=8, gpus=[0]),
+            sim_model(flaky),
+            launched,
+        ],
+        clock=time.time,
+        gpus=[{"id": 0, "memory_gb": 80}],
         auto_sleep_enabled=False,
     )
     launcher = Launcher(kv.manager, kv.server.metrics, str(tmp_path / "engine-logs"))

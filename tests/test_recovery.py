@@ -10,8 +10,9 @@ import aiohttp
 from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
 
 
-async def test_failed_weight_reload_is_retried_without_a_second_resume(sim_factory,
-                                                                       kvsleep_factory):
+async def test_failed_weight_reload_is_retried_without_a_second_resume(
+    sim_factory, kvsleep_factory
+):
     sim = await sim_factory("sglang", "org/q")
     kv = await kvsleep_factory([sim_model(sim)])
     assert await kv.manager.put_model_to_sleep("org/q", manual=True)
@@ -19,13 +20,15 @@ async def test_failed_weight_reload_is_retried_without_a_second_resume(sim_facto
         # Three reload failures outlast the adapter's three attempts: this wake fails.
         async with session.post(f"{sim.url}/sim/faults", json={"fail": {"reload": 3}}) as r:
             assert r.status == 200
-        async with session.post(f"{kv.url}/v1/completions",
-                                json={"model": "org/q", "prompt": "x"}) as resp:
+        async with session.post(
+            f"{kv.url}/v1/completions", json={"model": "org/q", "prompt": "x"}
+        ) as resp:
             assert resp.status == 503
             assert "org/q" in (await resp.json())["error"]["message"]
         assert kv.state("org/q") == "failed"
-        async with session.post(f"{kv.url}/v1/completions",
-                                json={"model": "org/q", "prompt": "x"}) as resp:
+        async with session.post(
+            f"{kv.url}/v1/completions", json={"model": "org/q", "prompt": "x"}
+        ) as resp:
             assert resp.status == 200
     stats = sim.sim.stats()
     assert stats["calls"]["/resume_memory_occupation"] == 1
@@ -50,8 +53,9 @@ async def test_wake_interrupted_by_kvsleep_death_is_finished_at_restart(sim_fact
         kv = await start_kvsleep(doc)
         try:
             assert kv.state("org/q") == "awake"
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/q", "prompt": "x"}) as resp:
+            async with session.post(
+                f"{kv.url}/v1/completions", json={"model": "org/q", "prompt": "x"}
+            ) as resp:
                 assert resp.status == 200
         finally:
             await kv.close()

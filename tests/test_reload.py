@@ -39,11 +39,16 @@ async def test_reload_applies_policy_and_models_and_rejects_bad_files(sim_factor
             assert metric(kv, "kvsleep_config_last_reload_successful") == 1
             actions = await kv.reconcile()
             assert [(x.model, x.reason) for x in actions] == [("org/a", "idle")]
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/b", "prompt": "hi"}) as resp:
+            async with session.post(
+                f"{kv.url}/v1/completions", json={"model": "org/b", "prompt": "hi"}
+            ) as resp:
                 assert resp.status == 200
-            assert kv.server.metrics.registry.get_sample_value(
-                "kvsleep_model_idle_threshold_seconds", {"model": "org/b"}) == 30
+            assert (
+                kv.server.metrics.registry.get_sample_value(
+                    "kvsleep_model_idle_threshold_seconds", {"model": "org/b"}
+                )
+                == 30
+            )
 
             path.write_text("sleep_manager:\n  idle_threshold_seconds: -5\nmodels: []\n")
             async with session.post(f"{kv.url}/-/reload") as resp:
@@ -58,10 +63,11 @@ async def test_reload_applies_policy_and_models_and_rejects_bad_files(sim_factor
             async with session.post(f"{kv.url}/-/reload") as resp:
                 assert resp.status == 200
             assert set(kv.manager.slots) == {"org/a"}
-            async with session.post(f"{kv.url}/v1/completions",
-                                    json={"model": "org/b", "prompt": "hi"}) as resp:
+            async with session.post(
+                f"{kv.url}/v1/completions", json={"model": "org/b", "prompt": "hi"}
+            ) as resp:
                 assert resp.status == 404
-            series = (await (await session.get(f"{kv.url}/metrics")).text())
+            series = await (await session.get(f"{kv.url}/metrics")).text()
             assert 'model="org/b"' not in series
             assert metric(kv, "kvsleep_config_last_reload_successful") == 1
     finally:
@@ -76,10 +82,12 @@ async def test_requests_in_flight_survive_a_reload(sim_factory, tmp_path):
     kv = await start_kvsleep(doc, config_path=str(path))
     try:
         async with aiohttp.ClientSession() as session:
+
             async def stream() -> bytes:
-                async with session.post(f"{kv.url}/v1/completions",
-                                        json={"model": "org/a", "prompt": "x", "max_tokens": 10,
-                                              "stream": True}) as resp:
+                async with session.post(
+                    f"{kv.url}/v1/completions",
+                    json={"model": "org/a", "prompt": "x", "max_tokens": 10, "stream": True},
+                ) as resp:
                     assert resp.status == 200
                     return await resp.read()
 
@@ -99,14 +107,19 @@ def test_sighup_reloads_the_running_server(tmp_path):
     from tests.test_launcher import free_port, http, wait_for
 
     port = free_port()
-    doc = config_doc([{"name": "org/a", "engine": "vllm",
-                       "url": f"http://127.0.0.1:{free_port()}"}], tmp_path / "state",
-                     idle_threshold_seconds=600)
+    doc = config_doc(
+        [{"name": "org/a", "engine": "vllm", "url": f"http://127.0.0.1:{free_port()}"}],
+        tmp_path / "state",
+        idle_threshold_seconds=600,
+    )
     doc["router"]["port"] = port
     path = tmp_path / "kvsleep.yaml"
     path.write_text(yaml.safe_dump(doc))
-    proc = subprocess.Popen([sys.executable, "-m", "kvsleep", "serve", "--config", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvsleep", "serve", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: http("GET", base + "/-/ready")[0] == 200, 20, "kvsleep ready")
@@ -121,8 +134,13 @@ def test_sighup_reloads_the_running_server(tmp_path):
 
         wait_for(reloaded, 10, "threshold 42 after SIGHUP")
         metrics = http("GET", base + "/metrics")[1]
-        ts = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(
-            "kvsleep_config_last_reload_success_timestamp_seconds")))
+        ts = float(
+            next(
+                line.split()[-1]
+                for line in metrics.splitlines()
+                if line.startswith("kvsleep_config_last_reload_success_timestamp_seconds")
+            )
+        )
         assert ts >= before - 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -134,8 +152,11 @@ async def test_reload_applies_router_limits_to_the_next_request(sim_factory, tmp
     """`max_body_bytes` and `upstream_timeout_seconds` used to keep their start-up values."""
     sim = await sim_factory("vllm", "org/a")
     path = tmp_path / "kvsleep.yaml"
-    doc = config_doc([sim_model(sim)], tmp_path / "state",
-                     router={"max_body_bytes": 4096, "upstream_timeout_seconds": 60})
+    doc = config_doc(
+        [sim_model(sim)],
+        tmp_path / "state",
+        router={"max_body_bytes": 4096, "upstream_timeout_seconds": 60},
+    )
     path.write_text(yaml.safe_dump(doc))
     kv = await start_kvsleep(doc, config_path=str(path))
     body = {"model": "org/a", "prompt": "x" * 8000, "max_tokens": 2}
@@ -170,15 +191,18 @@ async def test_reload_refuses_keys_that_need_a_restart_and_names_them(sim_factor
         doc["router"]["port"] += 1
         doc["state_dir"] = str(tmp_path / "elsewhere")
         doc["sleep_manager"]["idle_threshold_seconds"] = 5
-        doc["models"].append({"name": "org/new", "engine": "vllm", "url": "http://127.0.0.1:9",
-                              "command": ["true"]})
+        doc["models"].append(
+            {"name": "org/new", "engine": "vllm", "url": "http://127.0.0.1:9", "command": ["true"]}
+        )
         path.write_text(yaml.safe_dump(doc))
-        async with aiohttp.ClientSession() as session, session.post(
-                f"{kv.url}/-/reload") as resp:
+        async with aiohttp.ClientSession() as session, session.post(f"{kv.url}/-/reload") as resp:
             assert resp.status == 400
             errors = (await resp.json())["errors"]
         assert [e.split(": ")[1] for e in errors] == [
-            "router.port", "state_dir", "models[1] (org/new, a new engine to launch)"]
+            "router.port",
+            "state_dir",
+            "models[1] (org/new, a new engine to launch)",
+        ]
         assert all("restart" in e for e in errors)
         assert metric(kv, "kvsleep_config_last_reload_successful") == 0
         assert kv.server.config.sleep_manager.idle_threshold_seconds == 600  # nothing applied

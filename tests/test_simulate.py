@@ -32,11 +32,24 @@ T0 = 1_000_000.0
 
 
 def one_model(**policy_keys: Any) -> tuple[simulate.SimModel, Any]:
-    doc = {"sleep_manager": {"check_interval_seconds": 10, "idle_threshold_seconds": 60,
-                             "auto_sleep_enabled": True, "min_awake_seconds": 0,
-                             **policy_keys},
-           "models": [{"name": "m", "engine": "vllm", "url": "http://127.0.0.1:9",
-                       "memory_gb": 10, "wake_eta_seconds": 5}]}
+    doc = {
+        "sleep_manager": {
+            "check_interval_seconds": 10,
+            "idle_threshold_seconds": 60,
+            "auto_sleep_enabled": True,
+            "min_awake_seconds": 0,
+            **policy_keys,
+        },
+        "models": [
+            {
+                "name": "m",
+                "engine": "vllm",
+                "url": "http://127.0.0.1:9",
+                "memory_gb": 10,
+                "wake_eta_seconds": 5,
+            }
+        ],
+    }
     config = parse_config(doc)
     models, notes = simulate.sim_models(config, ["m"])
     assert notes == []
@@ -52,12 +65,14 @@ def test_replay_matches_a_hand_computed_trace() -> None:
     request wakes it (held 5 s) and one at +203 joins the wake (held 2 s); the last ends at
     +207, so the model sleeps at the +270 tick. Held: [0, 70] and [200, 270]."""
     model, _ = one_model()
-    trace = Trace.of([Request(T0 + 5, "m", 5.0), Request(T0 + 200, "m", 2.0),
-                      Request(T0 + 203, "m", 1.0)], T0, T0 + 400)
+    trace = Trace.of(
+        [Request(T0 + 5, "m", 5.0), Request(T0 + 200, "m", 2.0), Request(T0 + 203, "m", 1.0)],
+        T0,
+        T0 + 400,
+    )
     run = simulate.replay(trace, [model], simulate.as_is(), 10.0, timeline=True)
     m = run.models["m"]
-    assert run.log == [(T0 + 70, "m", "sleep"), (T0 + 200, "m", "wake"),
-                       (T0 + 270, "m", "sleep")]
+    assert run.log == [(T0 + 70, "m", "sleep"), (T0 + 200, "m", "wake"), (T0 + 270, "m", "sleep")]
     assert m.gb_seconds == pytest.approx(10 * 140)
     assert (m.requests, m.waited, m.sleeps, m.wakes) == (3, 2, 2, 1)
     assert m.waits == pytest.approx([5.0, 2.0])
@@ -111,14 +126,18 @@ def test_the_replay_decides_through_the_live_policy_functions(monkeypatch) -> No
 
 
 def test_variants_rewrite_only_what_they_compare() -> None:
-    model, _ = one_model(auto_sleep_enabled=False, idle_threshold_seconds=120,
-                         idle_policy="adaptive")
+    model, _ = one_model(
+        auto_sleep_enabled=False, idle_threshold_seconds=120, idle_policy="adaptive"
+    )
     cfg = model.cfg
     assert simulate.as_configured().rewrite(cfg).policy.idle_policy == "fixed"
     assert simulate.as_configured().rewrite(cfg).policy.auto_sleep_enabled is False
     fixed = simulate.fixed(300).rewrite(cfg).policy
-    assert (fixed.idle_threshold_seconds, fixed.auto_sleep_enabled, fixed.idle_policy) == \
-        (300.0, True, "fixed")
+    assert (fixed.idle_threshold_seconds, fixed.auto_sleep_enabled, fixed.idle_policy) == (
+        300.0,
+        True,
+        "fixed",
+    )
     adapt = simulate.adaptive().rewrite(cfg).policy
     assert (adapt.idle_policy, adapt.idle_threshold_seconds) == ("adaptive", 120.0)
     names = [v.name for v in simulate.variants((60, 300))]
@@ -130,8 +149,11 @@ def test_best_fixed_is_the_biggest_saver_with_no_more_waits() -> None:
         return simulate.Summary(name, 100, 100 * (1 - saved), 100.0, waited, 0, 0, 0, 0, 0, 0, 0)
 
     adapt = summary("adaptive", 0.5, 10)
-    fixed = [summary("fixed-30", 0.9, 40), summary("fixed-60", 0.45, 10),
-             summary("fixed-90", 0.4, 8)]
+    fixed = [
+        summary("fixed-30", 0.9, 40),
+        summary("fixed-60", 0.45, 10),
+        summary("fixed-90", 0.4, 8),
+    ]
     assert simulate.best_fixed(fixed, adapt).policy == "fixed-60"
     assert simulate.best_fixed(fixed[:1], adapt) is None
     assert simulate.percentile([], 99) == 0.0
@@ -155,15 +177,17 @@ def test_csv_trace_round_trip_and_format(tmp_path: Path) -> None:
     assert again.requests == trace.requests
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("when,who\n1,a\n", "header must name timestamp,model"),
-    ("timestamp,model,duration\n1,a,1\nyesterday,a,1\n", "request 2"),
-    ("timestamp,model,duration\n1,a,-1\n", "duration >= 0"),
-    ("timestamp,model,duration\n", "no requests"),
-    ("timestamp,model\n1,\n", "empty model"),
-])
-def test_bad_csv_traces_are_refused_with_the_line(tmp_path: Path, text: str,
-                                                  message: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("when,who\n1,a\n", "header must name timestamp,model"),
+        ("timestamp,model,duration\n1,a,1\nyesterday,a,1\n", "request 2"),
+        ("timestamp,model,duration\n1,a,-1\n", "duration >= 0"),
+        ("timestamp,model,duration\n", "no requests"),
+        ("timestamp,model\n1,\n", "empty model"),
+    ],
+)
+def test_bad_csv_traces_are_refused_with_the_line(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(simulate.TraceError, match=message):
@@ -186,8 +210,10 @@ def test_synthetic_traces_are_seeded_and_shaped() -> None:
         assert max(times) - min(times) <= 3600  # one job each
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("7d", 604800), ("36h", 129600),
-                                               ("1w2d", 777600), ("90", 90), ("1.5h", 5400)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("7d", 604800), ("36h", 129600), ("1w2d", 777600), ("90", 90), ("1.5h", 5400)],
+)
 def test_prometheus_durations(text: str, seconds: float) -> None:
     assert simulate.parse_duration(text) == seconds
 
@@ -255,7 +281,8 @@ def test_table_and_json_show_every_policy_per_model_and_total() -> None:
         assert always["saved_share"] == 0 and always["waited"] == 0
         assert "adaptive_saves_at_least_best_fixed" in scope
     assert doc["total"]["policies"]["always-on"]["gb_hours"] == pytest.approx(
-        sum(gb for gb, _ in traces.MODELS.values()) * 24)
+        sum(gb for gb, _ in traces.MODELS.values()) * 24
+    )
 
 
 # ---- the CLI ---------------------------------------------------------------------------------
@@ -263,30 +290,47 @@ def test_table_and_json_show_every_policy_per_model_and_total() -> None:
 
 def test_cli_simulate_csv_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     saved = tmp_path / "replayed.csv"
-    code = main(["simulate", "--config", str(DATA / "small-config.yaml"), "--trace",
-                 str(DATA / "small.csv"), "--json", "--thresholds", "30,120",
-                 "--save-trace", str(saved)])
+    code = main(
+        [
+            "simulate",
+            "--config",
+            str(DATA / "small-config.yaml"),
+            "--trace",
+            str(DATA / "small.csv"),
+            "--json",
+            "--thresholds",
+            "30,120",
+            "--save-trace",
+            str(saved),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     doc = json.loads(out)
     assert set(doc["models"]) == {"org/a", "org/b"}
-    assert set(doc["total"]["policies"]) == {"always-on", "config", "fixed-300", "adaptive",
-                                            "fixed-30", "fixed-120"}
+    assert set(doc["total"]["policies"]) == {
+        "always-on",
+        "config",
+        "fixed-300",
+        "adaptive",
+        "fixed-30",
+        "fixed-120",
+    }
     assert doc["models"]["org/a"]["memory_gb"] == 20
     assert doc["tick_seconds"] == 15
-    assert simulate.load_csv(str(saved)).requests == simulate.load_csv(
-        str(DATA / "small.csv")).requests
+    assert (
+        simulate.load_csv(str(saved)).requests
+        == simulate.load_csv(str(DATA / "small.csv")).requests
+    )
 
 
-def test_cli_simulate_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                       ) -> None:
+def test_cli_simulate_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--synthetic", "batch", "--thresholds", "60"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("trace: synthetic batch (seed 0)") and "TOTAL" in out
     bad = tmp_path / "bad.csv"
     bad.write_text("timestamp,model\nnot-a-time,a\n")
-    assert main(["simulate", "--config", str(DATA / "small-config.yaml"),
-                 "--trace", str(bad)]) == 2
+    assert main(["simulate", "--config", str(DATA / "small-config.yaml"), "--trace", str(bad)]) == 2
     assert "request 1" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(DATA / "small.csv")]) == 2
     assert "--config is required" in capsys.readouterr().err
@@ -295,8 +339,7 @@ def test_cli_simulate_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFix
 def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "memory.png"
-    assert main(["simulate", "--synthetic", "batch", "--thresholds", "60", "--plot",
-                 str(png)]) == 0
+    assert main(["simulate", "--synthetic", "batch", "--thresholds", "60", "--plot", str(png)]) == 0
     capsys.readouterr()
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
@@ -330,8 +373,9 @@ class Gates:
 
 
 @contextlib.asynccontextmanager
-async def gated_engine(flavor: str, model: str, on_wake: Callable[[str], None]
-                       ) -> AsyncIterator[tuple[str, Gates]]:
+async def gated_engine(
+    flavor: str, model: str, on_wake: Callable[[str], None]
+) -> AsyncIterator[tuple[str, Gates]]:
     gates = Gates(model, on_wake)
     sim = SimEngine(SimSettings(flavor=flavor, model=model, **FAST_SIM_SETTINGS))
     app = build_app(sim)
@@ -358,8 +402,13 @@ def equivalence_trace(start: float) -> Trace:
         t = start + rng.uniform(1, 20)
         while t < start + 3300:
             for _ in range(rng.randint(1, 6)):
-                requests.append(Request(round(t, 3), model, round(rng.choice(
-                    [0.0, rng.uniform(0.5, 4), rng.uniform(5, 40)]), 3)))
+                requests.append(
+                    Request(
+                        round(t, 3),
+                        model,
+                        round(rng.choice([0.0, rng.uniform(0.5, 4), rng.uniform(5, 40)]), 3),
+                    )
+                )
                 t += rng.uniform(0.5, 7)
             t += rng.choice(pauses) * rng.uniform(0.8, 1.2)
     return Trace.of(requests, start, start + 3600)
@@ -373,26 +422,44 @@ async def test_live_reconciler_decides_exactly_as_the_replay(tmp_path: Path) -> 
     requests."""
     tick, wake = 15.0, {"org/a": 6.0, "org/b": 9.0}
     wakes_seen: list[str] = []
-    async with (gated_engine("vllm", "org/a", wakes_seen.append) as (url_a, gates_a),
-                gated_engine("sglang", "org/b", wakes_seen.append) as (url_b, gates_b)):
+    async with (
+        gated_engine("vllm", "org/a", wakes_seen.append) as (url_a, gates_a),
+        gated_engine("sglang", "org/b", wakes_seen.append) as (url_b, gates_b),
+    ):
         gates = {"org/a": gates_a, "org/b": gates_b}
-        doc = config_doc([
-            {"name": "org/a", "engine": "vllm", "url": url_a, "memory_gb": 20,
-             "wake_eta_seconds": wake["org/a"], "idle_threshold_seconds": 45,
-             "min_awake_seconds": 5},
-            {"name": "org/b", "engine": "sglang", "url": url_b, "memory_gb": 8,
-             "wake_eta_seconds": wake["org/b"], "idle_threshold_seconds": 60,
-             "idle_policy": "adaptive", "min_idle_threshold_seconds": 10,
-             "max_idle_threshold_seconds": 900},
-        ], tmp_path / "state", wake_timeout_seconds=60)
+        doc = config_doc(
+            [
+                {
+                    "name": "org/a",
+                    "engine": "vllm",
+                    "url": url_a,
+                    "memory_gb": 20,
+                    "wake_eta_seconds": wake["org/a"],
+                    "idle_threshold_seconds": 45,
+                    "min_awake_seconds": 5,
+                },
+                {
+                    "name": "org/b",
+                    "engine": "sglang",
+                    "url": url_b,
+                    "memory_gb": 8,
+                    "wake_eta_seconds": wake["org/b"],
+                    "idle_threshold_seconds": 60,
+                    "idle_policy": "adaptive",
+                    "min_idle_threshold_seconds": 10,
+                    "max_idle_threshold_seconds": 900,
+                },
+            ],
+            tmp_path / "state",
+            wake_timeout_seconds=60,
+        )
         kv = await start_kvsleep(doc)
         try:
             start = kv.clock.now
             trace = equivalence_trace(start)
             config = parse_config(doc)
             models, _ = simulate.sim_models(config, trace.models)
-            expected = simulate.replay(trace, models, simulate.as_is(), tick,
-                                       trace_thresholds=True)
+            expected = simulate.replay(trace, models, simulate.as_is(), tick, trace_thresholds=True)
             live = await drive_live(kv, trace, tick, wake, gates, wakes_seen)
             metrics = await scrape(kv.url)
         finally:
@@ -413,8 +480,14 @@ async def test_live_reconciler_decides_exactly_as_the_replay(tmp_path: Path) -> 
     assert len(adaptive) >= 3 and 60.0 in adaptive
 
 
-async def drive_live(kv: Any, trace: Trace, tick: float, wake: dict[str, float],
-                     gates: dict[str, Gates], wakes_seen: list[str]) -> dict[str, Any]:
+async def drive_live(
+    kv: Any,
+    trace: Trace,
+    tick: float,
+    wake: dict[str, float],
+    gates: dict[str, Gates],
+    wakes_seen: list[str],
+) -> dict[str, Any]:
     """Run the trace through live kvsleep in the replay's event order (same heap keys)."""
     manager = kv.manager
     events: list[tuple[float, int, int, Any]] = []
@@ -435,8 +508,11 @@ async def drive_live(kv: Any, trace: Trace, tick: float, wake: dict[str, float],
     held = dict.fromkeys(trace.models, 0)
 
     async def post(session: aiohttp.ClientSession, rid: str, r: Request) -> int:
-        async with session.post(f"{kv.url}/v1/completions", headers={"x-req": rid},
-                                json={"model": r.model, "prompt": "hi", "max_tokens": 1}) as resp:
+        async with session.post(
+            f"{kv.url}/v1/completions",
+            headers={"x-req": rid},
+            json={"model": r.model, "prompt": "hi", "max_tokens": 1},
+        ) as resp:
             await resp.read()
             return resp.status
 
@@ -456,9 +532,11 @@ async def drive_live(kv: Any, trace: Trace, tick: float, wake: dict[str, float],
             open_requests = sum(1 for t in tasks.values() if not t.done())
             waiting = sum(len(s.waiters) for s in manager.slots.values())
             at_engine = sum(1 for rid, r in parked.items() if not tasks[rid].done())
-            ops_parked = all(not s.busy or (gates[s.cfg.name].wake is not None
-                                            and not gates[s.cfg.name].wake.is_set())
-                             for s in manager.slots.values())
+            ops_parked = all(
+                not s.busy
+                or (gates[s.cfg.name].wake is not None and not gates[s.cfg.name].wake.is_set())
+                for s in manager.slots.values()
+            )
             if open_requests == waiting + at_engine and ops_parked and not wakes_seen:
                 return
             await asyncio.sleep(0.002)
@@ -513,8 +591,9 @@ def openmetrics_history(trace: Trace, restart_at: float) -> str:
     """kvsleep's own series as a 30 s scrape would have recorded them while serving `trace`:
     request counters (they move when a request finishes), request durations, wake durations.
     `chat-8b`'s kvsleep restarts at `restart_at`: its counters start again from zero."""
-    scrapes = [trace.start + SCRAPE * k for k in range(int((trace.end - trace.start) // SCRAPE)
-                                                         + 1)]
+    scrapes = [
+        trace.start + SCRAPE * k for k in range(int((trace.end - trace.start) // SCRAPE) + 1)
+    ]
     done: dict[str, list[tuple[float, float]]] = {m: [] for m in trace.models}
     for r in trace.requests:
         done[r.model].append((r.t + r.duration, r.duration))
@@ -531,8 +610,9 @@ def openmetrics_history(trace: Trace, restart_at: float) -> str:
             while i < len(finished) and finished[i][0] <= t:
                 count, total, i = count + 1, total + finished[i][1], i + 1
             req.append(f'kvsleep_requests_total{{{labels},code="200"}} {count} {t:.3f}')
-            dur.append(f'kvsleep_request_duration_seconds_bucket{{{labels},le="+Inf"}} {count} '
-                       f"{t:.3f}")
+            dur.append(
+                f'kvsleep_request_duration_seconds_bucket{{{labels},le="+Inf"}} {count} {t:.3f}'
+            )
             dur.append(f"kvsleep_request_duration_seconds_count{{{labels}}} {count} {t:.3f}")
             dur.append(f"kvsleep_request_duration_seconds_sum{{{labels}}} {total:.3f} {t:.3f}")
             if wakes:
@@ -542,11 +622,18 @@ def openmetrics_history(trace: Trace, restart_at: float) -> str:
                 wake.append(f'kvsleep_wake_duration_seconds_bucket{{{w},le="+Inf"}} {n} {t:.3f}')
                 wake.append(f"kvsleep_wake_duration_seconds_count{{{w}}} {n} {t:.3f}")
                 wake.append(f"kvsleep_wake_duration_seconds_sum{{{w}}} {sum(wakes[:n])} {t:.3f}")
-    return "\n".join([
-        "# TYPE kvsleep_requests counter", *req,
-        "# TYPE kvsleep_request_duration_seconds histogram", *dur,
-        "# TYPE kvsleep_wake_duration_seconds histogram", *wake,
-        "# EOF", ""])
+    return "\n".join(
+        [
+            "# TYPE kvsleep_requests counter",
+            *req,
+            "# TYPE kvsleep_request_duration_seconds histogram",
+            *dur,
+            "# TYPE kvsleep_wake_duration_seconds histogram",
+            *wake,
+            "# EOF",
+            "",
+        ]
+    )
 
 
 def free_port() -> int:
@@ -574,16 +661,39 @@ def backfilled_prometheus(tmp_path: Path) -> Any:
             pytest.skip("prometheus/promtool not installed (scripts/test installs them)")
         source, tsdb = tmp_path / "history.om", tmp_path / "tsdb"
         source.write_text(history, encoding="utf-8")
-        subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", "--quiet",
-                        str(source), str(tsdb)], check=True, timeout=60, capture_output=True)
+        subprocess.run(
+            [
+                promtool,
+                "tsdb",
+                "create-blocks-from",
+                "openmetrics",
+                "--quiet",
+                str(source),
+                str(tsdb),
+            ],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
         config = tmp_path / "prometheus.yml"
         config.write_text("global: {}\n", encoding="utf-8")
         port = free_port()
         log = (tmp_path / "prometheus.log").open("wb")
-        procs.append(subprocess.Popen(
-            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tsdb}",
-             "--storage.tsdb.retention.time=3650d", f"--web.listen-address=127.0.0.1:{port}",
-             "--log.level=warn"], stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        procs.append(
+            subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tsdb}",
+                    "--storage.tsdb.retention.time=3650d",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
@@ -594,8 +704,10 @@ def backfilled_prometheus(tmp_path: Path) -> Any:
             except OSError:
                 pass
             if time.monotonic() > deadline or procs[-1].poll() is not None:
-                raise AssertionError("prometheus did not become ready:\n"
-                                     + (tmp_path / "prometheus.log").read_text()[-2000:])
+                raise AssertionError(
+                    "prometheus did not become ready:\n"
+                    + (tmp_path / "prometheus.log").read_text()[-2000:]
+                )
             time.sleep(0.2)
 
     yield start
@@ -609,7 +721,8 @@ def backfilled_prometheus(tmp_path: Path) -> Any:
 
 
 def test_simulate_from_a_real_prometheus_holding_days_of_history(
-        backfilled_prometheus: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    backfilled_prometheus: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Two days of a bursty trace, recorded as kvsleep's metrics and backfilled into a real
     Prometheus (ending three hours ago, a kvsleep restart included): `kvsleep simulate
     --prometheus` rebuilds every finished request within its 30 s scrape interval, takes each
@@ -620,19 +733,41 @@ def test_simulate_from_a_real_prometheus_holding_days_of_history(
     exact = traces.synthetic("bursty")
     end = (time.time() - 3 * 3600) // SCRAPE * SCRAPE
     shift = end - exact.end
-    exact = Trace.of([Request(r.t + shift, r.model, r.duration) for r in exact.requests],
-                     exact.start + shift, end, "exact")
+    exact = Trace.of(
+        [Request(r.t + shift, r.model, r.duration) for r in exact.requests],
+        exact.start + shift,
+        end,
+        "exact",
+    )
     restart = exact.start + 30 * 3600 + 7
     url = backfilled_prometheus(openmetrics_history(exact, restart))
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps(traces.SYNTHETIC_CONFIG), encoding="utf-8")
     rebuilt_csv = tmp_path / "rebuilt.csv"
-    assert main(["simulate", "--config", str(config), "--prometheus", url, "--range", "2d",
-                 "--end", str(end), "--json", "--save-trace", str(rebuilt_csv)]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--config",
+                str(config),
+                "--prometheus",
+                url,
+                "--range",
+                "2d",
+                "--end",
+                str(end),
+                "--json",
+                "--save-trace",
+                str(rebuilt_csv),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
 
     rebuilt = simulate.load_csv(str(rebuilt_csv))
     for model in traces.MODELS:
+
         def per_interval(requests: list[Request], model: str = model) -> dict[int, int]:
             slots: dict[int, int] = {}
             for r in requests:
@@ -640,17 +775,22 @@ def test_simulate_from_a_real_prometheus_holding_days_of_history(
                     k = int(-((r.t + r.duration - exact.start) // -SCRAPE))  # ceil
                     slots[k] = slots.get(k, 0) + 1
             return slots
+
         truth = {k: n for k, n in per_interval(exact.requests).items() if k >= 1}
-        got = per_interval([Request(r.t, r.model, round(r.duration, 2))
-                            for r in rebuilt.requests])
+        got = per_interval([Request(r.t, r.model, round(r.duration, 2)) for r in rebuilt.requests])
         assert got == truth, model
     wake = {m: v["wake_seconds"] for m, v in doc["models"].items()}
-    assert wake == {"chat-8b": pytest.approx(4.0), "code-32b": pytest.approx(12.0),
-                    "embed-1b": 2.0}  # embed-1b: no wake history, the config's guess
+    assert wake == {
+        "chat-8b": pytest.approx(4.0),
+        "code-32b": pytest.approx(12.0),
+        "embed-1b": 2.0,
+    }  # embed-1b: no wake history, the config's guess
 
     truth_doc = simulate.simulate_config(
-        parse_config(traces.SYNTHETIC_CONFIG), exact,
-        wake_history={"chat-8b": 4.0, "code-32b": 12.0}).as_dict()
+        parse_config(traces.SYNTHETIC_CONFIG),
+        exact,
+        wake_history={"chat-8b": 4.0, "code-32b": 12.0},
+    ).as_dict()
     for name in ("config", "fixed-300", "adaptive", "fixed-60", "fixed-1800"):
         got, want = doc["total"]["policies"][name], truth_doc["total"]["policies"][name]
         assert got["saved_share"] == pytest.approx(want["saved_share"], abs=0.02), name

@@ -21,8 +21,9 @@ from kvsleep.engines.vllm import VLLMAdapter
 ADAPTERS: dict[str, type[EngineAdapter]] = {"vllm": VLLMAdapter, "sglang": SGLangAdapter}
 
 
-def adapter_for(model: ModelConfig, sessions: SessionSource,
-                retry: RetryPolicy | None = None) -> EngineAdapter:
+def adapter_for(
+    model: ModelConfig, sessions: SessionSource, retry: RetryPolicy | None = None
+) -> EngineAdapter:
     return ADAPTERS[model.engine](model, sessions, retry or RetryPolicy())
 
 

@@ -24,8 +24,7 @@ class EngineError(Exception):
     """An engine call failed. `retryable` is true only when repeating it cannot do harm;
     `status` is the engine's HTTP status where it answered one."""
 
-    def __init__(self, message: str, *, retryable: bool = False,
-                 status: int | None = None) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, status: int | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
@@ -93,9 +92,17 @@ class EngineAdapter(ABC):
     async def observe(self, believed: ModelState) -> Observation:
         """Probe without harming the engine in the state we believe it is in."""
 
-    async def call(self, method: str, path: str, *, timeout: float, json: Any = None,
-                   params: Any = None, retry_on_timeout: bool = False,
-                   retry_on_5xx: bool = True) -> aiohttp.ClientResponse | None:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float,
+        json: Any = None,
+        params: Any = None,
+        retry_on_timeout: bool = False,
+        retry_on_5xx: bool = True,
+    ) -> aiohttp.ClientResponse | None:
         """One control call with bounded exponential retries; returns None on a 404.
 
         A refused connection never reached the engine, so it is always retried; a 5xx or a
@@ -103,42 +110,63 @@ class EngineAdapter(ABC):
         """
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_exponential(multiplier=self.retry.initial_wait_seconds,
-                                  max=self.retry.max_wait_seconds),
+            wait=wait_exponential(
+                multiplier=self.retry.initial_wait_seconds, max=self.retry.max_wait_seconds
+            ),
             retry=retry_if_exception(lambda e: isinstance(e, EngineError) and e.retryable),
             reraise=True,
         ):
             with attempt:
-                return await self._call_once(method, path, timeout=timeout, json=json,
-                                             params=params, retry_on_timeout=retry_on_timeout,
-                                             retry_on_5xx=retry_on_5xx)
+                return await self._call_once(
+                    method,
+                    path,
+                    timeout=timeout,
+                    json=json,
+                    params=params,
+                    retry_on_timeout=retry_on_timeout,
+                    retry_on_5xx=retry_on_5xx,
+                )
         raise AssertionError("unreachable")
 
-    async def _call_once(self, method: str, path: str, *, timeout: float, json: Any,
-                         params: Any, retry_on_timeout: bool,
-                         retry_on_5xx: bool) -> aiohttp.ClientResponse | None:
+    async def _call_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float,
+        json: Any,
+        params: Any,
+        retry_on_timeout: bool,
+        retry_on_5xx: bool,
+    ) -> aiohttp.ClientResponse | None:
         url = self.base_url + path
         try:
             async with self.session.request(
-                method, url, json=json, params=params,
+                method,
+                url,
+                json=json,
+                params=params,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 await resp.read()
         except aiohttp.ClientConnectorError as exc:
             raise EngineError(f"{method} {path}: cannot connect ({exc})", retryable=True) from exc
         except asyncio.TimeoutError as exc:
-            raise EngineError(f"{method} {path}: no answer within {timeout:g}s",
-                              retryable=retry_on_timeout) from exc
+            raise EngineError(
+                f"{method} {path}: no answer within {timeout:g}s", retryable=retry_on_timeout
+            ) from exc
         except aiohttp.ClientError as exc:
             raise EngineError(f"{method} {path}: {exc}", retryable=retry_on_timeout) from exc
         if resp.status == 404:
             return None
         if resp.status >= 500:
-            raise EngineError(f"{method} {path}: HTTP {resp.status}", retryable=retry_on_5xx,
-                              status=resp.status)
+            raise EngineError(
+                f"{method} {path}: HTTP {resp.status}", retryable=retry_on_5xx, status=resp.status
+            )
         if resp.status >= 400:
-            raise EngineError(f"{method} {path}: HTTP {resp.status} {await resp.text()}",
-                              status=resp.status)
+            raise EngineError(
+                f"{method} {path}: HTTP {resp.status} {await resp.text()}", status=resp.status
+            )
         return resp
 
     async def reachable(self, path: str) -> Observation:

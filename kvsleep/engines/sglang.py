@@ -28,24 +28,29 @@ class SGLangAdapter(EngineAdapter):
 
     async def sleep(self) -> None:
         try:
-            resp = await self.call("POST", "/release_memory_occupation", json={},
-                                   timeout=self.retry.sleep_timeout_seconds)
+            resp = await self.call(
+                "POST",
+                "/release_memory_occupation",
+                json={},
+                timeout=self.retry.sleep_timeout_seconds,
+            )
         except EngineError as exc:
             if exc.status == 405:
-                raise SleepUnsupported("POST /release_memory_occupation is not allowed (405)",
-                                       status=405) from exc
+                raise SleepUnsupported(
+                    "POST /release_memory_occupation is not allowed (405)", status=405
+                ) from exc
             raise
         if resp is None:
-            raise SleepUnsupported("POST /release_memory_occupation is missing (404)",
-                                   status=404)
+            raise SleepUnsupported("POST /release_memory_occupation is missing (404)", status=404)
         self._resumed = self._gone = False
 
     async def wake(self) -> None:
         timeout = self.retry.wake_timeout_seconds
         if not self._resumed and not self._gone:
             try:
-                resp = await self.call("POST", "/resume_memory_occupation", json={},
-                                       timeout=timeout)
+                resp = await self.call(
+                    "POST", "/resume_memory_occupation", json={}, timeout=timeout
+                )
             except EngineError as exc:
                 self._gone = _refused(exc)
                 raise
@@ -55,14 +60,20 @@ class SGLangAdapter(EngineAdapter):
         # Without --enable-weights-cpu-backup the resumed weights are garbage; reloading is
         # idempotent and cheap enough to do always rather than guess the engine's flags.
         weights = self.model.weights_path or self.model.name
-        resp = await self.call("POST", "/update_weights_from_disk", json={"model_path": weights},
-                               timeout=timeout, retry_on_timeout=True)
+        resp = await self.call(
+            "POST",
+            "/update_weights_from_disk",
+            json={"model_path": weights},
+            timeout=timeout,
+            retry_on_timeout=True,
+        )
         if resp is None:
             raise EngineError("POST /update_weights_from_disk is missing (404)")
         body = await resp.json(content_type=None)
         if isinstance(body, dict) and body.get("success") is False:
-            raise EngineError(f"update_weights_from_disk({weights!r}) failed: "
-                              f"{body.get('message')}")
+            raise EngineError(
+                f"update_weights_from_disk({weights!r}) failed: {body.get('message')}"
+            )
         self._resumed = self._gone = False
 
     async def finish_wake(self) -> None:
@@ -80,5 +91,7 @@ class SGLangAdapter(EngineAdapter):
 def _refused(exc: EngineError) -> bool:
     """The call found no process listening (not a timeout, not a network failure)."""
     cause = exc.__cause__
-    return (isinstance(cause, aiohttp.ClientConnectorError)
-            and cause.os_error.errno == errno.ECONNREFUSED)
+    return (
+        isinstance(cause, aiohttp.ClientConnectorError)
+        and cause.os_error.errno == errno.ECONNREFUSED
+    )

@@ -9,11 +9,14 @@ import aiohttp
 from kvsleep.engines.base import EngineAdapter, EngineError, Observation, SleepUnsupported
 from kvsleep.sleep_state import ModelState
 
-_NO_DEV_MODE = ("sleep routes are missing (404): start vLLM with VLLM_SERVER_DEV_MODE=1 "
-                "and --enable-sleep-mode")
-_NO_SLEEP = ("vLLM has no sleep route (POST /sleep answered {status}): start it with "
-             "VLLM_SERVER_DEV_MODE=1 and, on GPUs, --enable-sleep-mode; kvsleep stops putting "
-             "this model to sleep until a reload or an engine restart")
+_NO_DEV_MODE = (
+    "sleep routes are missing (404): start vLLM with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode"
+)
+_NO_SLEEP = (
+    "vLLM has no sleep route (POST /sleep answered {status}): start it with "
+    "VLLM_SERVER_DEV_MODE=1 and, on GPUs, --enable-sleep-mode; kvsleep stops putting "
+    "this model to sleep until a reload or an engine restart"
+)
 
 
 class VLLMAdapter(EngineAdapter):
@@ -29,8 +32,12 @@ class VLLMAdapter(EngineAdapter):
     async def sleep(self) -> None:
         level = self.model.sleep_level
         try:
-            resp = await self.call("POST", "/sleep", params={"level": str(level), "mode": "wait"},
-                                   timeout=self.retry.sleep_timeout_seconds)
+            resp = await self.call(
+                "POST",
+                "/sleep",
+                params={"level": str(level), "mode": "wait"},
+                timeout=self.retry.sleep_timeout_seconds,
+            )
         except EngineError as exc:
             if exc.status == 405:
                 raise SleepUnsupported(_NO_SLEEP.format(status=405), status=405) from exc
@@ -43,8 +50,13 @@ class VLLMAdapter(EngineAdapter):
         if self.model.sleep_level == 2:
             # Level 2 discarded the weights: restore them, reload from disk, then the KV cache.
             await self._wake_up(timeout, [("tags", "weights")])
-            resp = await self.call("POST", "/collective_rpc", json={"method": "reload_weights"},
-                                   timeout=timeout, retry_on_timeout=True)
+            resp = await self.call(
+                "POST",
+                "/collective_rpc",
+                json={"method": "reload_weights"},
+                timeout=timeout,
+                retry_on_timeout=True,
+            )
             if resp is None:
                 raise EngineError("POST /collective_rpc is missing (404): cannot reload weights")
             await self._wake_up(timeout, [("tags", "kv_cache")])
@@ -52,8 +64,9 @@ class VLLMAdapter(EngineAdapter):
             await self._wake_up(timeout, None)
 
     async def _wake_up(self, timeout: float, params: list[tuple[str, str]] | None) -> None:
-        resp = await self.call("POST", "/wake_up", params=params, timeout=timeout,
-                               retry_on_timeout=True)
+        resp = await self.call(
+            "POST", "/wake_up", params=params, timeout=timeout, retry_on_timeout=True
+        )
         if resp is None:
             raise EngineError(_NO_DEV_MODE)
         try:
@@ -61,8 +74,7 @@ class VLLMAdapter(EngineAdapter):
         except ValueError:
             body = None  # before 0.33 the answer is empty
         if params is None and isinstance(body, dict) and body.get("status") == "sleeping":
-            raise EngineError("engine still reports it is sleeping after wake_up",
-                              retryable=True)
+            raise EngineError("engine still reports it is sleeping after wake_up", retryable=True)
 
     async def observe(self, believed: ModelState) -> Observation:
         try:
