@@ -382,3 +382,38 @@ async def test_a_removed_model_leaves_no_series_and_no_traffic_behind(sim_factor
         if asleep.sim.control_lock.locked():
             asleep.sim.control_lock.release()
         await kv.close()
+
+
+async def test_held_streams_and_long_generations_outlast_the_client_timeouts(
+    sim_factory, kvsleep_factory
+):
+    """The connection limits bound idle and slow clients only: a stream held through a 2.5 s
+    wake and a 3 s generation both finish under 1 s idle, head and body timeouts."""
+    slow_wake = await sim_factory("vllm", "asleep", wake_latency=2.5)
+    slow_tokens = await sim_factory("sglang", "long", tokens_per_second=4)
+    limits = {"idle_timeout_seconds": 1, "header_timeout_seconds": 1, "body_timeout_seconds": 1}
+    kv = await kvsleep_factory([sim_model(slow_wake), sim_model(slow_tokens)], router=limits)
+    assert await kv.manager.put_model_to_sleep("asleep", manual=True)
+    async with aiohttp.ClientSession() as session:
+
+        async def stream(model: str, tokens: int) -> bytes:
+            body = {
+                "model": model,
+                "prompt": "x",
+                "max_tokens": tokens,
+                "stream": True,
+                "ignore_eos": True,
+            }
+            async with session.post(kv.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                return await resp.read()
+
+        held, long = await asyncio.gather(stream("asleep", 2), stream("long", 12))
+    assert held.endswith(b"data: [DONE]\n\n") and long.endswith(b"data: [DONE]\n\n")
+    assert long.count(b"data: {") >= 12  # one event per token (SGLang adds a final one)
+    registry = kv.server.metrics.registry
+    for reason in ("idle_timeout", "header_timeout", "body_timeout", "limit"):
+        closed = registry.get_sample_value(
+            "kvsleep_client_connections_closed_total", {"reason": reason}
+        )
+        assert closed == 0, reason
