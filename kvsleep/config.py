@@ -64,6 +64,11 @@ def _key(kind: _Kind, doc: str, **options: Any) -> dict[str, _Key]:
     return {"key": _Key(kind, doc, **options)}
 
 
+def _setting(default: Any, kind: _Kind, doc: str, **options: Any) -> Any:
+    """A config key with a default (a required key is `field(metadata=_key(...))`)."""
+    return field(default=default, metadata=_key(kind, doc, **options))
+
+
 class _Section(NamedTuple):
     """The keys of one mapping, by the name their parsed values take."""
 
@@ -85,10 +90,10 @@ def _section(
     required: Sequence[str] = (),
     rules: Sequence[dict[str, Any]] = (),
 ) -> _Section:
-    """The keys a dataclass declares (fields with a `key`), after `extra` keys that are no field;
+    """The keys a dataclass declares (fields with a `key`), then `extra` keys that are no field;
     a field without a default is required. A field whose metadata names `inline` takes the keys
     of that dataclass (a model takes every policy key)."""
-    keys = dict(extra or {})
+    keys: dict[str, _Key] = {}
     inlined: dict[str, _Key] = {}
     needed = list(required)
     defaults: dict[str, Any] = {}
@@ -105,7 +110,7 @@ def _section(
             needed.append(item.name)
         elif item.default is None or isinstance(item.default, (bool, int, float, str)):
             defaults[item.name] = item.default
-    return _Section({**keys, **inlined}, tuple(needed), defaults, tuple(rules))
+    return _Section({**keys, **(extra or {}), **inlined}, tuple(needed), defaults, tuple(rules))
 
 
 class _Checker:
@@ -498,7 +503,7 @@ _ENV_LIST = _Kind(
     {"type": ["array", "null"], "items": {"type": "string", "pattern": r"^[^=]*[^=\s][^=]*="}},
 )
 _GPU_IDS = _Kind(_gpu_ids, {"type": "array", "items": _GPU_ID.schema})
-_ENGINE_URL = _Kind(_engine_url, {"type": "string", "pattern": _URL + "/?$"})
+_ENGINE_URL = _Kind(_engine_url, {"type": "string", "pattern": r"^https?://[^/?#@]+/?$"})
 _PROMETHEUS_URL = _Kind(_prometheus_url, {"type": "string", "pattern": _URL})
 _REPLICA_URL = _Kind(_replica_url, {"type": "string", "pattern": _URL})
 _REPLICA_URLS = _Kind(_replica_urls, {"type": "array", "items": _REPLICA_URL.schema})
@@ -515,73 +520,55 @@ def _ref(name: str) -> dict[str, Any]:
 class SleepPolicy:
     """Policy keys of `sleep_manager`; every one can be overridden per model."""
 
-    idle_threshold_seconds: float = field(
-        default=300.0,
-        metadata=_key(_SECONDS, "Idle this long (since the last request ended): sleep."),
+    idle_threshold_seconds: float = _setting(
+        300.0, _SECONDS, "Idle this long (since the last request ended): sleep."
     )
-    check_interval_seconds: float = field(
-        default=60.0,
-        metadata=_key(_POSITIVE_SECONDS, "How often the reconciliation loop looks."),
+    check_interval_seconds: float = _setting(
+        60.0, _POSITIVE_SECONDS, "How often the reconciliation loop looks."
     )
-    auto_sleep_enabled: bool = field(
-        default=False, metadata=_key(_BOOLEAN, "Put idle models to sleep automatically.")
+    auto_sleep_enabled: bool = _setting(False, _BOOLEAN, "Put idle models to sleep automatically.")
+    wakeup_on_request: bool = _setting(
+        True, _BOOLEAN, "A request for a sleeping model wakes it (and is held)."
     )
-    wakeup_on_request: bool = field(
-        default=True,
-        metadata=_key(_BOOLEAN, "A request for a sleeping model wakes it (and is held)."),
+    min_sleep_duration: float = _setting(
+        80.0, _SECONDS, "A model put to sleep stays asleep at least this long."
     )
-    min_sleep_duration: float = field(
-        default=80.0,
-        metadata=_key(_SECONDS, "A model put to sleep stays asleep at least this long."),
+    wake_timeout_seconds: float = _setting(
+        300.0, _POSITIVE_SECONDS, "A held request waits at most this long, then 504."
     )
-    wake_timeout_seconds: float = field(
-        default=300.0,
-        metadata=_key(_POSITIVE_SECONDS, "A held request waits at most this long, then 504."),
-    )
-    max_held_requests: int = field(
-        default=1024,
-        metadata=_key(_integer(0), "Held requests per model; beyond it: 503 + Retry-After."),
+    max_held_requests: int = _setting(
+        1024, _integer(0), "Held requests per model; beyond it: 503 + Retry-After."
     )
     # Bodies of held requests stay in memory until the wake: bound them by size too.
-    max_held_bytes: int = field(
-        default=256 * 1024 * 1024,
-        metadata=_key(_integer(0), "Bytes of held request bodies per model; beyond it: 503."),
+    max_held_bytes: int = _setting(
+        256 * 1024 * 1024, _integer(0), "Bytes of held request bodies per model; beyond it: 503."
     )
-    min_awake_seconds: float = field(
-        default=10.0,
-        metadata=_key(_SECONDS, "A model just woken stays awake at least this long."),
+    min_awake_seconds: float = _setting(
+        10.0, _SECONDS, "A model just woken stays awake at least this long."
     )
-    drain_timeout_seconds: float = field(
-        default=120.0,
-        metadata=_key(_SECONDS, "Before sleeping, wait this long for in-flight requests."),
+    drain_timeout_seconds: float = _setting(
+        120.0, _SECONDS, "Before sleeping, wait this long for in-flight requests."
     )
-    # `adaptive` learns each model's idle gaps and picks its threshold (kvsleep/adaptive.py)
-    # within these bounds; `idle_threshold_seconds` is then what one wake is worth.
-    idle_policy: str = field(
-        default="fixed",
-        metadata=_key(
-            _choice(*IDLE_POLICIES),
-            "fixed: sleep after idle_threshold_seconds; adaptive: learn each model's idle gaps"
-            " and pick its threshold (idle_threshold_seconds is then what one wake is worth).",
-        ),
+    # `adaptive`: kvsleep/adaptive.py, within the two bounds below.
+    idle_policy: str = _setting(
+        "fixed",
+        _choice(*IDLE_POLICIES),
+        "fixed: sleep after idle_threshold_seconds; adaptive: learn each model's idle gaps"
+        " and pick its threshold (idle_threshold_seconds is then what one wake is worth).",
     )
-    min_idle_threshold_seconds: float = field(
-        default=30.0,
-        metadata=_key(_SECONDS, "Adaptive only: the threshold never goes below this."),
+    min_idle_threshold_seconds: float = _setting(
+        30.0, _SECONDS, "Adaptive only: the threshold never goes below this."
     )
-    max_idle_threshold_seconds: float = field(
-        default=3600.0,
-        metadata=_key(_POSITIVE_SECONDS, "Adaptive only: the threshold never goes above this."),
+    max_idle_threshold_seconds: float = _setting(
+        3600.0, _POSITIVE_SECONDS, "Adaptive only: the threshold never goes above this."
     )
     # After a failed sleep, idle sleeps of the model wait this long, doubling with each further
     # failure up to the maximum; a success, a reload or an engine restart starts over.
-    sleep_retry_initial_seconds: float = field(
-        default=30.0,
-        metadata=_key(_SECONDS, "After a failed sleep, idle sleeps wait this long, doubling."),
+    sleep_retry_initial_seconds: float = _setting(
+        30.0, _SECONDS, "After a failed sleep, idle sleeps wait this long, doubling."
     )
-    sleep_retry_max_seconds: float = field(
-        default=1800.0,
-        metadata=_key(_SECONDS, "The longest wait between sleep attempts after failures."),
+    sleep_retry_max_seconds: float = _setting(
+        1800.0, _SECONDS, "The longest wait between sleep attempts after failures."
     )
 
 
@@ -590,79 +577,58 @@ class RouterConfig:
     """The router's listener and limits; the admin token is read from the environment so that
     it never sits in a config file (and `repr` leaves it out so it never reaches a log)."""
 
-    host: str = field(
-        default="127.0.0.1",
-        metadata=_key(_TEXT, "Address the router listens on.", aliases=("router_host",)),
+    host: str = _setting(
+        "127.0.0.1", _TEXT, "Address the router listens on.", aliases=("router_host",)
     )
-    port: int = field(
-        default=8080, metadata=_key(_PORT, "The router's port.", aliases=("router_port",))
-    )
-    admin_token_env: str | None = field(
-        default=None,
-        metadata=_key(
-            _optional(_ENV_NAME_KIND),
-            "Environment variable holding the bearer token for control routes; without one,"
-            " they answer loopback clients only.",
-        ),
+    port: int = _setting(8080, _PORT, "The router's port.", aliases=("router_port",))
+    admin_token_env: str | None = _setting(
+        None,
+        _optional(_ENV_NAME_KIND),
+        "Environment variable holding the bearer token for control routes; without one,"
+        " they answer loopback clients only.",
     )
     admin_token: str | None = field(default=None, repr=False)
-    max_body_bytes: int = field(
-        default=16 * 1024 * 1024,
-        metadata=_key(_integer(1), "Largest request body accepted (bytes)."),
+    max_body_bytes: int = _setting(
+        16 * 1024 * 1024, _integer(1), "Largest request body accepted (bytes)."
     )
-    connect_timeout_seconds: float = field(
-        default=5.0, metadata=_key(_POSITIVE_SECONDS, "Connecting to an engine.")
+    connect_timeout_seconds: float = _setting(5.0, _POSITIVE_SECONDS, "Connecting to an engine.")
+    upstream_timeout_seconds: float = _setting(
+        600.0, _POSITIVE_SECONDS, "A whole upstream request, streaming included."
     )
-    upstream_timeout_seconds: float = field(
-        default=600.0,
-        metadata=_key(_POSITIVE_SECONDS, "A whole upstream request, streaming included."),
+    shutdown_grace_seconds: float = _setting(
+        30.0, _SECONDS, "On SIGTERM, how long in-flight requests may finish."
     )
-    shutdown_grace_seconds: float = field(
-        default=30.0,
-        metadata=_key(_SECONDS, "On SIGTERM, how long in-flight requests may finish."),
+    listen_backlog: int = _setting(1024, _integer(1), "Pending connections the kernel queues.")
+    hold_keepalive_seconds: float = _setting(
+        5.0,
+        _SECONDS,
+        "A streaming request held for a wake gets an SSE comment this often; 0: never.",
     )
-    listen_backlog: int = field(
-        default=1024,
-        metadata=_key(_integer(1), "Pending connections the kernel queues."),
+    # What one client can cost (kvsleep/connections.py).
+    max_client_connections: int = _setting(
+        0,
+        _integer(0),
+        "Open client connections; at the limit a new one replaces the longest-idle one;"
+        " 0: from the open-file limit.",
     )
-    hold_keepalive_seconds: float = field(
-        default=5.0,
-        metadata=_key(
-            _SECONDS,
-            "A streaming request held for a wake gets an SSE comment this often; 0: never.",
-        ),
+    idle_timeout_seconds: float = _setting(
+        75.0, _POSITIVE_SECONDS, "An idle keep-alive connection is closed after this."
     )
-    # What one client can cost (kvsleep/connections.py): 0 connections = from the file limit.
-    max_client_connections: int = field(
-        default=0,
-        metadata=_key(
-            _integer(0),
-            "Open client connections; at the limit a new one replaces the longest-idle one;"
-            " 0: from the open-file limit.",
-        ),
+    header_timeout_seconds: float = _setting(
+        10.0, _POSITIVE_SECONDS, "A request head must arrive within this."
     )
-    idle_timeout_seconds: float = field(
-        default=75.0,
-        metadata=_key(_POSITIVE_SECONDS, "An idle keep-alive connection is closed after this."),
+    body_timeout_seconds: float = _setting(
+        10.0,
+        _POSITIVE_SECONDS,
+        "A body must arrive within this plus its size over body_min_bytes_per_second.",
     )
-    header_timeout_seconds: float = field(
-        default=10.0,
-        metadata=_key(_POSITIVE_SECONDS, "A request head must arrive within this."),
+    body_min_bytes_per_second: int = _setting(
+        64 * 1024, _integer(1), "The slowest body upload accepted (bytes per second)."
     )
-    body_timeout_seconds: float = field(
-        default=10.0,
-        metadata=_key(
-            _POSITIVE_SECONDS,
-            "A body must arrive within this plus its size over body_min_bytes_per_second.",
-        ),
-    )
-    body_min_bytes_per_second: int = field(
-        default=64 * 1024,
-        metadata=_key(_integer(1), "The slowest body upload accepted (bytes per second)."),
-    )
-    max_held_bytes: int = field(
-        default=1024 * 1024 * 1024,
-        metadata=_key(_integer(0), "Request bodies held for wakes, all models together (bytes)."),
+    max_held_bytes: int = _setting(
+        1024 * 1024 * 1024,
+        _integer(0),
+        "Request bodies held for wakes, all models together (bytes).",
     )
 
 
@@ -679,36 +645,27 @@ class ModelConfig:
         metadata=_key(_ENGINE_URL, "Where the engine listens: http://host:port.", forms=("models",))
     )
     policy: SleepPolicy = field(default_factory=SleepPolicy, metadata={"inline": SleepPolicy})
-    sleep_level: int = field(
-        default=1,
-        metadata=_key(
-            _SLEEP_LEVEL,
-            "vLLM only: 1 offloads weights to CPU, 2 discards them, 0 only pauses scheduling.",
-        ),
+    sleep_level: int = _setting(
+        1,
+        _SLEEP_LEVEL,
+        "vLLM only: 1 offloads weights to CPU, 2 discards them, 0 only pauses scheduling.",
     )
-    always_on: bool = field(default=False, metadata=_key(_BOOLEAN, "Never put to sleep."))
-    weights_path: str | None = field(
-        default=None,
-        metadata=_key(
-            _optional(_TEXT), "SGLang: weights to reload after resume (default: the name)."
-        ),
+    always_on: bool = _setting(False, _BOOLEAN, "Never put to sleep.")
+    weights_path: str | None = _setting(
+        None, _optional(_TEXT), "SGLang: weights to reload after resume (default: the name)."
     )
-    command: tuple[str, ...] | None = field(
-        default=None,
-        metadata=_key(
-            _optional(_COMMAND),
-            "kvsleep launches and supervises the engine with this command (list or string).",
-            forms=("models",),
-        ),
+    command: tuple[str, ...] | None = _setting(
+        None,
+        _optional(_COMMAND),
+        "kvsleep launches and supervises the engine with this command (list or string).",
+        forms=("models",),
     )
-    engine_args: tuple[str, ...] = field(
-        default=(),
-        metadata=_key(
-            _ENGINE_ARGS,
-            "The engine's arguments; its --host/--port say where it listens.",
-            aliases=("args",),
-            forms=("instances",),
-        ),
+    engine_args: tuple[str, ...] = _setting(
+        (),
+        _ENGINE_ARGS,
+        "The engine's arguments; its --host/--port say where it listens.",
+        aliases=("args",),
+        forms=("instances",),
     )
     env: dict[str, str] = field(
         default_factory=dict,
@@ -716,43 +673,29 @@ class ModelConfig:
             _ENV_MAPPING, "Extra environment for the launched command.", forms=("models",)
         ),
     )
-    venv_path: str | None = field(
-        default=None,
-        metadata=_key(
-            _optional(_TEXT), "The engine's virtualenv (with using_venv).", forms=("instances",)
-        ),
+    venv_path: str | None = _setting(
+        None, _optional(_TEXT), "The engine's virtualenv (with using_venv).", forms=("instances",)
     )
-    log_file: str | None = field(
-        default=None,
-        metadata=_key(_optional(_TEXT), "The launched engine's output (default: under log_dir)."),
+    log_file: str | None = _setting(
+        None, _optional(_TEXT), "The launched engine's output (default: under log_dir)."
     )
-    ready_timeout_seconds: float = field(
-        default=600.0,
-        metadata=_key(_POSITIVE_SECONDS, "How long a launched engine may take to become ready."),
+    ready_timeout_seconds: float = _setting(
+        600.0, _POSITIVE_SECONDS, "How long a launched engine may take to become ready."
     )
-    memory_gb: float | None = field(
-        default=None,
-        metadata=_key(_optional(_GB), "GPU memory the engine takes when awake."),
+    memory_gb: float | None = _setting(
+        None, _optional(_GB), "GPU memory the engine takes when awake."
     )
-    gpus: tuple[int, ...] = field(
-        default=(), metadata=_key(_GPU_IDS, "GPU ids it runs on (listed under gpus).")
+    gpus: tuple[int, ...] = _setting((), _GPU_IDS, "GPU ids it runs on (listed under gpus).")
+    wake_eta_seconds: float | None = _setting(
+        None, _optional(_SECONDS), "Expected wake time, for Retry-After."
     )
-    wake_eta_seconds: float | None = field(
-        default=None,
-        metadata=_key(_optional(_SECONDS), "Expected wake time, for Retry-After."),
+    engine_flags: str = _setting(
+        "auto",
+        _choice("auto", "none"),
+        "auto: add the sleep flags and env a launched engine lacks; none: run it as given.",
     )
-    # auto: a launched engine gets the sleep flags and env it lacks; none: its command as is.
-    engine_flags: str = field(
-        default="auto",
-        metadata=_key(
-            _choice("auto", "none"),
-            "auto: add the sleep flags and env a launched engine lacks; none: run it as given.",
-        ),
-    )
-    # A launched engine's processes get SIGTERM, then SIGKILL after this long.
-    stop_grace_seconds: float = field(
-        default=10.0,
-        metadata=_key(_SECONDS, "Stopping the engine: SIGTERM, then SIGKILL after this long."),
+    stop_grace_seconds: float = _setting(
+        10.0, _SECONDS, "Stopping the engine: SIGTERM, then SIGKILL after this long."
     )
 
     @property
@@ -782,23 +725,15 @@ class GpuConfig:
 class PolicySource:
     """Where idle rules read traffic: this process alone, or Prometheus for a fleet of routers."""
 
-    type: str = field(
-        default="local",
-        metadata=_key(
-            _choice("local", "prometheus"), "local (this process) or prometheus (fleet-wide)."
-        ),
+    type: str = _setting(
+        "local", _choice("local", "prometheus"), "local (this process) or prometheus (fleet-wide)."
     )
-    url: str | None = field(
-        default=None,
-        metadata=_key(
-            _optional(_PROMETHEUS_URL), "Prometheus base URL (required when type is prometheus)."
-        ),
+    url: str | None = _setting(
+        None, _optional(_PROMETHEUS_URL), "Prometheus base URL (required when type is prometheus)."
     )
-    query_timeout_seconds: float = field(
-        default=5.0, metadata=_key(_POSITIVE_SECONDS, "One Prometheus query.")
-    )
-    max_staleness_seconds: float = field(
-        default=120.0, metadata=_key(_SECONDS, "Older Prometheus data counts as unknown.")
+    query_timeout_seconds: float = _setting(5.0, _POSITIVE_SECONDS, "One Prometheus query.")
+    max_staleness_seconds: float = _setting(
+        120.0, _SECONDS, "Older Prometheus data counts as unknown."
     )
 
 
@@ -811,15 +746,11 @@ class FleetConfig:
     peer has drained it; the others ask the owner to wake it.
     """
 
-    self_url: str | None = field(
-        default=None,
-        metadata=_key(
-            _optional(_REPLICA_URL), "How the peers reach this replica (required with peers)."
-        ),
+    self_url: str | None = _setting(
+        None, _optional(_REPLICA_URL), "How the peers reach this replica (required with peers)."
     )
-    peers: tuple[str, ...] = field(
-        default=(),
-        metadata=_key(_REPLICA_URLS, "The other replicas' URLs; each model gets one owner."),
+    peers: tuple[str, ...] = _setting(
+        (), _REPLICA_URLS, "The other replicas' URLs; each model gets one owner."
     )
 
 
@@ -986,27 +917,20 @@ class Config:
             "Sleep policy for every model; each key can be overridden per model.",
         ),
     )
-    models: tuple[ModelConfig, ...] = field(
-        default=(),
-        metadata=_key(
-            _Kind(_entries, {"type": "array", "minItems": 1, "items": _ref("model")}),
-            "The engines kvsleep routes to and puts to sleep (canonical form).",
-        ),
+    models: tuple[ModelConfig, ...] = _setting(
+        (),
+        _Kind(_entries, {"type": "array", "minItems": 1, "items": _ref("model")}),
+        "The engines kvsleep routes to and puts to sleep (canonical form).",
     )
-    gpus: tuple[GpuConfig, ...] = field(
-        default=(),
-        metadata=_key(
-            _Kind(_parse_gpus, _nullable({"type": "array", "items": _ref("gpu")})),
-            "Optional memory budgets: the GPUs the models' memory_gb is weighed against.",
-        ),
+    gpus: tuple[GpuConfig, ...] = _setting(
+        (),
+        _Kind(_parse_gpus, _nullable({"type": "array", "items": _ref("gpu")})),
+        "Optional memory budgets: the GPUs the models' memory_gb is weighed against.",
     )
-    state_dir: str = field(
-        default="./.kvsleep-state",
-        metadata=_key(_TEXT, "Where state no engine reveals survives restarts."),
+    state_dir: str = _setting(
+        "./.kvsleep-state", _TEXT, "Where state no engine reveals survives restarts."
     )
-    log_dir: str = field(
-        default="./.kvsleep-logs", metadata=_key(_TEXT, "Logs of launched engines.")
-    )
+    log_dir: str = _setting("./.kvsleep-logs", _TEXT, "Logs of launched engines.")
     policy_source: PolicySource = field(
         default_factory=PolicySource,
         metadata=_key(
@@ -1021,12 +945,11 @@ class Config:
             "Other kvsleep replicas in front of the same engines.",
         ),
     )
-    # Route to engines that already run, launching none (kvcached's frontend.py alone).
-    attach: bool = field(
-        default=False,
-        metadata=_key(
-            _BOOLEAN, "Route to engines that already run and launch none (kvsleep serve --attach)."
-        ),
+    # What kvcached's frontend.py does with its config file.
+    attach: bool = _setting(
+        False,
+        _BOOLEAN,
+        "Route to engines that already run and launch none (kvsleep serve --attach).",
     )
     source: str = "<config>"
     warnings: tuple[str, ...] = ()  # what parsing let pass (see parse_config's `secrets`)
