@@ -91,17 +91,18 @@ def _section(
     rules: Sequence[dict[str, Any]] = (),
 ) -> _Section:
     """The keys a dataclass declares (fields with a `key`), then `extra` keys that are no field;
-    a field without a default is required. A field whose metadata names `inline` takes the keys
-    of that dataclass (a model takes every policy key)."""
+    a field without a default is required. A field whose metadata names a dataclass as `inline`
+    takes that dataclass's keys, its `note` before their docs (a model takes every policy key)."""
     keys: dict[str, _Key] = {}
     inlined: dict[str, _Key] = {}
     needed = list(required)
     defaults: dict[str, Any] = {}
     for item in dataclasses.fields(cls):
-        if "inline" in item.metadata:
-            inner = _section(item.metadata["inline"])
-            inlined.update(inner.keys)
-            defaults.update(inner.defaults)
+        if "inline" in item.metadata:  # their defaults are the section's, not the dataclass's
+            for name, inner in _section(item.metadata["inline"]).keys.items():
+                inlined[name] = dataclasses.replace(
+                    inner, doc=f"{item.metadata['note']} {inner.doc}"
+                )
         key = item.metadata.get("key")
         if key is None or (form is not None and form not in key.forms):
             continue
@@ -644,7 +645,10 @@ class ModelConfig:
     url: str = field(
         metadata=_key(_ENGINE_URL, "Where the engine listens: http://host:port.", forms=("models",))
     )
-    policy: SleepPolicy = field(default_factory=SleepPolicy, metadata={"inline": SleepPolicy})
+    policy: SleepPolicy = field(
+        default_factory=SleepPolicy,
+        metadata={"inline": SleepPolicy, "note": "Per model (default: the sleep_manager value)."},
+    )
     sleep_level: int = _setting(
         1,
         _SLEEP_LEVEL,
@@ -881,7 +885,7 @@ def _parse_fleet(check: _Checker, path: str, value: object) -> FleetConfig:
     return FleetConfig(**values)
 
 
-def _entries(check: _Checker, key: str, value: object) -> Any:
+def _entries(check: _Checker, key: str, value: object) -> list[Any]:
     """The list of models (either form); each is then read by `_parse_models`/`_parse_instances`."""
     if value is None or value == []:
         check.report(key, "no models configured")
