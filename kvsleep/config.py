@@ -1000,8 +1000,10 @@ _DEFS = {
 def config_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a config file, so that editors validate as one types.
 
-    It checks each value on its own (types, ranges, names); `check-config` remains the authority,
-    with the rules that span entries (unique names and ports, GPUs listed, paths, secrets)."""
+    It checks each value on its own (types, ranges, key names) and the simpler rules across keys;
+    `check-config` remains the authority, with the rest (unique names and ports, GPUs listed,
+    the --port inside engine_args, secrets). Only keywords that draft-07 validators also know
+    are used, so older editor plugins read it too."""
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "kvsleep configuration",

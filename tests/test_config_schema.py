@@ -38,10 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 SCHEMA = config_schema()
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+# Editor plugins that know only draft-07 must read it the same way.
+DRAFT_7 = jsonschema.Draft7Validator(SCHEMA)
 
 
 def schema_errors(document: object) -> list[str]:
-    return [error.message for error in VALIDATOR.iter_errors(document)]
+    errors = [error.message for error in VALIDATOR.iter_errors(document)]
+    assert bool(errors) == bool(list(DRAFT_7.iter_errors(document))), errors
+    return errors
 
 
 def checker_problems(document: object) -> list[str]:
@@ -71,6 +75,7 @@ def kvsleep_configs() -> list[Path]:
 
 def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.Draft7Validator.check_schema(SCHEMA)
     assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
 
