@@ -51,12 +51,15 @@ class _Key:
     """One key of the file: its kind, a line for editors, and the other spellings it takes.
 
     `forms` matters for model keys only: which list (`models`, `instances`) takes the key.
+    `restart`: a running kvsleep cannot apply a change of it (of a model key: for an engine
+    kvsleep launches), so a reload that changes it is refused (`needs_restart`).
     """
 
     kind: _Kind
     doc: str
     aliases: tuple[str, ...] = ()
     forms: tuple[str, ...] = ("models", "instances")
+    restart: bool = False
 
 
 def _key(kind: _Kind, doc: str, **options: Any) -> dict[str, _Key]:
@@ -579,9 +582,9 @@ class RouterConfig:
     it never sits in a config file (and `repr` leaves it out so it never reaches a log)."""
 
     host: str = _setting(
-        "127.0.0.1", _TEXT, "Address the router listens on.", aliases=("router_host",)
+        "127.0.0.1", _TEXT, "Address the router listens on.", aliases=("router_host",), restart=True
     )
-    port: int = _setting(8080, _PORT, "The router's port.", aliases=("router_port",))
+    port: int = _setting(8080, _PORT, "The router's port.", aliases=("router_port",), restart=True)
     admin_token_env: str | None = _setting(
         None,
         _optional(_ENV_NAME_KIND),
@@ -597,9 +600,11 @@ class RouterConfig:
         600.0, _POSITIVE_SECONDS, "A whole upstream request, streaming included."
     )
     shutdown_grace_seconds: float = _setting(
-        30.0, _SECONDS, "On SIGTERM, how long in-flight requests may finish."
+        30.0, _SECONDS, "On SIGTERM, how long in-flight requests may finish.", restart=True
     )
-    listen_backlog: int = _setting(1024, _integer(1), "Pending connections the kernel queues.")
+    listen_backlog: int = _setting(
+        1024, _integer(1), "Pending connections the kernel queues.", restart=True
+    )
     hold_keepalive_seconds: float = _setting(
         5.0,
         _SECONDS,
@@ -643,7 +648,12 @@ class ModelConfig:
     )
     engine: str = field(metadata=_key(_ENGINE, "vllm or sglang."))
     url: str = field(
-        metadata=_key(_ENGINE_URL, "Where the engine listens: http://host:port.", forms=("models",))
+        metadata=_key(
+            _ENGINE_URL,
+            "Where the engine listens: http://host:port.",
+            forms=("models",),
+            restart=True,
+        )
     )
     policy: SleepPolicy = field(
         default_factory=SleepPolicy,
@@ -663,6 +673,7 @@ class ModelConfig:
         _optional(_COMMAND),
         "kvsleep launches and supervises the engine with this command (list or string).",
         forms=("models",),
+        restart=True,
     )
     engine_args: tuple[str, ...] = _setting(
         (),
@@ -670,21 +681,35 @@ class ModelConfig:
         "The engine's arguments; its --host/--port say where it listens.",
         aliases=("args",),
         forms=("instances",),
+        restart=True,
     )
     env: dict[str, str] = field(
         default_factory=dict,
         metadata=_key(
-            _ENV_MAPPING, "Extra environment for the launched command.", forms=("models",)
+            _ENV_MAPPING,
+            "Extra environment for the launched command.",
+            forms=("models",),
+            restart=True,
         ),
     )
     venv_path: str | None = _setting(
-        None, _optional(_TEXT), "The engine's virtualenv (with using_venv).", forms=("instances",)
+        None,
+        _optional(_TEXT),
+        "The engine's virtualenv (with using_venv).",
+        forms=("instances",),
+        restart=True,
     )
     log_file: str | None = _setting(
-        None, _optional(_TEXT), "The launched engine's output (default: under log_dir)."
+        None,
+        _optional(_TEXT),
+        "The launched engine's output (default: under log_dir).",
+        restart=True,
     )
     ready_timeout_seconds: float = _setting(
-        600.0, _POSITIVE_SECONDS, "How long a launched engine may take to become ready."
+        600.0,
+        _POSITIVE_SECONDS,
+        "How long a launched engine may take to become ready.",
+        restart=True,
     )
     memory_gb: float | None = _setting(
         None, _optional(_GB), "GPU memory the engine takes when awake."
@@ -932,14 +957,15 @@ class Config:
         "Optional memory budgets: the GPUs the models' memory_gb is weighed against.",
     )
     state_dir: str = _setting(
-        "./.kvsleep-state", _TEXT, "Where state no engine reveals survives restarts."
+        "./.kvsleep-state", _TEXT, "Where state no engine reveals survives restarts.", restart=True
     )
-    log_dir: str = _setting("./.kvsleep-logs", _TEXT, "Logs of launched engines.")
+    log_dir: str = _setting("./.kvsleep-logs", _TEXT, "Logs of launched engines.", restart=True)
     policy_source: PolicySource = field(
         default_factory=PolicySource,
         metadata=_key(
             _Kind(_parse_policy_source, _nullable(_ref("policy_source"))),
             "Where idle rules read traffic from.",
+            restart=True,
         ),
     )
     fleet: FleetConfig = field(
@@ -947,6 +973,7 @@ class Config:
         metadata=_key(
             _Kind(_parse_fleet, _nullable(_ref("fleet"))),
             "Other kvsleep replicas in front of the same engines.",
+            restart=True,
         ),
     )
     # What kvcached's frontend.py does with its config file.
@@ -954,6 +981,7 @@ class Config:
         False,
         _BOOLEAN,
         "Route to engines that already run and launch none (kvsleep serve --attach).",
+        restart=True,
     )
     source: str = "<config>"
     warnings: tuple[str, ...] = ()  # what parsing let pass (see parse_config's `secrets`)
@@ -1104,18 +1132,18 @@ def load_config(path: str, *, secrets: bool = True) -> Config:
     return _resolve_paths(config, os.path.dirname(os.path.abspath(path)))
 
 
+def _restart_keys(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(
+        item.name
+        for item in dataclasses.fields(cls)
+        if "key" in item.metadata and item.metadata["key"].restart
+    )
+
+
 # What a running kvsleep cannot change: its listener, its files, its peers, the engines it runs.
-_RESTART_ROUTER_KEYS = ("host", "port", "listen_backlog", "shutdown_grace_seconds")
-_RESTART_KEYS = ("state_dir", "log_dir", "fleet", "policy_source", "attach")
-_LAUNCH_KEYS = (
-    "url",
-    "command",
-    "engine_args",
-    "env",
-    "venv_path",
-    "log_file",
-    "ready_timeout_seconds",
-)
+_RESTART_ROUTER_KEYS = _restart_keys(RouterConfig)
+_RESTART_KEYS = _restart_keys(Config)
+_LAUNCH_KEYS = _restart_keys(ModelConfig)
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
