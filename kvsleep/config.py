@@ -1051,7 +1051,7 @@ def _section_schema(section: _Section) -> dict[str, Any]:
         if name in section.defaults:
             properties[name]["default"] = section.defaults[name]
         for alias in key.aliases:
-            properties[alias] = {"description": f"Another spelling of {name}.", **key.kind.schema}
+            properties[alias] = {"description": f"kvcached's {name}.", **key.kind.schema}
     schema: dict[str, Any] = {
         "type": "object",
         "properties": properties,
