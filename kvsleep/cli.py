@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any
 
 from kvsleep import __version__
-from kvsleep.config import Config, ConfigError, load_config, summary
+from kvsleep.config import Config, ConfigError, config_schema, load_config, summary
 from kvsleep.eventloop import return_large_buffers_to_the_os, run_event_loop
 from kvsleep.server import KvsleepServer
 
@@ -56,6 +56,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 2
     _print_warnings(config)
     print(summary(config))
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(config_schema(), indent=2))
     return 0
 
 
@@ -305,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file (exit 2 on problems)")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
+
+    schema = sub.add_parser("config-schema", help="print the JSON Schema of the config file "
+                            "(for editors: see README, Configure)")
+    schema.set_defaults(func=cmd_config_schema)
 
     sim = sub.add_parser("sim-engine", help="run a simulated vLLM or SGLang engine (no GPU)")
     add_sim_arguments(sim)

@@ -3,17 +3,22 @@
 Both forms become the same immutable `Config`, so the rest of kvsleep never knows which one an
 operator wrote. Validation collects every problem before giving up, because a config that fails
 one problem at a time costs a restart per typo; each problem names its key path.
+
+Each key is declared once, on its dataclass field (`metadata`): how its value is read (a `_Kind`:
+converter and the JSON Schema of what that converter takes), what it means, its other spellings.
+The checker and `config_schema()` are both derived from those declarations, so they cannot drift.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import os
 import shlex
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -21,263 +26,7 @@ from urllib.parse import urlsplit
 import yaml
 
 ENGINES = ("vllm", "sglang")
-
-
-@dataclass(frozen=True)
-class SleepPolicy:
-    """Policy keys of `sleep_manager`; every one can be overridden per model."""
-
-    idle_threshold_seconds: float = 300.0
-    check_interval_seconds: float = 60.0
-    auto_sleep_enabled: bool = False
-    wakeup_on_request: bool = True
-    min_sleep_duration: float = 80.0
-    wake_timeout_seconds: float = 300.0
-    max_held_requests: int = 1024
-    # Bodies of held requests stay in memory until the wake: bound them by size too.
-    max_held_bytes: int = 256 * 1024 * 1024
-    min_awake_seconds: float = 10.0
-    drain_timeout_seconds: float = 120.0
-    # `adaptive` learns each model's idle gaps and picks its threshold (kvsleep/adaptive.py)
-    # within these bounds; `idle_threshold_seconds` is then what one wake is worth.
-    idle_policy: str = "fixed"
-    min_idle_threshold_seconds: float = 30.0
-    max_idle_threshold_seconds: float = 3600.0
-    # After a failed sleep, idle sleeps of the model wait this long, doubling with each further
-    # failure up to the maximum; a success, a reload or an engine restart starts over.
-    sleep_retry_initial_seconds: float = 30.0
-    sleep_retry_max_seconds: float = 1800.0
-
-
 IDLE_POLICIES = ("fixed", "adaptive")
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """The router's listener and limits; the admin token is read from the environment so that
-    it never sits in a config file (and `repr` leaves it out so it never reaches a log)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    admin_token_env: str | None = None
-    admin_token: str | None = field(default=None, repr=False)
-    max_body_bytes: int = 16 * 1024 * 1024
-    connect_timeout_seconds: float = 5.0
-    upstream_timeout_seconds: float = 600.0
-    shutdown_grace_seconds: float = 30.0
-    listen_backlog: int = 1024
-    hold_keepalive_seconds: float = 5.0
-    # What one client can cost (kvsleep/connections.py): 0 connections = from the file limit.
-    max_client_connections: int = 0
-    idle_timeout_seconds: float = 75.0
-    header_timeout_seconds: float = 10.0
-    body_timeout_seconds: float = 10.0
-    body_min_bytes_per_second: int = 64 * 1024
-    max_held_bytes: int = 1024 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """One engine, whichever form it came from; `policy` already has its overrides applied,
-    so consumers never merge policy themselves."""
-
-    name: str
-    engine: str
-    url: str
-    policy: SleepPolicy = field(default_factory=SleepPolicy)
-    sleep_level: int = 1
-    always_on: bool = False
-    weights_path: str | None = None
-    command: tuple[str, ...] | None = None
-    engine_args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    venv_path: str | None = None
-    log_file: str | None = None
-    ready_timeout_seconds: float = 600.0
-    memory_gb: float | None = None
-    gpus: tuple[int, ...] = ()
-    wake_eta_seconds: float | None = None
-    # auto: a launched engine gets the sleep flags and env it lacks; none: its command as is.
-    engine_flags: str = "auto"
-    # A launched engine's processes get SIGTERM, then SIGKILL after this long.
-    stop_grace_seconds: float = 10.0
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (443 if parts.scheme == "https" else 80)
-
-    @property
-    def launched(self) -> bool:
-        """True when kvsleep starts this engine itself (a command, or kvcached engine_args)."""
-        return self.command is not None or bool(self.engine_args)
-
-
-@dataclass(frozen=True)
-class GpuConfig:
-    """A GPU's memory, so that the models' `memory_gb` can be weighed against what it holds."""
-
-    id: int
-    memory_gb: float
-
-
-@dataclass(frozen=True)
-class PolicySource:
-    """Where idle rules read traffic: this process alone, or Prometheus for a fleet of routers."""
-
-    type: str = "local"
-    url: str | None = None
-    query_timeout_seconds: float = 5.0
-    max_staleness_seconds: float = 120.0
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    """Other kvsleep replicas in front of the same engines; no peers = this replica alone.
-
-    Each model is owned by one replica (rendezvous hashing over `self_url` and `peers`, so every
-    replica computes the same owner): only the owner sleeps and wakes its engine, after every
-    peer has drained it; the others ask the owner to wake it.
-    """
-
-    self_url: str | None = None
-    peers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole validated file; `source` names it in later messages (reloads, logs)."""
-
-    router: RouterConfig = field(default_factory=RouterConfig)
-    sleep_manager: SleepPolicy = field(default_factory=SleepPolicy)
-    models: tuple[ModelConfig, ...] = ()
-    gpus: tuple[GpuConfig, ...] = ()
-    state_dir: str = "./.kvsleep-state"
-    log_dir: str = "./.kvsleep-logs"
-    policy_source: PolicySource = field(default_factory=PolicySource)
-    fleet: FleetConfig = field(default_factory=FleetConfig)
-    # Route to engines that already run, launching none (kvcached's frontend.py alone).
-    attach: bool = False
-    source: str = "<config>"
-    warnings: tuple[str, ...] = ()  # what parsing let pass (see parse_config's `secrets`)
-
-    def model(self, name: str) -> ModelConfig | None:
-        for model in self.models:
-            if model.name == name:
-                return model
-        return None
-
-
-class ConfigError(Exception):
-    """Every problem found, each formatted `FILE: key.path: message`."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-def parse_config(data: object, source: str = "<config>", *, secrets: bool = True) -> Config:
-    """Validate a decoded YAML document (either form) into a Config, or raise ConfigError.
-
-    `secrets=False` (checking or replaying a config, not serving it) turns a missing secret
-    such as the admin token into a warning (`Config.warnings`), so that CI or a laptop need not
-    hold production secrets."""
-    check = _Checker(source, secrets)
-    config = _parse_document(check, data)
-    if check.problems or config is None:
-        raise ConfigError(check.problems)
-    return dataclasses.replace(config, warnings=tuple(check.warnings))
-
-
-def load_config(path: str, *, secrets: bool = True) -> Config:
-    """Read and parse a YAML file (see parse_config); unreadable files and YAML syntax errors
-    are ConfigErrors too."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
-
-    try:
-        loader = _Loader(text)
-    except yaml.reader.ReaderError as exc:  # control characters (e.g. NUL) are refused up front
-        raise ConfigError([f"{path}: character {exc.position + 1}: YAML syntax error: "
-                           f"unacceptable character #x{exc.character:04x}"]) from exc
-    try:
-        data = loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-        reason = exc.problem or exc.context or str(exc)
-        raise ConfigError([f"{path}: {where}: YAML syntax error: {reason}"]) from exc
-    except (yaml.YAMLError, ValueError) as exc:  # ValueError: PyYAML's int() of a huge number
-        raise ConfigError([f"{path}: YAML: {exc}"]) from exc
-    except RecursionError as exc:
-        raise ConfigError([f"{path}: YAML: nested too deeply"]) from exc
-    finally:
-        loader.dispose()
-
-    check = _Checker(path, secrets)
-    for line, key in loader.duplicate_keys:
-        check.report(f"line {line}", f"duplicate key '{key}' (the later value would silently win)")
-    config = _parse_document(check, data)
-    if check.problems or config is None:
-        raise ConfigError(check.problems)
-    config = dataclasses.replace(config, warnings=tuple(check.warnings))
-    return _resolve_paths(config, os.path.dirname(os.path.abspath(path)))
-
-
-# What a running kvsleep cannot change: its listener, its files, its peers, the engines it runs.
-_RESTART_ROUTER_KEYS = ("host", "port", "listen_backlog", "shutdown_grace_seconds")
-_RESTART_KEYS = ("state_dir", "log_dir", "fleet", "policy_source", "attach")
-_LAUNCH_KEYS = ("url", "command", "engine_args", "env", "venv_path", "log_file",
-                "ready_timeout_seconds")
-
-
-def needs_restart(old: Config, new: Config) -> list[str]:
-    """The keys whose change `new` makes and a reload cannot apply (a reload applies every
-    other key, or none)."""
-    keys = [f"router.{key}" for key in _RESTART_ROUTER_KEYS
-            if getattr(old.router, key) != getattr(new.router, key)]
-    keys += [key for key in _RESTART_KEYS if getattr(old, key) != getattr(new, key)]
-    if old.attach and new.attach:
-        return keys  # nothing is launched: engines come and go with a reload
-    before = {model.name: model for model in old.models}
-    for i, model in enumerate(new.models):
-        was = before.pop(model.name, None)
-        if was is None:
-            if model.launched:
-                keys.append(f"models[{i}] ({model.name}, a new engine to launch)")
-        elif was.launched or model.launched:
-            keys += [f"models[{i}].{key}" for key in _LAUNCH_KEYS
-                     if getattr(was, key) != getattr(model, key)]
-    keys += [f"models ({name}, a launched engine removed)"
-             for name, was in before.items() if was.launched]
-    return keys
-
-
-def summary(config: Config) -> str:
-    """One line for `check-config`: models per engine, router address, auto sleep on/off."""
-    engines = Counter(model.engine for model in config.models)
-    per_engine = ", ".join(f"{engines[name]} {name}" for name in ENGINES if engines[name])
-    count = len(config.models)
-    plural = "" if count == 1 else "s"
-    sleepy = sum(model.policy.auto_sleep_enabled for model in config.models)
-    if sleepy == 0:
-        auto = "auto sleep off"
-    elif sleepy == count:
-        auto = "auto sleep on"
-    else:
-        auto = f"auto sleep on for {sleepy} of {count} models"
-    router = f"{_url_host(config.router.host)}:{config.router.port}"
-    return f"OK: {count} model{plural} ({per_engine}), router on {router}, {auto}"
-
 
 # --- Validation machinery ---------------------------------------------------------------------
 
@@ -288,6 +37,84 @@ _Converter = Callable[["_Checker", str, Any], Any]
 
 # Hosts that all reach this machine: two engines on "localhost:8000" and "127.0.0.1:8000" clash.
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""})
+
+
+class _Kind(NamedTuple):
+    """How a key's value is read, and the JSON Schema of the values that reading accepts."""
+
+    convert: _Converter
+    schema: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One key of the file: its kind, a line for editors, and the other spellings it takes.
+
+    `forms` matters for model keys only: which list (`models`, `instances`) takes the key.
+    `restart`: a running kvsleep cannot apply a change of it (of a model key: for an engine
+    kvsleep launches), so a reload that changes it is refused (`needs_restart`).
+    """
+
+    kind: _Kind
+    doc: str
+    aliases: tuple[str, ...] = ()
+    forms: tuple[str, ...] = ("models", "instances")
+    restart: bool = False
+
+
+def _key(kind: _Kind, doc: str, **options: Any) -> dict[str, _Key]:
+    """Field metadata that makes a dataclass field a config key."""
+    return {"key": _Key(kind, doc, **options)}
+
+
+def _setting(default: Any, kind: _Kind, doc: str, **options: Any) -> Any:
+    """A config key with a default (a required key is `field(metadata=_key(...))`)."""
+    return field(default=default, metadata=_key(kind, doc, **options))
+
+
+class _Section(NamedTuple):
+    """The keys of one mapping, by the name their parsed values take."""
+
+    keys: dict[str, _Key]
+    required: tuple[str, ...]
+    defaults: dict[str, Any]  # those a schema can show: scalars
+    # JSON Schema for rules that span keys; the checker enforces them in code, with its message.
+    rules: tuple[dict[str, Any], ...] = ()
+
+    def aliases(self) -> dict[str, str]:
+        return {alias: name for name, key in self.keys.items() for alias in key.aliases}
+
+
+def _section(
+    cls: type[Any],
+    *,
+    form: str | None = None,
+    extra: Mapping[str, _Key] | None = None,
+    required: Sequence[str] = (),
+    rules: Sequence[dict[str, Any]] = (),
+) -> _Section:
+    """The keys a dataclass declares (fields with a `key`), then `extra` keys that are no field;
+    a field without a default is required. A field whose metadata names a dataclass as `inline`
+    takes that dataclass's keys, its `note` before their docs (a model takes every policy key)."""
+    keys: dict[str, _Key] = {}
+    inlined: dict[str, _Key] = {}
+    needed = list(required)
+    defaults: dict[str, Any] = {}
+    for item in dataclasses.fields(cls):
+        if "inline" in item.metadata:  # their defaults are the section's, not the dataclass's
+            for name, inner in _section(item.metadata["inline"]).keys.items():
+                inlined[name] = dataclasses.replace(
+                    inner, doc=f"{item.metadata['note']} {inner.doc}"
+                )
+        key = item.metadata.get("key")
+        if key is None or (form is not None and form not in key.forms):
+            continue
+        keys[item.name] = key
+        if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
+            needed.append(item.name)
+        elif item.default is None or isinstance(item.default, (bool, int, float, str)):
+            defaults[item.name] = item.default
+    return _Section({**keys, **(extra or {}), **inlined}, tuple(needed), defaults, tuple(rules))
 
 
 class _Checker:
@@ -330,35 +157,28 @@ class _Checker:
             elif key not in allowed:
                 self.report(_join(path, key), _unknown_key(key, allowed))
 
-    def fields(
-        self,
-        path: str,
-        data: dict[Any, Any],
-        spec: dict[str, _Converter],
-        required: Sequence[str] = (),
-        aliases: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """Convert every known key of `data` (by `spec`); unknown and missing keys are problems.
+    def fields(self, path: str, data: dict[Any, Any], section: _Section) -> dict[str, Any]:
+        """Convert every known key of `data`; unknown and missing keys are problems.
 
-        `aliases` maps other spellings of a key (the kvcached form's) onto its `spec` name;
-        giving both spellings is a problem because one would silently lose.
+        Aliases (the kvcached form's spellings) give their key's value; giving two spellings
+        of one key is a problem because one would silently lose.
         """
-        aliases = aliases or {}
-        self.known_keys(path, data, [*spec, *aliases])
+        aliases = section.aliases()
+        self.known_keys(path, data, [*section.keys, *aliases])
         values: dict[str, Any] = {}
         spelled: dict[str, str] = {}
         for key, value in data.items():
             target = aliases.get(key, key) if isinstance(key, str) else None
-            if target not in spec:
+            if target not in section.keys:
                 continue
             if target in spelled:
                 self.report(_join(path, key), f"same setting as '{spelled[target]}'; give one")
                 continue
             spelled[target] = key
-            converted = spec[target](self, _join(path, key), value)
+            converted = section.keys[target].kind.convert(self, _join(path, key), value)
             if converted is not _INVALID:
                 values[target] = converted
-        for key in required:
+        for key in section.required:
             if key not in spelled:
                 self.report(_join(path, key), f"missing required key '{key}'")
         return values
@@ -409,54 +229,6 @@ def _text(check: _Checker, path: str, value: object) -> Any:
     if not value.strip():
         return check.report(path, "must not be empty")
     return value
-
-
-def _optional(convert: _Converter) -> _Converter:
-    """Null means "not set", so a key left blank in YAML keeps its default."""
-
-    def optional(check: _Checker, path: str, value: object) -> Any:
-        return None if value is None else convert(check, path, value)
-
-    return optional
-
-
-def _number(unit: str, *, positive: bool = False) -> _Converter:
-    """A non-negative (or positive) int or float; YAML booleans are not numbers."""
-
-    def number(check: _Checker, path: str, value: object) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return check.wrong_type(path, f"a number of {unit}", value)
-        try:
-            result = float(value)
-        except OverflowError:
-            return check.report(path, "is too large")
-        if not math.isfinite(result):
-            return check.report(path, f"must be a finite number of {unit}, got {result}")
-        if positive and result <= 0:
-            return check.report(path, f"must be > 0, got {result:g}")
-        if result < 0:
-            return check.report(path, f"must be >= 0, got {result:g}")
-        return result
-
-    return number
-
-
-def _integer(low: int, high: int | None = None) -> _Converter:
-    def integer(check: _Checker, path: str, value: object) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return check.wrong_type(path, "an integer", value)
-        if value < low or (high is not None and value > high):
-            bounds = f"between {low} and {high}" if high is not None else f">= {low}"
-            return check.report(path, f"must be {bounds}, got {_describe(value)}")
-        return value
-
-    return integer
-
-
-_seconds = _number("seconds")
-_positive_seconds = _number("seconds", positive=True)
-_port = _integer(1, 65535)
-_gpu_id = _integer(0)
 
 
 def _sleep_level(check: _Checker, path: str, value: object) -> Any:
@@ -567,7 +339,7 @@ def _env_list(check: _Checker, path: str, value: object) -> Any:
 def _gpu_ids(check: _Checker, path: str, value: object) -> Any:
     if not isinstance(value, list):
         return check.wrong_type(path, "a list of GPU ids", value)
-    ids = [_gpu_id(check, f"{path}[{i}]", item) for i, item in enumerate(value)]
+    ids = [_GPU_ID.convert(check, f"{path}[{i}]", item) for i, item in enumerate(value)]
     return _INVALID if _INVALID in ids else tuple(ids)
 
 
@@ -594,15 +366,6 @@ def _prometheus_url(check: _Checker, path: str, value: object) -> Any:
     return parts if parts is _INVALID else parts.geturl()
 
 
-def _choice(*options: str) -> _Converter:
-    def choice(check: _Checker, path: str, value: object) -> Any:
-        if isinstance(value, str) and value in options:
-            return value
-        return check.report(path, f"expected one of {', '.join(options)}, got {_describe(value)}")
-
-    return choice
-
-
 def _engine_url(check: _Checker, path: str, value: object) -> Any:
     """Only scheme, host and port: the router appends the OpenAI paths itself."""
     parts = _http_url(check, path, value)
@@ -611,6 +374,18 @@ def _engine_url(check: _Checker, path: str, value: object) -> Any:
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         return check.report(path, f"bad URL {parts.geturl()!r}: expected http://host:port only")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _replica_url(check: _Checker, path: str, value: object) -> Any:
+    parts = _http_url(check, path, value)
+    return parts if parts is _INVALID else parts.geturl().rstrip("/")
+
+
+def _replica_urls(check: _Checker, path: str, value: object) -> Any:
+    if not isinstance(value, list):
+        return check.wrong_type(path, "a list of replica URLs", value)
+    urls = [_replica_url(check, f"{path}[{i}]", item) for i, item in enumerate(value)]
+    return tuple(url for url in urls if url is not _INVALID)
 
 
 def _url_host(host: str) -> str:
@@ -622,105 +397,801 @@ def _host_key(host: str) -> str:
     return "loopback" if host in _LOOPBACK else host
 
 
-# --- Sections ---------------------------------------------------------------------------------
+# --- Kinds: a converter and the JSON Schema of what it accepts ---------------------------------
 
-_TOP_KEYS = (
-    "router",
-    "sleep_manager",
-    "models",
-    "gpus",
-    "state_dir",
-    "log_dir",
-    "policy_source",
-    "fleet",
-    "kvcached",
-    "instances",
-    "attach",
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _optional(kind: _Kind) -> _Kind:
+    """Null means "not set", so a key left blank in YAML keeps its default."""
+
+    def optional(check: _Checker, path: str, value: object) -> Any:
+        return None if value is None else kind.convert(check, path, value)
+
+    return _Kind(optional, _nullable(kind.schema))
+
+
+def _number(unit: str, *, positive: bool = False) -> _Kind:
+    """A non-negative (or positive) int or float; YAML booleans are not numbers."""
+
+    def number(check: _Checker, path: str, value: object) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return check.wrong_type(path, f"a number of {unit}", value)
+        try:
+            result = float(value)
+        except OverflowError:
+            return check.report(path, "is too large")
+        if not math.isfinite(result):
+            return check.report(path, f"must be a finite number of {unit}, got {result}")
+        if positive and result <= 0:
+            return check.report(path, f"must be > 0, got {result:g}")
+        if result < 0:
+            return check.report(path, f"must be >= 0, got {result:g}")
+        return result
+
+    bound = "exclusiveMinimum" if positive else "minimum"
+    return _Kind(number, {"type": "number", bound: 0})
+
+
+def _integer(low: int, high: int | None = None) -> _Kind:
+    def integer(check: _Checker, path: str, value: object) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return check.wrong_type(path, "an integer", value)
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+            return check.report(path, f"must be {bounds}, got {_describe(value)}")
+        return value
+
+    schema: dict[str, Any] = {"type": "integer", "minimum": low}
+    if high is not None:
+        schema["maximum"] = high
+    return _Kind(integer, schema)
+
+
+def _choice(*options: str) -> _Kind:
+    def choice(check: _Checker, path: str, value: object) -> Any:
+        if isinstance(value, str) and value in options:
+            return value
+        return check.report(path, f"expected one of {', '.join(options)}, got {_describe(value)}")
+
+    return _Kind(choice, {"enum": list(options)})
+
+
+# Patterns in the dialect that JSON Schema (ECMA-262) and Python's re share.
+_NOT_BLANK = r"\S"
+_ENV_NAME = r"^[^=]*[^=\s][^=]*$"
+_URL = r"^https?://[^/?#]+"
+_SCALAR = {"type": ["string", "number", "boolean"]}
+
+_BOOLEAN = _Kind(_boolean, {"type": "boolean"})
+_TEXT = _Kind(_text, {"type": "string", "pattern": _NOT_BLANK})
+_SECONDS = _number("seconds")
+_POSITIVE_SECONDS = _number("seconds", positive=True)
+_GB = _number("GB", positive=True)
+_PORT = _integer(1, 65535)
+_GPU_ID = _integer(0)
+_SLEEP_LEVEL = _Kind(_sleep_level, {"enum": [0, 1, 2]})
+_ENGINE = _Kind(
+    _engine,
+    {
+        "type": "string",
+        "pattern": "^(?:[Vv][Ll][Ll][Mm]|[Ss][Gg][Ll](?:[Aa][Nn][Gg])?)$",
+        "examples": list(ENGINES),
+    },
+)
+_COMMAND = _Kind(
+    _command,
+    {
+        "anyOf": [
+            {"type": "string", "pattern": _NOT_BLANK},
+            {"type": "array", "items": _SCALAR, "minItems": 1},
+        ]
+    },
+)
+_ENGINE_ARGS = _Kind(
+    _engine_args, {"anyOf": [{"type": "string"}, {"type": "array", "items": _SCALAR}]}
+)
+_ENV_NAME_KIND = _Kind(_env_name, {"type": "string", "pattern": _ENV_NAME})
+_ENV_MAPPING = _Kind(
+    _env_mapping,
+    {
+        "type": ["object", "null"],
+        "propertyNames": {"pattern": _ENV_NAME},
+        "additionalProperties": _SCALAR,
+    },
+)
+_ENV_LIST = _Kind(
+    _env_list,
+    {"type": ["array", "null"], "items": {"type": "string", "pattern": r"^[^=]*[^=\s][^=]*="}},
+)
+_GPU_IDS = _Kind(_gpu_ids, {"type": "array", "items": _GPU_ID.schema})
+_ENGINE_URL = _Kind(_engine_url, {"type": "string", "pattern": r"^https?://[^/?#@]+/?$"})
+_PROMETHEUS_URL = _Kind(_prometheus_url, {"type": "string", "pattern": _URL})
+_REPLICA_URL = _Kind(_replica_url, {"type": "string", "pattern": _URL})
+_REPLICA_URLS = _Kind(_replica_urls, {"type": "array", "items": _REPLICA_URL.schema})
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+# --- The sections -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SleepPolicy:
+    """Policy keys of `sleep_manager`; every one can be overridden per model."""
+
+    idle_threshold_seconds: float = _setting(
+        300.0, _SECONDS, "Idle this long (since the last request ended): sleep."
+    )
+    check_interval_seconds: float = _setting(
+        60.0, _POSITIVE_SECONDS, "How often the reconciliation loop looks."
+    )
+    auto_sleep_enabled: bool = _setting(False, _BOOLEAN, "Put idle models to sleep automatically.")
+    wakeup_on_request: bool = _setting(
+        True, _BOOLEAN, "A request for a sleeping model wakes it (and is held)."
+    )
+    min_sleep_duration: float = _setting(
+        80.0, _SECONDS, "A model put to sleep stays asleep at least this long."
+    )
+    wake_timeout_seconds: float = _setting(
+        300.0, _POSITIVE_SECONDS, "A held request waits at most this long, then 504."
+    )
+    max_held_requests: int = _setting(
+        1024, _integer(0), "Held requests per model; beyond it: 503 + Retry-After."
+    )
+    # Bodies of held requests stay in memory until the wake: bound them by size too.
+    max_held_bytes: int = _setting(
+        256 * 1024 * 1024, _integer(0), "Bytes of held request bodies per model; beyond it: 503."
+    )
+    min_awake_seconds: float = _setting(
+        10.0, _SECONDS, "A model just woken stays awake at least this long."
+    )
+    drain_timeout_seconds: float = _setting(
+        120.0, _SECONDS, "Before sleeping, wait this long for in-flight requests."
+    )
+    # `adaptive`: kvsleep/adaptive.py, within the two bounds below.
+    idle_policy: str = _setting(
+        "fixed",
+        _choice(*IDLE_POLICIES),
+        "fixed: sleep after idle_threshold_seconds; adaptive: learn each model's idle gaps"
+        " and pick its threshold (idle_threshold_seconds is then what one wake is worth).",
+    )
+    min_idle_threshold_seconds: float = _setting(
+        30.0, _SECONDS, "Adaptive only: the threshold never goes below this."
+    )
+    max_idle_threshold_seconds: float = _setting(
+        3600.0, _POSITIVE_SECONDS, "Adaptive only: the threshold never goes above this."
+    )
+    # After a failed sleep, idle sleeps of the model wait this long, doubling with each further
+    # failure up to the maximum; a success, a reload or an engine restart starts over.
+    sleep_retry_initial_seconds: float = _setting(
+        30.0, _SECONDS, "After a failed sleep, idle sleeps wait this long, doubling."
+    )
+    sleep_retry_max_seconds: float = _setting(
+        1800.0, _SECONDS, "The longest wait between sleep attempts after failures."
+    )
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router's listener and limits; the admin token is read from the environment so that
+    it never sits in a config file (and `repr` leaves it out so it never reaches a log)."""
+
+    host: str = _setting(
+        "127.0.0.1", _TEXT, "Address the router listens on.", aliases=("router_host",), restart=True
+    )
+    port: int = _setting(8080, _PORT, "The router's port.", aliases=("router_port",), restart=True)
+    admin_token_env: str | None = _setting(
+        None,
+        _optional(_ENV_NAME_KIND),
+        "Environment variable holding the bearer token for control routes; without one,"
+        " they answer loopback clients only.",
+    )
+    admin_token: str | None = field(default=None, repr=False)
+    max_body_bytes: int = _setting(
+        16 * 1024 * 1024, _integer(1), "Largest request body accepted (bytes)."
+    )
+    connect_timeout_seconds: float = _setting(5.0, _POSITIVE_SECONDS, "Connecting to an engine.")
+    upstream_timeout_seconds: float = _setting(
+        600.0, _POSITIVE_SECONDS, "A whole upstream request, streaming included."
+    )
+    shutdown_grace_seconds: float = _setting(
+        30.0, _SECONDS, "On SIGTERM, how long in-flight requests may finish.", restart=True
+    )
+    listen_backlog: int = _setting(
+        1024, _integer(1), "Pending connections the kernel queues.", restart=True
+    )
+    hold_keepalive_seconds: float = _setting(
+        5.0,
+        _SECONDS,
+        "A streaming request held for a wake gets an SSE comment this often; 0: never.",
+    )
+    # What one client can cost (kvsleep/connections.py).
+    max_client_connections: int = _setting(
+        0,
+        _integer(0),
+        "Open client connections; at the limit a new one replaces the longest-idle one;"
+        " 0: from the open-file limit.",
+    )
+    idle_timeout_seconds: float = _setting(
+        75.0, _POSITIVE_SECONDS, "An idle keep-alive connection is closed after this."
+    )
+    header_timeout_seconds: float = _setting(
+        10.0, _POSITIVE_SECONDS, "A request head must arrive within this."
+    )
+    body_timeout_seconds: float = _setting(
+        10.0,
+        _POSITIVE_SECONDS,
+        "A body must arrive within this plus its size over body_min_bytes_per_second.",
+    )
+    body_min_bytes_per_second: int = _setting(
+        64 * 1024, _integer(1), "The slowest body upload accepted (bytes per second)."
+    )
+    max_held_bytes: int = _setting(
+        1024 * 1024 * 1024,
+        _integer(0),
+        "Request bodies held for wakes, all models together (bytes).",
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One engine, whichever form it came from; `policy` already has its overrides applied,
+    so consumers never merge policy themselves."""
+
+    name: str = field(
+        metadata=_key(_TEXT, 'What clients put in "model" (unique).', forms=("models",))
+    )
+    engine: str = field(metadata=_key(_ENGINE, "vllm or sglang."))
+    url: str = field(
+        metadata=_key(
+            _ENGINE_URL,
+            "Where the engine listens: http://host:port.",
+            forms=("models",),
+            restart=True,
+        )
+    )
+    policy: SleepPolicy = field(
+        default_factory=SleepPolicy,
+        metadata={"inline": SleepPolicy, "note": "Per model (default: the sleep_manager value)."},
+    )
+    sleep_level: int = _setting(
+        1,
+        _SLEEP_LEVEL,
+        "vLLM only: 1 offloads weights to CPU, 2 discards them, 0 only pauses scheduling.",
+    )
+    always_on: bool = _setting(False, _BOOLEAN, "Never put to sleep.")
+    weights_path: str | None = _setting(
+        None, _optional(_TEXT), "SGLang: weights to reload after resume (default: the name)."
+    )
+    command: tuple[str, ...] | None = _setting(
+        None,
+        _optional(_COMMAND),
+        "kvsleep launches and supervises the engine with this command (list or string).",
+        forms=("models",),
+        restart=True,
+    )
+    engine_args: tuple[str, ...] = _setting(
+        (),
+        _ENGINE_ARGS,
+        "The engine's arguments; its --host/--port say where it listens.",
+        aliases=("args",),
+        forms=("instances",),
+        restart=True,
+    )
+    env: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_key(
+            _ENV_MAPPING,
+            "Extra environment for the launched command.",
+            forms=("models",),
+            restart=True,
+        ),
+    )
+    venv_path: str | None = _setting(
+        None,
+        _optional(_TEXT),
+        "The engine's virtualenv (with using_venv).",
+        forms=("instances",),
+        restart=True,
+    )
+    log_file: str | None = _setting(
+        None,
+        _optional(_TEXT),
+        "The launched engine's output (default: under log_dir).",
+        restart=True,
+    )
+    ready_timeout_seconds: float = _setting(
+        600.0,
+        _POSITIVE_SECONDS,
+        "How long a launched engine may take to become ready.",
+        restart=True,
+    )
+    memory_gb: float | None = _setting(
+        None, _optional(_GB), "GPU memory the engine takes when awake."
+    )
+    gpus: tuple[int, ...] = _setting((), _GPU_IDS, "GPU ids it runs on (listed under gpus).")
+    wake_eta_seconds: float | None = _setting(
+        None, _optional(_SECONDS), "Expected wake time, for Retry-After."
+    )
+    engine_flags: str = _setting(
+        "auto",
+        _choice("auto", "none"),
+        "auto: add the sleep flags and env a launched engine lacks; none: run it as given.",
+    )
+    stop_grace_seconds: float = _setting(
+        10.0, _SECONDS, "Stopping the engine: SIGTERM, then SIGKILL after this long."
+    )
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def launched(self) -> bool:
+        """True when kvsleep starts this engine itself (a command, or kvcached engine_args)."""
+        return self.command is not None or bool(self.engine_args)
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    """A GPU's memory, so that the models' `memory_gb` can be weighed against what it holds."""
+
+    id: int = field(metadata=_key(_GPU_ID, "GPU index, as in CUDA_VISIBLE_DEVICES."))
+    memory_gb: float = field(metadata=_key(_GB, "Memory it offers to the models."))
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """Where idle rules read traffic: this process alone, or Prometheus for a fleet of routers."""
+
+    type: str = _setting(
+        "local", _choice("local", "prometheus"), "local (this process) or prometheus (fleet-wide)."
+    )
+    url: str | None = _setting(
+        None, _optional(_PROMETHEUS_URL), "Prometheus base URL (required when type is prometheus)."
+    )
+    query_timeout_seconds: float = _setting(5.0, _POSITIVE_SECONDS, "One Prometheus query.")
+    max_staleness_seconds: float = _setting(
+        120.0, _SECONDS, "Older Prometheus data counts as unknown."
+    )
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Other kvsleep replicas in front of the same engines; no peers = this replica alone.
+
+    Each model is owned by one replica (rendezvous hashing over `self_url` and `peers`, so every
+    replica computes the same owner): only the owner sleeps and wakes its engine, after every
+    peer has drained it; the others ask the owner to wake it.
+    """
+
+    self_url: str | None = _setting(
+        None, _optional(_REPLICA_URL), "How the peers reach this replica (required with peers)."
+    )
+    peers: tuple[str, ...] = _setting(
+        (), _REPLICA_URLS, "The other replicas' URLs; each model gets one owner."
+    )
+
+
+_POLICY = _section(SleepPolicy)
+_ROUTER = _section(
+    RouterConfig,
+    extra={
+        "enable_router": _Key(
+            _BOOLEAN, "kvcached's switch for its separately launched router; kvsleep always routes."
+        )
+    },
+)
+_SGLANG_HAS_NO_SLEEP_LEVELS = {
+    "if": {"properties": {"engine": {"pattern": "^[Ss][Gg][Ll]"}}, "required": ["engine"]},
+    "then": {"properties": {"sleep_level": {"const": 1}}},
+}
+_MODEL = _section(ModelConfig, form="models", rules=[_SGLANG_HAS_NO_SLEEP_LEVELS])
+_INSTANCE = _section(
+    ModelConfig,
+    form="instances",
+    extra={
+        "name": _Key(_TEXT, "The instance's own label (clients use model)."),
+        "model": _Key(_TEXT, 'The model: what clients put in "model" (unique).'),
+        "using_venv": _Key(_BOOLEAN, "Run the engine from venv_path."),
+        "kvcached_env": _Key(_ENV_LIST, '"KEY=VALUE" environment, over engine_env.'),
+        "engine_env": _Key(_ENV_LIST, '"KEY=VALUE" environment for the engine.'),
+    },
+    required=("model",),
+    rules=[
+        _SGLANG_HAS_NO_SLEEP_LEVELS,
+        {"anyOf": [{"required": ["engine_args"]}, {"required": ["args"]}]},
+        {
+            "if": {"properties": {"using_venv": {"const": True}}, "required": ["using_venv"]},
+            "then": {"required": ["venv_path"], "properties": {"venv_path": {"type": "string"}}},
+        },
+    ],
+)
+_GPU = _section(GpuConfig)
+_POLICY_SOURCE = _section(
+    PolicySource,
+    rules=[
+        {
+            "if": {"properties": {"type": {"const": "prometheus"}}, "required": ["type"]},
+            "then": {"required": ["url"], "properties": {"url": {"type": "string"}}},
+        }
+    ],
+)
+_FLEET = _section(
+    FleetConfig,
+    rules=[
+        {
+            "if": {"properties": {"peers": {"minItems": 1}}, "required": ["peers"]},
+            "then": {"required": ["self_url"], "properties": {"self_url": {"type": "string"}}},
+        }
+    ],
 )
 
-_POLICY_FIELDS: dict[str, _Converter] = {
-    "idle_threshold_seconds": _seconds,
-    "check_interval_seconds": _positive_seconds,
-    "auto_sleep_enabled": _boolean,
-    "wakeup_on_request": _boolean,
-    "min_sleep_duration": _seconds,
-    "wake_timeout_seconds": _positive_seconds,
-    "max_held_requests": _integer(0),
-    "max_held_bytes": _integer(0),
-    "min_awake_seconds": _seconds,
-    "drain_timeout_seconds": _seconds,
-    "idle_policy": _choice(*IDLE_POLICIES),
-    "min_idle_threshold_seconds": _seconds,
-    "max_idle_threshold_seconds": _positive_seconds,
-    "sleep_retry_initial_seconds": _seconds,
-    "sleep_retry_max_seconds": _seconds,
+
+def _parse_router(check: _Checker, path: str, value: object) -> RouterConfig:
+    values = check.fields(path, check.mapping(path, value), _ROUTER)
+    values.pop("enable_router", None)
+    env_name = values.get("admin_token_env")
+    if env_name:
+        token = os.environ.get(env_name)
+        if token:
+            values["admin_token"] = token
+        else:
+            state = "empty" if token == "" else "not set"
+            check.missing_secret(
+                _join(path, "admin_token_env"), f"environment variable {env_name} is {state}"
+            )
+    return RouterConfig(**values)
+
+
+def _parse_policy(check: _Checker, path: str, value: object) -> SleepPolicy:
+    policy = SleepPolicy(**check.fields(path, check.mapping(path, value), _POLICY))
+    _check_bounds(check, path, policy)
+    return policy
+
+
+def _check_bounds(check: _Checker, path: str, policy: SleepPolicy) -> None:
+    """The adaptive threshold's bounds must leave it somewhere to be."""
+    low, high = policy.min_idle_threshold_seconds, policy.max_idle_threshold_seconds
+    if low > high:
+        check.report(
+            f"{path}.min_idle_threshold_seconds",
+            f"must be <= max_idle_threshold_seconds ({high:g}), got {low:g}",
+        )
+
+
+def _parse_gpus(check: _Checker, path: str, value: object) -> tuple[GpuConfig, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        check.wrong_type(path, "a list of {id, memory_gb}", value)
+        return ()
+    gpus: list[GpuConfig] = []
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            check.wrong_type(item_path, "a mapping with id and memory_gb", item)
+            continue
+        values = check.fields(item_path, item, _GPU)
+        if len(values) < len(_GPU.required):
+            continue
+        if any(gpu.id == values["id"] for gpu in gpus):
+            check.report(f"{item_path}.id", f"GPU {values['id']} is listed twice")
+            continue
+        gpus.append(GpuConfig(**values))
+    return tuple(gpus)
+
+
+def _parse_policy_source(check: _Checker, path: str, value: object) -> PolicySource:
+    data = check.mapping(path, value)
+    values = check.fields(path, data, _POLICY_SOURCE)
+    if values.get("type") == "prometheus" and data.get("url") is None:
+        check.report(_join(path, "url"), "required when type is prometheus")
+    return PolicySource(**values)
+
+
+def _parse_fleet(check: _Checker, path: str, value: object) -> FleetConfig:
+    values = check.fields(path, check.mapping(path, value), _FLEET)
+    if values.get("peers") and not values.get("self_url"):
+        check.report(
+            _join(path, "self_url"),
+            "required when fleet.peers is given (the URL peers use to reach this replica)",
+        )
+    return FleetConfig(**values)
+
+
+def _entries(check: _Checker, key: str, value: object) -> list[Any]:
+    """The list of models (either form); each is then read by `_parse_models`/`_parse_instances`."""
+    if value is None or value == []:
+        check.report(key, "no models configured")
+        return []
+    if not isinstance(value, list):
+        check.wrong_type(key, "a list of models", value)
+        return []
+    return value
+
+
+# --- The whole file ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated file; `source` names it in later messages (reloads, logs).
+
+    The keys' converters are those `_parse_document` calls, in an order of its own: the models
+    need the policy and GPUs read before them.
+    """
+
+    router: RouterConfig = field(
+        default_factory=RouterConfig,
+        metadata=_key(
+            _Kind(_parse_router, _nullable(_ref("router"))),
+            "The OpenAI-compatible router: its listener, timeouts and limits.",
+        ),
+    )
+    sleep_manager: SleepPolicy = field(
+        default_factory=SleepPolicy,
+        metadata=_key(
+            _Kind(_parse_policy, _nullable(_ref("sleep_manager"))),
+            "Sleep policy for every model; each key can be overridden per model.",
+        ),
+    )
+    models: tuple[ModelConfig, ...] = _setting(
+        (),
+        _Kind(_entries, {"type": "array", "minItems": 1, "items": _ref("model")}),
+        "The engines kvsleep routes to and puts to sleep (canonical form).",
+    )
+    gpus: tuple[GpuConfig, ...] = _setting(
+        (),
+        _Kind(_parse_gpus, _nullable({"type": "array", "items": _ref("gpu")})),
+        "Optional memory budgets: the GPUs the models' memory_gb is weighed against.",
+    )
+    state_dir: str = _setting(
+        "./.kvsleep-state", _TEXT, "Where state no engine reveals survives restarts.", restart=True
+    )
+    log_dir: str = _setting("./.kvsleep-logs", _TEXT, "Logs of launched engines.", restart=True)
+    policy_source: PolicySource = field(
+        default_factory=PolicySource,
+        metadata=_key(
+            _Kind(_parse_policy_source, _nullable(_ref("policy_source"))),
+            "Where idle rules read traffic from.",
+            restart=True,
+        ),
+    )
+    fleet: FleetConfig = field(
+        default_factory=FleetConfig,
+        metadata=_key(
+            _Kind(_parse_fleet, _nullable(_ref("fleet"))),
+            "Other kvsleep replicas in front of the same engines.",
+            restart=True,
+        ),
+    )
+    # What kvcached's frontend.py does with its config file.
+    attach: bool = _setting(
+        False,
+        _BOOLEAN,
+        "Route to engines that already run and launch none (kvsleep serve --attach).",
+        restart=True,
+    )
+    source: str = "<config>"
+    warnings: tuple[str, ...] = ()  # what parsing let pass (see parse_config's `secrets`)
+
+    def model(self, name: str) -> ModelConfig | None:
+        for model in self.models:
+            if model.name == name:
+                return model
+        return None
+
+
+_TOP = _section(
+    Config,
+    extra={
+        "kvcached": _Key(
+            _ENV_MAPPING, "kvcached form: environment for every instance (names upper-cased)."
+        ),
+        "instances": _Key(
+            _Kind(_entries, {"type": "array", "minItems": 1, "items": _ref("instance")}),
+            "The engines, in the kvcached controller's form.",
+        ),
+    },
+)
+_FORMS = [
+    {
+        "title": "canonical form",
+        "required": ["models"],
+        "not": {"anyOf": [{"required": ["instances"]}, {"required": ["kvcached"]}]},
+    },
+    {"title": "kvcached form", "required": ["instances"], "not": {"required": ["models"]}},
+]
+# The schema's definitions, by the name the `$ref`s above use.
+_DEFS = {
+    "router": _ROUTER,
+    "sleep_manager": _POLICY,
+    "model": _MODEL,
+    "instance": _INSTANCE,
+    "gpu": _GPU,
+    "policy_source": _POLICY_SOURCE,
+    "fleet": _FLEET,
 }
 
-_ROUTER_FIELDS: dict[str, _Converter] = {
-    "host": _text,
-    "port": _port,
-    "admin_token_env": _optional(_env_name),
-    "max_body_bytes": _integer(1),
-    "connect_timeout_seconds": _positive_seconds,
-    "upstream_timeout_seconds": _positive_seconds,
-    "shutdown_grace_seconds": _seconds,
-    "listen_backlog": _integer(1),
-    "hold_keepalive_seconds": _seconds,
-    "max_client_connections": _integer(0),
-    "idle_timeout_seconds": _positive_seconds,
-    "header_timeout_seconds": _positive_seconds,
-    "body_timeout_seconds": _positive_seconds,
-    "body_min_bytes_per_second": _integer(1),
-    "max_held_bytes": _integer(0),
-    # kvcached's switch for its separately launched router; kvsleep always routes.
-    "enable_router": _boolean,
-}
-_ROUTER_ALIASES = {"router_host": "host", "router_port": "port"}
 
-_GPU_FIELDS: dict[str, _Converter] = {"id": _gpu_id, "memory_gb": _number("GB", positive=True)}
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a config file, so that editors validate as one types.
 
-_POLICY_SOURCE_FIELDS: dict[str, _Converter] = {
-    "type": _choice("local", "prometheus"),
-    "url": _optional(_prometheus_url),
-    "query_timeout_seconds": _positive_seconds,
-    "max_staleness_seconds": _seconds,
-}
+    It checks each value on its own (types, ranges, key names) and the simpler rules across keys;
+    `check-config` remains the authority, with the rest (unique names and ports, GPUs listed,
+    the --port inside engine_args, secrets). Only keywords that draft-07 validators also know
+    are used, so older editor plugins read it too."""
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "kvsleep configuration",
+        "description": "kvsleep's config file, canonical (models) or kvcached (instances) form."
+        " Durations are seconds. Validate fully with: kvsleep check-config FILE",
+        **_section_schema(_TOP),
+        "oneOf": _FORMS,
+        "$defs": {name: _section_schema(section) for name, section in _DEFS.items()},
+    }
+    return copy.deepcopy(schema)  # the kinds' schemas are shared, and callers may edit theirs
 
-# Keys a model takes in both forms; in the kvcached form they are kvsleep's additions.
-_MODEL_EXTRA_FIELDS: dict[str, _Converter] = {
-    "sleep_level": _sleep_level,
-    "always_on": _boolean,
-    "weights_path": _optional(_text),
-    "log_file": _optional(_text),
-    "ready_timeout_seconds": _positive_seconds,
-    "memory_gb": _optional(_number("GB", positive=True)),
-    "gpus": _gpu_ids,
-    "wake_eta_seconds": _optional(_seconds),
-    "engine_flags": _choice("auto", "none"),
-    "stop_grace_seconds": _seconds,
-    **_POLICY_FIELDS,
-}
 
-_MODEL_FIELDS: dict[str, _Converter] = {
-    "name": _text,
-    "engine": _engine,
-    "url": _engine_url,
-    "command": _optional(_command),
-    "env": _env_mapping,
-    **_MODEL_EXTRA_FIELDS,
-}
+def _section_schema(section: _Section) -> dict[str, Any]:
+    properties: dict[str, Any] = {}
+    for name, key in section.keys.items():
+        properties[name] = {"description": key.doc, **key.kind.schema}
+        if name in section.defaults:
+            properties[name]["default"] = section.defaults[name]
+        for alias in key.aliases:
+            properties[alias] = {"description": f"kvcached's {name}.", **key.kind.schema}
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if section.required:
+        schema["required"] = list(section.required)
+    one_spelling = [
+        {"not": {"required": [name, alias]}} for alias, name in section.aliases().items()
+    ]
+    if section.rules or one_spelling:
+        schema["allOf"] = [*section.rules, *one_spelling]
+    return schema
 
-_INSTANCE_FIELDS: dict[str, _Converter] = {
-    "name": _text,
-    "model": _text,
-    "engine": _engine,
-    "using_venv": _boolean,
-    "venv_path": _optional(_text),
-    "kvcached_env": _env_list,
-    "engine_env": _env_list,
-    "engine_args": _engine_args,
-    **_MODEL_EXTRA_FIELDS,
-}
+
+class ConfigError(Exception):
+    """Every problem found, each formatted `FILE: key.path: message`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_config(data: object, source: str = "<config>", *, secrets: bool = True) -> Config:
+    """Validate a decoded YAML document (either form) into a Config, or raise ConfigError.
+
+    `secrets=False` (checking or replaying a config, not serving it) turns a missing secret
+    such as the admin token into a warning (`Config.warnings`), so that CI or a laptop need not
+    hold production secrets."""
+    check = _Checker(source, secrets)
+    config = _parse_document(check, data)
+    if check.problems or config is None:
+        raise ConfigError(check.problems)
+    return dataclasses.replace(config, warnings=tuple(check.warnings))
+
+
+def load_config(path: str, *, secrets: bool = True) -> Config:
+    """Read and parse a YAML file (see parse_config); unreadable files and YAML syntax errors
+    are ConfigErrors too."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
+
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:  # control characters (e.g. NUL) are refused up front
+        raise ConfigError(
+            [
+                f"{path}: character {exc.position + 1}: YAML syntax error: "
+                f"unacceptable character #x{exc.character:04x}"
+            ]
+        ) from exc
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        reason = exc.problem or exc.context or str(exc)
+        raise ConfigError([f"{path}: {where}: YAML syntax error: {reason}"]) from exc
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: PyYAML's int() of a huge number
+        raise ConfigError([f"{path}: YAML: {exc}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{path}: YAML: nested too deeply"]) from exc
+    finally:
+        loader.dispose()
+
+    check = _Checker(path, secrets)
+    for line, key in loader.duplicate_keys:
+        check.report(f"line {line}", f"duplicate key '{key}' (the later value would silently win)")
+    config = _parse_document(check, data)
+    if check.problems or config is None:
+        raise ConfigError(check.problems)
+    config = dataclasses.replace(config, warnings=tuple(check.warnings))
+    return _resolve_paths(config, os.path.dirname(os.path.abspath(path)))
+
+
+def _restart_keys(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(
+        item.name
+        for item in dataclasses.fields(cls)
+        if "key" in item.metadata and item.metadata["key"].restart
+    )
+
+
+# What a running kvsleep cannot change: its listener, its files, its peers, the engines it runs.
+_RESTART_ROUTER_KEYS = _restart_keys(RouterConfig)
+_RESTART_KEYS = _restart_keys(Config)
+_LAUNCH_KEYS = _restart_keys(ModelConfig)
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The keys whose change `new` makes and a reload cannot apply (a reload applies every
+    other key, or none)."""
+    keys = [
+        f"router.{key}"
+        for key in _RESTART_ROUTER_KEYS
+        if getattr(old.router, key) != getattr(new.router, key)
+    ]
+    keys += [key for key in _RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+    if old.attach and new.attach:
+        return keys  # nothing is launched: engines come and go with a reload
+    before = {model.name: model for model in old.models}
+    for i, model in enumerate(new.models):
+        was = before.pop(model.name, None)
+        if was is None:
+            if model.launched:
+                keys.append(f"models[{i}] ({model.name}, a new engine to launch)")
+        elif was.launched or model.launched:
+            keys += [
+                f"models[{i}].{key}"
+                for key in _LAUNCH_KEYS
+                if getattr(was, key) != getattr(model, key)
+            ]
+    keys += [
+        f"models ({name}, a launched engine removed)"
+        for name, was in before.items()
+        if was.launched
+    ]
+    return keys
+
+
+def summary(config: Config) -> str:
+    """One line for `check-config`: models per engine, router address, auto sleep on/off."""
+    engines = Counter(model.engine for model in config.models)
+    per_engine = ", ".join(f"{engines[name]} {name}" for name in ENGINES if engines[name])
+    count = len(config.models)
+    plural = "" if count == 1 else "s"
+    sleepy = sum(model.policy.auto_sleep_enabled for model in config.models)
+    if sleepy == 0:
+        auto = "auto sleep off"
+    elif sleepy == count:
+        auto = "auto sleep on"
+    else:
+        auto = f"auto sleep on for {sleepy} of {count} models"
+    router = f"{_url_host(config.router.host)}:{config.router.port}"
+    return f"OK: {count} model{plural} ({per_engine}), router on {router}, {auto}"
 
 
 class _Entry(NamedTuple):
@@ -738,7 +1209,7 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
     if not isinstance(data, dict):
         check.wrong_type("", "a mapping of settings at the top level", data)
         return None
-    check.known_keys("", data, _TOP_KEYS)
+    check.known_keys("", data, _TOP.keys)
     kvcached_form = "instances" in data
     if kvcached_form and "models" in data:
         check.report(
@@ -749,17 +1220,9 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
             "kvcached", "sets env vars for kvcached-form instances; with models, use models[].env"
         )
 
-    router = _parse_router(check, data.get("router"))
-    policy = dataclasses.replace(
-        SleepPolicy(),
-        **check.fields(
-            "sleep_manager",
-            check.mapping("sleep_manager", data.get("sleep_manager")),
-            _POLICY_FIELDS,
-        ),
-    )
-    _check_bounds(check, "sleep_manager", policy)
-    gpus = _parse_gpus(check, data.get("gpus"))
+    router = _parse_router(check, "router", data.get("router"))
+    policy = _parse_policy(check, "sleep_manager", data.get("sleep_manager"))
+    gpus = _parse_gpus(check, "gpus", data.get("gpus"))
     gpu_ids = None if data.get("gpus") is None else {gpu.id for gpu in gpus}
     if kvcached_form:
         shared_env = _env_mapping(check, "kvcached", data.get("kvcached"))
@@ -778,95 +1241,12 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
         sleep_manager=policy,
         models=tuple(entry.model for entry in entries),
         gpus=gpus,
-        policy_source=_parse_policy_source(check, data.get("policy_source")),
-        fleet=_parse_fleet(check, data.get("fleet")),
+        policy_source=_parse_policy_source(check, "policy_source", data.get("policy_source")),
+        fleet=_parse_fleet(check, "fleet", data.get("fleet")),
         attach=attach is True,
         source=check.source,
         **{key: value for key, value in dirs.items() if value is not _INVALID},
     )
-
-
-def _parse_router(check: _Checker, value: object) -> RouterConfig:
-    values = check.fields(
-        "router", check.mapping("router", value), _ROUTER_FIELDS, aliases=_ROUTER_ALIASES
-    )
-    values.pop("enable_router", None)
-    env_name = values.get("admin_token_env")
-    if env_name:
-        token = os.environ.get(env_name)
-        if token:
-            values["admin_token"] = token
-        else:
-            state = "empty" if token == "" else "not set"
-            check.missing_secret("router.admin_token_env",
-                                 f"environment variable {env_name} is {state}")
-    return RouterConfig(**values)
-
-
-def _parse_gpus(check: _Checker, value: object) -> tuple[GpuConfig, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        check.wrong_type("gpus", "a list of {id, memory_gb}", value)
-        return ()
-    gpus: list[GpuConfig] = []
-    for i, item in enumerate(value):
-        path = f"gpus[{i}]"
-        if not isinstance(item, dict):
-            check.wrong_type(path, "a mapping with id and memory_gb", item)
-            continue
-        values = check.fields(path, item, _GPU_FIELDS, required=("id", "memory_gb"))
-        if len(values) < 2:
-            continue
-        if any(gpu.id == values["id"] for gpu in gpus):
-            check.report(f"{path}.id", f"GPU {values['id']} is listed twice")
-            continue
-        gpus.append(GpuConfig(**values))
-    return tuple(gpus)
-
-
-def _parse_policy_source(check: _Checker, value: object) -> PolicySource:
-    data = check.mapping("policy_source", value)
-    values = check.fields("policy_source", data, _POLICY_SOURCE_FIELDS)
-    if values.get("type") == "prometheus" and data.get("url") is None:
-        check.report("policy_source.url", "required when type is prometheus")
-    return PolicySource(**values)
-
-
-def _replica_url(check: _Checker, path: str, value: object) -> Any:
-    parts = _http_url(check, path, value)
-    return parts if parts is _INVALID else parts.geturl().rstrip("/")
-
-
-def _replica_urls(check: _Checker, path: str, value: object) -> Any:
-    if not isinstance(value, list):
-        return check.wrong_type(path, "a list of replica URLs", value)
-    urls = [_replica_url(check, f"{path}[{i}]", item) for i, item in enumerate(value)]
-    return tuple(url for url in urls if url is not _INVALID)
-
-
-_FLEET_FIELDS: dict[str, _Converter] = {
-    "self_url": _optional(_replica_url),
-    "peers": _replica_urls,
-}
-
-
-def _parse_fleet(check: _Checker, value: object) -> FleetConfig:
-    values = check.fields("fleet", check.mapping("fleet", value), _FLEET_FIELDS)
-    if values.get("peers") and not values.get("self_url"):
-        check.report("fleet.self_url", "required when fleet.peers is given (the URL peers use "
-                     "to reach this replica)")
-    return FleetConfig(**values)
-
-
-def _entries(check: _Checker, key: str, value: object) -> list[Any]:
-    if value is None or value == []:
-        check.report(key, "no models configured")
-        return []
-    if not isinstance(value, list):
-        check.wrong_type(key, "a list of models", value)
-        return []
-    return value
 
 
 def _parse_models(
@@ -878,8 +1258,8 @@ def _parse_models(
         if not isinstance(item, dict):
             check.wrong_type(path, "a mapping", item)
             continue
-        values = check.fields(path, item, _MODEL_FIELDS, required=("name", "engine", "url"))
-        if {"name", "engine", "url"} <= values.keys():
+        values = check.fields(path, item, _MODEL)
+        if values.keys() >= set(_MODEL.required):
             model = _finish_model(check, path, values, policy, gpu_ids)
             entries.append(_Entry(path, "url", model))
     return entries
@@ -898,13 +1278,7 @@ def _parse_instances(
         if not isinstance(item, dict):
             check.wrong_type(path, "a mapping", item)
             continue
-        values = check.fields(
-            path,
-            item,
-            _INSTANCE_FIELDS,
-            required=("model", "engine"),
-            aliases={"args": "engine_args"},
-        )
+        values = check.fields(path, item, _INSTANCE)
         values.pop("name", None)
         # The seed applies engine_env first, then kvcached_env over it.
         env = {**shared_env, **values.pop("engine_env", {}), **values.pop("kvcached_env", {})}
@@ -967,7 +1341,7 @@ def _finish_model(
     gpu_ids: set[int] | None,
 ) -> ModelConfig:
     """Checks that span keys of one model, and the per-model policy merged over the global one."""
-    overrides = {key: values.pop(key) for key in list(values) if key in _POLICY_FIELDS}
+    overrides = {key: values.pop(key) for key in list(values) if key in _POLICY.keys}
     if values["engine"] == "sglang":
         if values.get("sleep_level", 1) != 1:
             check.report(
@@ -984,14 +1358,6 @@ def _finish_model(
     if overrides.keys() & {"min_idle_threshold_seconds", "max_idle_threshold_seconds"}:
         _check_bounds(check, path, merged)
     return ModelConfig(policy=merged, **values)
-
-
-def _check_bounds(check: _Checker, path: str, policy: SleepPolicy) -> None:
-    """The adaptive threshold's bounds must leave it somewhere to be."""
-    low, high = policy.min_idle_threshold_seconds, policy.max_idle_threshold_seconds
-    if low > high:
-        check.report(f"{path}.min_idle_threshold_seconds",
-                     f"must be <= max_idle_threshold_seconds ({high:g}), got {low:g}")
 
 
 def _check_names(check: _Checker, key: str, name_key: str, items: object) -> None:
@@ -1057,9 +1423,7 @@ def _resolve_paths(config: Config, base: str) -> Config:
         return None if path is None else resolve(path)
 
     models = tuple(
-        dataclasses.replace(
-            model, log_file=maybe(model.log_file), venv_path=maybe(model.venv_path)
-        )
+        dataclasses.replace(model, log_file=maybe(model.log_file), venv_path=maybe(model.venv_path))
         for model in config.models
     )
     return dataclasses.replace(
