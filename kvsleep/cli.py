@@ -33,10 +33,18 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 def _setup_logging(level: str, json_logs: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_logs:
+
         class _Json(logging.Formatter):
             def format(self, record: logging.LogRecord) -> str:
-                return json.dumps({"ts": record.created, "level": record.levelname,
-                                   "logger": record.name, "msg": record.getMessage()})
+                return json.dumps(
+                    {
+                        "ts": record.created,
+                        "level": record.levelname,
+                        "logger": record.name,
+                        "msg": record.getMessage(),
+                    }
+                )
+
         handler.setFormatter(_Json())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -79,8 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        print(f"kvsleep: refusing to start: {len(exc.problems)} configuration problem(s)",
-              file=sys.stderr)
+        print(
+            f"kvsleep: refusing to start: {len(exc.problems)} configuration problem(s)",
+            file=sys.stderr,
+        )
         return 2
     overrides = functools.partial(_command_line_overrides, args)
     return_large_buffers_to_the_os()
@@ -101,9 +111,14 @@ def _command_line_overrides(args: argparse.Namespace, config: Config) -> Config:
         config = dataclasses.replace(config, attach=True)
     if args.host is not None or args.port is not None:
         router = config.router
-        config = dataclasses.replace(config, router=dataclasses.replace(
-            router, host=router.host if args.host is None else args.host,
-            port=router.port if args.port is None else args.port))
+        config = dataclasses.replace(
+            config,
+            router=dataclasses.replace(
+                router,
+                host=router.host if args.host is None else args.host,
+                port=router.port if args.port is None else args.port,
+            ),
+        )
     return config
 
 
@@ -118,13 +133,16 @@ async def _serve(config: Config, path: str, overrides: Callable[[Config], Config
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as exc:
-        print(f"kvsleep: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"kvsleep: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 2
     server = KvsleepServer(config, config_path=path, overrides=overrides)
     hidden = [cfg.admin_token_env] if cfg.admin_token_env else []
-    launcher = Launcher(server.manager, server.metrics, config.log_dir, config.state_dir,
-                        hidden_env=hidden)
+    launcher = Launcher(
+        server.manager, server.metrics, config.log_dir, config.state_dir, hidden_env=hidden
+    )
     server.launcher = launcher
     launched = [m for m in config.models if m.launched and not config.attach]
     launcher.prepare(launched)
@@ -166,9 +184,12 @@ def _log_attach(config: Config) -> None:
     log.info("attach mode: routing to %d running engines, launching none", len(config.models))
     host = config.router.host
     if host in ("localhost", "127.0.0.1", "::1"):
-        log.info("listening on %s only (kvcached's frontend listens on 0.0.0.0): to serve other "
-                 "machines set router.host (router_host) to 0.0.0.0, and router.admin_token_env "
-                 "so that control routes need a token", host)
+        log.info(
+            "listening on %s only (kvcached's frontend listens on 0.0.0.0): to serve other "
+            "machines set router.host (router_host) to 0.0.0.0, and router.admin_token_env "
+            "so that control routes need a token",
+            host,
+        )
 
 
 def _reload_on_hup(server: KvsleepServer) -> None:
@@ -194,11 +215,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         elif args.synthetic:
             config = parse_config(traces.SYNTHETIC_CONFIG, "<synthetic models>")
         else:
-            print("kvsleep simulate: --config is required with --trace and --prometheus",
-                  file=sys.stderr)
+            print(
+                "kvsleep simulate: --config is required with --trace and --prometheus",
+                file=sys.stderr,
+            )
             return 2
-        sweep = (tuple(float(x) for x in args.thresholds.split(",") if x.strip())
-                 if args.thresholds else simulate.DEFAULT_SWEEP)
+        sweep = (
+            tuple(float(x) for x in args.thresholds.split(",") if x.strip())
+            if args.thresholds
+            else simulate.DEFAULT_SWEEP
+        )
         wake_history: dict[str, float] = {}
         if args.trace:
             trace = simulate.load_csv(args.trace)
@@ -207,7 +233,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         else:
             end = simulate._timestamp(args.end) if args.end else time.time()
             trace, wake_history = simulate.trace_from_prometheus(
-                args.prometheus, simulate.parse_duration(args.range), end)
+                args.prometheus, simulate.parse_duration(args.range), end
+            )
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -221,9 +248,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _print_warnings(config)
     if args.save_trace:
         simulate.write_csv(trace, args.save_trace)
-    comparison = simulate.simulate_config(config, trace, wake_history=wake_history, sweep=sweep,
-                                          sleep_seconds=args.sleep_seconds,
-                                          timeline=bool(args.plot))
+    comparison = simulate.simulate_config(
+        config,
+        trace,
+        wake_history=wake_history,
+        sweep=sweep,
+        sleep_seconds=args.sleep_seconds,
+        timeline=bool(args.plot),
+    )
     if args.json:
         print(json.dumps(comparison.as_dict(), indent=2))
     else:
@@ -232,14 +264,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         try:
             simulate.plot(comparison, args.plot)
         except ImportError:
-            print("kvsleep simulate: --plot needs matplotlib (pip install 'kvsleep[plot]')",
-                  file=sys.stderr)
+            print(
+                "kvsleep simulate: --plot needs matplotlib (pip install 'kvsleep[plot]')",
+                file=sys.stderr,
+            )
             return 1
     return 0
 
 
-def _admin(args: argparse.Namespace, method: str, path: str,
-           show: Callable[[Any], str] | None = None) -> int:
+def _admin(
+    args: argparse.Namespace, method: str, path: str, show: Callable[[Any], str] | None = None
+) -> int:
     token = args.token or os.environ.get("KVSLEEP_ADMIN_TOKEN")
     req = urllib.request.Request(args.url.rstrip("/") + path, method=method)
     if token:
@@ -292,15 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kvsleep",
-        description="Route OpenAI traffic by model and put idle vLLM/SGLang engines to sleep.")
+        description="Route OpenAI traffic by model and put idle vLLM/SGLang engines to sleep.",
+    )
     parser.add_argument("--version", action="version", version=f"kvsleep {__version__}")
     sub = parser.add_subparsers(dest="command")
 
     serve = sub.add_parser("serve", help="run the router, the reconcile loop and launched engines")
     serve.add_argument("--config", help="YAML config (default: the embedded two-engine demo)")
-    serve.add_argument("--attach", action="store_true",
-                       help="route to the engines the config names without launching them "
-                       "(as the config key attach: true)")
+    serve.add_argument(
+        "--attach",
+        action="store_true",
+        help="route to the engines the config names without launching them "
+        "(as the config key attach: true)",
+    )
     serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     serve.add_argument("--host", help="listen on this address (overrides router.host)")
@@ -311,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
 
-    schema = sub.add_parser("config-schema", help="print the JSON Schema of the config file "
-                            "(for editors: see README, Configure)")
+    schema = sub.add_parser(
+        "config-schema",
+        help="print the JSON Schema of the config file (for editors: see README, Configure)",
+    )
     schema.set_defaults(func=cmd_config_schema)
 
     sim = sub.add_parser("sim-engine", help="run a simulated vLLM or SGLang engine (no GPU)")
@@ -321,41 +362,68 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_sim_engine)
 
     simulate = sub.add_parser(
-        "simulate", help="replay request arrivals through the sleep policy; compare thresholds",
+        "simulate",
+        help="replay request arrivals through the sleep policy; compare thresholds",
         description="Replay per-model request arrivals through the same policy code the live "
         "reconciler runs, on a virtual clock, and compare always-on, the config's thresholds, "
-        "a fixed 300 s, adaptive thresholds and a sweep of fixed ones.")
-    simulate.add_argument("--config", help="kvsleep config: models, memory_gb, wake_eta_seconds, "
-                          "policy (optional with --synthetic)")
+        "a fixed 300 s, adaptive thresholds and a sweep of fixed ones.",
+    )
+    simulate.add_argument(
+        "--config",
+        help="kvsleep config: models, memory_gb, wake_eta_seconds, "
+        "policy (optional with --synthetic)",
+    )
     source = simulate.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", metavar="CSV", help="timestamp,model,duration per request")
-    source.add_argument("--prometheus", metavar="URL",
-                        help="rebuild arrivals from kvsleep's own metrics in this Prometheus")
-    source.add_argument("--synthetic", choices=["poisson", "bursty", "diurnal", "batch"],
-                        help="a seeded synthetic trace (see kvsleep/traces.py)")
+    source.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="rebuild arrivals from kvsleep's own metrics in this Prometheus",
+    )
+    source.add_argument(
+        "--synthetic",
+        choices=["poisson", "bursty", "diurnal", "batch"],
+        help="a seeded synthetic trace (see kvsleep/traces.py)",
+    )
     simulate.add_argument("--range", default="7d", help="with --prometheus: how far back (7d)")
-    simulate.add_argument("--end", help="with --prometheus: end of the range, Unix time or "
-                          "ISO 8601 (default: now)")
+    simulate.add_argument(
+        "--end", help="with --prometheus: end of the range, Unix time or ISO 8601 (default: now)"
+    )
     simulate.add_argument("--seed", type=int, default=0, help="with --synthetic")
-    simulate.add_argument("--thresholds", help="fixed thresholds to sweep, comma-separated "
-                          "seconds (default: 15 to 3600)")
-    simulate.add_argument("--sleep-seconds", type=float, default=0.0,
-                          help="how long a sleep takes in the replay (default: instant)")
+    simulate.add_argument(
+        "--thresholds",
+        help="fixed thresholds to sweep, comma-separated seconds (default: 15 to 3600)",
+    )
+    simulate.add_argument(
+        "--sleep-seconds",
+        type=float,
+        default=0.0,
+        help="how long a sleep takes in the replay (default: instant)",
+    )
     simulate.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    simulate.add_argument("--plot", metavar="PNG", help="plot memory held over time, wakes "
-                          "marked (needs matplotlib: pip install 'kvsleep[plot]')")
+    simulate.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="plot memory held over time, wakes "
+        "marked (needs matplotlib: pip install 'kvsleep[plot]')",
+    )
     simulate.add_argument("--save-trace", metavar="CSV", help="also write the replayed trace")
     simulate.set_defaults(func=cmd_simulate)
 
-    for name, func, helptext in (("status", cmd_status, "show every model's sleep state"),
-                                 ("sleep", cmd_sleep, "put a model to sleep (drains first)"),
-                                 ("wake", cmd_wake, "wake a model")):
+    for name, func, helptext in (
+        ("status", cmd_status, "show every model's sleep state"),
+        ("sleep", cmd_sleep, "put a model to sleep (drains first)"),
+        ("wake", cmd_wake, "wake a model"),
+    ):
         p = sub.add_parser(name, help=helptext)
         if name != "status":
             p.add_argument("model")
-        p.add_argument("--url", type=_url, default=os.environ.get("KVSLEEP_URL", DEFAULT_URL),
-                       help=f"kvsleep address, URL or host:port (default {DEFAULT_URL}, or "
-                       "$KVSLEEP_URL)")
+        p.add_argument(
+            "--url",
+            type=_url,
+            default=os.environ.get("KVSLEEP_URL", DEFAULT_URL),
+            help=f"kvsleep address, URL or host:port (default {DEFAULT_URL}, or $KVSLEEP_URL)",
+        )
         p.add_argument("--token", help="admin bearer token (default $KVSLEEP_ADMIN_TOKEN)")
         p.add_argument("--timeout", type=float, default=600.0)
         if name == "status":
