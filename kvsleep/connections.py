@@ -211,13 +211,14 @@ class _Guard(asyncio.Protocol):
                 self._line = b""
             if self._line is not None and not self._request_line_ok(data):
                 return
-            # A head ends with an empty line; aiohttp's parser takes bare LF too.
-            seen = self._tail + data
-            if b"\n\r\n" in seen or b"\n\n" in seen:
+            # A head ends with an empty line; aiohttp's parser takes bare LF too. The end may
+            # straddle two reads: the tail of the last one is searched with the start of this.
+            edge = self._tail + data[:2]
+            if b"\n\r\n" in data or b"\n\n" in data or b"\n\r\n" in edge or b"\n\n" in edge:
                 self._tail = b""
                 self.pool.enter(self, Phase.REQUEST)
             else:
-                self._tail = seen[-2:]
+                self._tail = (self._tail + data[-2:])[-2:]
         self.inner.data_received(data)
 
     def _request_line_ok(self, data: bytes) -> bool:

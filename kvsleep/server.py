@@ -270,6 +270,9 @@ class KvsleepServer:
         length = request.content_length
         if length is not None and length > cfg.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=cfg.max_body_bytes, actual_size=length)
+        if request.content.is_eof():  # all of it came with the head: the usual case, no timer
+            await request.read()
+            return request
         expected = length if length is not None else cfg.max_body_bytes
         limit = cfg.body_timeout_seconds + expected / cfg.body_min_bytes_per_second
         try:
