@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # per client (one upstream socket per proxied request), this is for logs, state and probes.
 FD_RESERVE = 64
 MAX_LINE = 8190  # aiohttp's own limit for a request line
+SWEEP_SECONDS = 0.5  # how often timeouts are checked: their resolution
 _HTTP09 = re.compile(rb"[A-Z]+ /[!-~]*")  # a request line without an HTTP version
 LOG_EVERY_SECONDS = 60.0
 
@@ -73,7 +74,11 @@ def connection_limit(configured: int, file_limit: int) -> int:
 
 
 class ConnectionPool:
-    """Every open client connection, its phase and its timer."""
+    """Every open client connection and its phase.
+
+    The data path pays no timer per request: a phase change notes the time and moves the
+    connection to the end of its phase's queue (oldest first), and one sweep every
+    SWEEP_SECONDS closes those past their phase's timeout from the front of each queue."""
 
     def __init__(
         self,
@@ -87,8 +92,9 @@ class ConnectionPool:
         self._open_gauge = open_gauge
         self.max_connections = max_connections
         self._guards: dict[asyncio.BaseTransport, _Guard] = {}
-        # Connections that may be evicted (idle or in their head), oldest first.
-        self._evictable: dict[_Guard, None] = {}
+        # The connections that may be closed or evicted, by phase, oldest first.
+        self._waiting: dict[Phase, dict[_Guard, None]] = {Phase.IDLE: {}, Phase.HEAD: {}}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._last_log: dict[str, float] = {}
 
     def __len__(self) -> int:
@@ -106,7 +112,7 @@ class ConnectionPool:
         """Admit a new connection, evicting the longest-waiting one at the limit."""
         assert guard.transport is not None
         if len(self._guards) >= self.max_connections:
-            victim = next(iter(self._evictable), None)
+            victim = self._longest_waiting()
             if victim is None:
                 self._shed(guard, "limit", "every connection is inside a request")
                 return False
@@ -117,31 +123,22 @@ class ConnectionPool:
         return True
 
     def enter(self, guard: _Guard, phase: Phase) -> None:
+        waiting = self._waiting.get(guard.phase)
+        if waiting is not None:
+            waiting.pop(guard, None)
         guard.phase = phase
-        if guard.timer is not None:
-            guard.timer.cancel()
-            guard.timer = None
-        self._evictable.pop(guard, None)
-        if guard.transport is None or guard.transport not in self._guards:
+        queue = self._waiting.get(phase)
+        if queue is None or guard.transport not in self._guards:
             return
-        cfg = self._config()
-        loop = asyncio.get_running_loop()
-        if phase is Phase.IDLE:
-            self._evictable[guard] = None
-            guard.timer = loop.call_later(
-                cfg.idle_timeout_seconds, self._expire, guard, "idle_timeout"
-            )
-        elif phase is Phase.HEAD:
-            self._evictable[guard] = None
-            guard.timer = loop.call_later(
-                cfg.header_timeout_seconds, self._expire, guard, "header_timeout"
-            )
+        guard.since = time.monotonic()
+        queue[guard] = None
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
 
     def closed(self, guard: _Guard) -> None:
-        if guard.timer is not None:
-            guard.timer.cancel()
-            guard.timer = None
-        self._evictable.pop(guard, None)
+        waiting = self._waiting.get(guard.phase)
+        if waiting is not None:
+            waiting.pop(guard, None)
         if guard.transport is not None and self._guards.pop(guard.transport, None) is not None:
             self._open_gauge(len(self._guards))
 
@@ -160,14 +157,36 @@ class ConnectionPool:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _expire(self, guard: _Guard, reason: str) -> None:
-        guard.timer = None
+    def _longest_waiting(self) -> _Guard | None:
+        fronts = [next(iter(queue)) for queue in self._waiting.values() if queue]
+        return min(fronts, key=lambda guard: guard.since, default=None)
+
+    def _sweep(self) -> None:
         cfg = self._config()
-        if reason == "header_timeout":
-            detail = f"no complete request head within {cfg.header_timeout_seconds:g}s"
-        else:
-            detail = f"idle for {cfg.idle_timeout_seconds:g}s"
-        self._shed(guard, reason, detail)
+        now = time.monotonic()
+        for phase, timeout, reason, detail in (
+            (
+                Phase.IDLE,
+                cfg.idle_timeout_seconds,
+                "idle_timeout",
+                f"idle for {cfg.idle_timeout_seconds:g}s",
+            ),
+            (
+                Phase.HEAD,
+                cfg.header_timeout_seconds,
+                "header_timeout",
+                f"no complete request head within {cfg.header_timeout_seconds:g}s",
+            ),
+        ):
+            queue = self._waiting[phase]
+            while queue:
+                guard = next(iter(queue))
+                if now - guard.since < timeout:
+                    break
+                self._shed(guard, reason, detail)
+        self._sweeper = None
+        if any(self._waiting.values()):
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
 
     def _shed(self, guard: _Guard, reason: str, detail: str) -> None:
         self.count(reason, detail)
@@ -195,9 +214,9 @@ class _Guard(asyncio.Protocol):
         self.inner = inner
         self.transport: asyncio.BaseTransport | None = None
         self.phase = Phase.IDLE
-        self.timer: asyncio.TimerHandle | None = None
+        self.since = 0.0  # when it entered its phase (time.monotonic)
         self._tail = b""
-        self._line: bytes | None = b""  # the request line, until it is checked
+        self._line: bytes | None = b""  # the start of the request line, until it is checked
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -207,7 +226,6 @@ class _Guard(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase is not Phase.REQUEST:
             if self.phase is Phase.IDLE:
-                self.pool.enter(self, Phase.HEAD)
                 self._line = b""
             if self._line is not None and not self._request_line_ok(data):
                 return
@@ -219,18 +237,24 @@ class _Guard(asyncio.Protocol):
                 self.pool.enter(self, Phase.REQUEST)
             else:
                 self._tail = (self._tail + data[-2:])[-2:]
+                if self.phase is Phase.IDLE:
+                    self.pool.enter(self, Phase.HEAD)
         self.inner.data_received(data)
 
     def _request_line_ok(self, data: bytes) -> bool:
         """Refuse a request line without an HTTP version (HTTP/0.9, which aiohttp would leave
         unanswered or answer in a made-up "HTTP/0.9" status line) with a 505."""
         assert self._line is not None
-        self._line += data[:MAX_LINE]
-        line, newline, _ = self._line.partition(b"\n")
-        if not newline:
+        if self._line:  # the line began in an earlier read
+            data = self._line + data[:MAX_LINE]
+        end = data.find(b"\n", 0, MAX_LINE)
+        if end < 0:
+            self._line = data[:MAX_LINE]
             return True
         self._line = None
-        if not _HTTP09.fullmatch(line.rstrip(b"\r")):
+        if data[end - 1 : end] == b"\r":
+            end -= 1
+        if not _HTTP09.fullmatch(data, 0, end):
             return True  # HTTP/1.x, or garbage that aiohttp answers with a 400
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(
