@@ -113,16 +113,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def v1_model(server: KvsleepServer, request: web.Request) -> web.Response:
     """OpenAI's `models.retrieve`: ids contain `/`, raw or percent-encoded (aiohttp decodes)."""
-    name = request.match_info["model"]
-    if name not in server.manager.slots:
-        raise OpenAIError(
-            404,
-            f"The model `{name}` does not exist.",
-            "invalid_request_error",
-            param="model",
-            code="model_not_found",
-        )
-    return web.json_response(server.model_object(name))
+    return web.json_response(server.model_object(server.model_in_path(request)))
 
 
 # ---- engine logs -------------------------------------------------------------------------
@@ -130,15 +121,7 @@ async def v1_model(server: KvsleepServer, request: web.Request) -> web.Response:
 
 async def logs(server: KvsleepServer, request: web.Request) -> web.StreamResponse:
     """The last lines of a launched engine's log; with `?follow=1`, then every new line (SSE)."""
-    name = request.match_info["model"]
-    if name not in server.manager.slots:
-        raise OpenAIError(
-            404,
-            f"The model `{name}` does not exist.",
-            "invalid_request_error",
-            param="model",
-            code="model_not_found",
-        )
+    name = server.model_in_path(request)
     path = server.engine_log_file(name)
     if path is None:
         raise OpenAIError(

@@ -367,7 +367,7 @@ class KvsleepServer:
     # ---- control routes ------------------------------------------------------------------
 
     async def sleep(self, request: web.Request) -> web.Response:
-        name = self._model(request)
+        name = self.model_in_path(request)
         from_owner = _choice(request, "from", ("owner",)) == "owner"
         wait = _choice(request, "wait", ("true", "false")) != "false"
         owner = self.owner(name)
@@ -380,7 +380,7 @@ class KvsleepServer:
         return await self._answer(name, "sleep", outcome, wait)
 
     async def wake(self, request: web.Request) -> web.Response:
-        name = self._model(request)
+        name = self.model_in_path(request)
         reason = _choice(request, "reason", ("request", "manual")) or "manual"
         wait = _choice(request, "wait", ("true", "false")) != "false"
         if reason != "request" and (at := self.manager.defer_wake(name, reason)) is not None:
@@ -502,7 +502,7 @@ class KvsleepServer:
         if ok:
             self.metrics.config_last_reload_success_timestamp.set(self.clock())
 
-    def _model(self, request: web.Request) -> str:
+    def model_in_path(self, request: web.Request) -> str:
         """The model named in the path, raw (`a/b`) or percent-encoded (`a%2Fb`, which aiohttp
         has already decoded)."""
         name = request.match_info["model"]
