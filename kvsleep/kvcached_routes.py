@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -22,7 +21,6 @@ from kvsleep.sleep_state import ModelState
 if TYPE_CHECKING:
     from kvsleep.server import KvsleepServer
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Response headers an error keeps when its body is rewritten to kvcached's shape.
 _KEPT_HEADERS = ("WWW-Authenticate", "Retry-After", "Allow")
@@ -57,12 +55,10 @@ class KvcachedRoutes:
         ):
             self.routes.add(router.add_route(method, path, handler))
 
-    @web.middleware
-    async def plain_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def plain(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         """kvcached answers errors as `{"error": "text"}`: rewrite kvsleep's OpenAI-shaped ones
-        (the access guard's, aiohttp's) on these routes. Must run outside the server's own
-        error middleware, so that it sees that middleware's answer."""
-        response = await handler(request)
+        (the access guard's, aiohttp's) on these routes. Applied to the server's final answer,
+        so that it sees the error middleware's too."""
         if response.status < 400 or request.match_info.route not in self.routes:
             return response
         if not isinstance(response, web.Response) or not isinstance(response.body, bytes):

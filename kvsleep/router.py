@@ -167,18 +167,28 @@ class Router:
     def __init__(self, manager: SleepManager, metrics: Metrics, config: RouterConfig) -> None:
         self.manager = manager
         self.metrics = metrics
-        self.config = config
         self.session: aiohttp.ClientSession | None = None
+        self.config = config
+
+    @property
+    def config(self) -> RouterConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: RouterConfig) -> None:
+        """A reload's timeouts apply to the next request (built once, not per request)."""
+        self._config = config
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.connect_timeout_seconds,
+            sock_read=config.upstream_timeout_seconds,
+        )
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.config.connect_timeout_seconds,
-                sock_read=self.config.upstream_timeout_seconds,
-            ),
+            timeout=self.timeout,
         )
 
     async def close(self) -> None:
@@ -281,15 +291,9 @@ class Router:
         # rel_url, not raw_path: an absolute-form target (`POST http://host/v1/...`) is routed
         # by its path, as HTTP/1.1 servers must accept it.
         url = slot.cfg.url.rstrip("/") + request.rel_url.raw_path_qs
-        cfg = self.config  # per request, so that a reload applies to the next one
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=cfg.connect_timeout_seconds,
-            sock_read=cfg.upstream_timeout_seconds,
-        )
         try:
             upstream = await self.session.request(
-                request.method, url, data=body, headers=headers, timeout=timeout
+                request.method, url, data=body, headers=headers, timeout=self.timeout
             )
         except asyncio.TimeoutError:
             raise OpenAIError(

@@ -167,16 +167,13 @@ class KvsleepServer:
 
     def _build_app(self) -> web.Application:
         self._app_max_body = self.config.router.max_body_bytes
-        kvcached = KvcachedRoutes(self)
-        app = web.Application(
-            client_max_size=self._app_max_body,
-            middlewares=[kvcached.plain_errors, self._errors, self._client_limits],
-        )
+        self.kvcached = KvcachedRoutes(self)
+        app = web.Application(client_max_size=self._app_max_body, middlewares=[self._every_request])
         add = app.router
         for path in INFERENCE_ENDPOINTS:
             add.add_post(path, self.router.handle)
         add.add_get("/v1/models", self.v1_models)
-        kvcached.register(add)
+        self.kvcached.register(add)
         add.add_post("/models/{model:.+}/sleep", self._control(self.sleep))
         add.add_post("/models/{model:.+}/wake", self._control(self.wake))
         add.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
@@ -208,9 +205,26 @@ class KvsleepServer:
     # ---- middleware and access -----------------------------------------------------------
 
     @web.middleware
+    async def _every_request(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The one middleware (each layer costs every proxied request): the connection is inside
+        a request, so no idle or head timer runs (a held request or a long generation is never
+        cut); the body is read within its deadline; errors leave in the OpenAI shape, or in
+        kvcached's on its routes."""
+        guard = self.connections.find(request.transport)
+        if guard is not None:
+            self.connections.enter(guard, Phase.REQUEST)
+        try:
+            response = await self._errors(request, handler)
+        finally:
+            if guard is not None:
+                self.connections.enter(guard, Phase.IDLE)
+        return self.kvcached.plain(request, response)
+
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every error leaves in the OpenAI shape, including aiohttp's own (413, 404, 405)."""
         try:
+            if request.body_exists:
+                request = await self._read_body(request)
             return await handler(request)
         except _Answered as answered:
             return answered.response
@@ -245,21 +259,6 @@ class KvsleepServer:
                 status=exc.status,
                 headers=_kept_headers(exc),
             )
-
-    @web.middleware
-    async def _client_limits(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Mark the connection as inside a request (no idle or head timer: a held request or a
-        long generation is never cut), and read the body within its deadline."""
-        guard = self.connections.find(request.transport)
-        if guard is not None:
-            self.connections.enter(guard, Phase.REQUEST)
-        try:
-            if request.body_exists:
-                request = await self._read_body(request)
-            return await handler(request)
-        finally:
-            if guard is not None:
-                self.connections.enter(guard, Phase.IDLE)
 
     async def _read_body(self, request: web.Request) -> web.Request:
         """The whole body, read now, within `body_timeout_seconds` plus its size at
