@@ -39,6 +39,7 @@ STATES = (
     ("failed", "red"),
     ("starting", "light-purple"),
     ("down", "dark-red"),
+    ("unknown", "dark-orange"),
 )
 
 Target = tuple[str, str]  # (PromQL expression, legend format)

@@ -322,6 +322,11 @@ def cmd_wake(args: argparse.Namespace) -> int:
     return _admin(args, "POST", f"/models/{urllib.parse.quote(args.model, safe='')}/wake")
 
 
+def cmd_adopt(args: argparse.Namespace) -> int:
+    model = urllib.parse.quote(args.model, safe="")
+    return _admin(args, "POST", f"/models/{model}/adopt?state={args.state}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvsleep.simulator import add_sim_arguments
 
@@ -414,10 +419,22 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", cmd_status, "show every model's sleep state"),
         ("sleep", cmd_sleep, "put a model to sleep (drains first)"),
         ("wake", cmd_wake, "wake a model"),
+        (
+            "adopt",
+            cmd_adopt,
+            "say what a model's engine is (asleep or awake), for a model in state unknown",
+        ),
     ):
         p = sub.add_parser(name, help=helptext)
         if name != "status":
             p.add_argument("model")
+        if name == "adopt":
+            p.add_argument(
+                "state",
+                choices=("asleep", "awake"),
+                help="asleep: its memory is released; awake: it holds its memory (after an "
+                "interrupted wake, kvsleep finishes the wake's remaining steps first)",
+            )
         p.add_argument(
             "--url",
             type=_url,

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import aiohttp
 
 from kvsleep.config import FleetConfig
-from kvsleep.engines.base import EngineAdapter, EngineError, Observation
+from kvsleep.core.engine_facts import Observation, Step
+from kvsleep.engines.base import EngineAdapter, EngineError
 from kvsleep.sleep_state import ModelState
 
 
@@ -67,32 +68,51 @@ class _FleetAdapter(EngineAdapter):
             raise EngineError(f"replica {replica}: {verb} refused (HTTP {resp.status}): {message}")
 
 
+PEERS_DRAIN = Step("peers_drain", idempotent=True)
+DRAINED_FOR_OWNER = Step("drained_for_owner", idempotent=True)
+OWNER_WAKE = Step("owner_wake", idempotent=True)
+
+
 class OwnerAdapter(_FleetAdapter):
+    """The owner has its peers drain the model first, then puts the engine to sleep itself."""
+
     def __init__(self, inner: EngineAdapter, token: str | None, peers: Sequence[str]) -> None:
         super().__init__(inner, token)
         self.peers = tuple(peers)
 
-    async def sleep(self) -> None:
+    @property
+    def sleep_steps(self) -> tuple[Step, ...]:
+        return (PEERS_DRAIN, *self.inner.sleep_steps)
+
+    @property
+    def wake_steps(self) -> tuple[Step, ...]:
+        return self.inner.wake_steps
+
+    async def load(self) -> int | None:
+        return await self.inner.load()
+
+    async def run(self, step: Step) -> None:
+        if step != PEERS_DRAIN:
+            await self.inner.run(step)
+            return
         timeout = self.retry.sleep_timeout_seconds
         await asyncio.gather(
             *(self.ask(peer, "sleep", {"from": "owner"}, timeout) for peer in self.peers)
         )
-        await self.inner.sleep()
-
-    async def wake(self) -> None:
-        await self.inner.wake()
-
-    async def finish_wake(self) -> None:
-        await self.inner.finish_wake()
 
 
 class MemberAdapter(_FleetAdapter):
+    """A member only drains for the owner's sleep, and asks the owner for wakes."""
+
+    sleep_steps = (DRAINED_FOR_OWNER,)
+    wake_steps = (OWNER_WAKE,)
+
     def __init__(self, inner: EngineAdapter, token: str | None, owner: str) -> None:
         super().__init__(inner, token)
         self.owner = owner
 
-    async def sleep(self) -> None:
-        """The owner asked us to drain; it puts the engine to sleep itself."""
-
-    async def wake(self) -> None:
-        await self.ask(self.owner, "wake", {"reason": "request"}, self.retry.wake_timeout_seconds)
+    async def run(self, step: Step) -> None:
+        if step == OWNER_WAKE:
+            await self.ask(
+                self.owner, "wake", {"reason": "request"}, self.retry.wake_timeout_seconds
+            )

@@ -244,6 +244,12 @@ class Metrics:
             buckets=RECONCILE_BUCKETS,
             registry=reg,
         )
+        self.state_write_errors = Counter(
+            "kvsleep_state_write_errors",
+            "Writes of the state file that failed. A record that must exist before an engine "
+            "call (SGLang release/resume, every sleep) failing means that call is not made.",
+            registry=reg,
+        )
         self.reconcile_errors = Counter(
             "kvsleep_reconcile_errors",
             "Reconcile passes or actions that raised an error.",

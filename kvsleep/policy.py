@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from kvsleep.config import SleepPolicy
-from kvsleep.engines.base import Observation
+from kvsleep.core.engine_facts import Observation
 from kvsleep.sleep_state import ModelState, StoredModel
 
 
@@ -114,9 +114,15 @@ def heal(view: ModelView) -> Adopt | None:
         return Adopt(view.name, ModelState.ASLEEP, "engine reports it is asleep", view.version)
     if obs.asleep is False and view.state in (ModelState.ASLEEP, ModelState.FAILED):
         return Adopt(view.name, ModelState.AWAKE, "engine reports it is awake", view.version)
-    if obs.asleep is None and view.state is ModelState.ASLEEP and view.engine_up is False:
-        # An engine that cannot report its sleep state and was unreachable has restarted:
-        # a fresh process holds its memory again.
+    if (
+        obs.asleep is None
+        and obs.incarnation is None
+        and view.state is ModelState.ASLEEP
+        and view.engine_up is False
+    ):
+        # An engine that can report neither its sleep state nor which process answers, and
+        # was unreachable, is taken as restarted: a fresh process holds its memory again. (One
+        # that names its process is judged by that: a paused process is the same one.)
         return Adopt(view.name, ModelState.AWAKE, "engine came back after being down", view.version)
     return None
 

@@ -2,7 +2,8 @@
 
 Like a Kubernetes controller, each pass compares what should be with what is and converges,
 idempotently: a missed pass, a restart of kvsleep or an engine restarted behind its back is healed
-by the next pass, not by special cases.
+by the next pass, not by special cases. It changes nothing itself: observations go to each
+engine's state machine and decisions to the manager, through the small `Engines` protocol.
 """
 
 from __future__ import annotations
@@ -10,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import Protocol
 
 from kvsleep import policy
-from kvsleep.engines.base import EngineAdapter, Observation
-from kvsleep.policy_source import PrometheusSource
-from kvsleep.sleep_state import ModelState
-
-if TYPE_CHECKING:
-    from kvsleep.sleep_manager import SleepManager
+from kvsleep.core.engine_facts import Observation
+from kvsleep.policy_source import FleetTraffic, PrometheusSource
 
 log = logging.getLogger(__name__)
 
@@ -26,114 +24,84 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT_PROBES = 64
 
 
+class Probe(Protocol):
+    """One engine as the loop sees it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def check_interval(self) -> float: ...
+    @property
+    def probe_now(self) -> bool:
+        """Settled, not in an operation, not a launched engine without a process."""
+
+    async def observe(self) -> Observation: ...
+
+
+class Engines(Protocol):
+    """What the loop needs of the manager."""
+
+    def probes(self) -> Iterable[Probe]: ...
+    def default_interval(self) -> float: ...
+    def clock(self) -> float: ...
+    def observe(
+        self, model: str, observed: Observation, version: int | None = None
+    ) -> list[policy.Adopt]: ...
+    def views(
+        self,
+        probed: list[tuple[str, Observation]],
+        fleet: dict[str, FleetTraffic],
+        fleet_mode: bool,
+    ) -> list[policy.ModelView]: ...
+    def apply(self, action: policy.Action, now: float) -> None: ...
+    def reconcile_failed(self) -> None: ...
+    def reconcile_took(self, seconds: float) -> None: ...
+
+
 class Reconciler:
-    def __init__(self, manager: SleepManager) -> None:
-        self.manager = manager
-        self.source: PrometheusSource | None = None
+    def __init__(self, engines: Engines, source: PrometheusSource | None = None) -> None:
+        self.engines = engines
+        self.source = source
         self._probe_slots = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
 
     def interval(self) -> float:
         """The shortest check interval in force; checking a model early is harmless."""
-        intervals = [s.cfg.policy.check_interval_seconds for s in self.manager.slots.values()]
-        return min([self.manager.config.check_interval_seconds, *intervals])
-
-    async def sync(self) -> None:
-        """Before serving: believe each engine's word where it has one, the state file otherwise."""
-        stored = self.manager.state_store.load() if self.manager.state_store else {}
-        # A launched engine being started is the launcher's: nothing to probe or adopt yet.
-        slots = [s for s in self.manager.slots.values() if s.state is not ModelState.STARTING]
-        observations = await asyncio.gather(
-            *(
-                self._observe(
-                    s.adapter,
-                    stored[s.cfg.name].state if s.cfg.name in stored else ModelState.AWAKE,
-                )
-                for s in slots
-            )
+        return min(
+            [self.engines.default_interval(), *(p.check_interval for p in self.engines.probes())]
         )
-        for slot, obs in zip(slots, observations, strict=True):
-            record = stored.get(slot.cfg.name)
-            if record is not None and record.url != slot.cfg.url:
-                record = None  # a record of another engine says nothing about this one
-            state = policy.initial_state(obs, record)
-            slot.engine_up = obs.up
-            slot.want_awake = state is not ModelState.ASLEEP
-            if state is ModelState.ASLEEP:
-                slot.slept_at = record.since if record else self.manager.clock()
-            slot.state = state
-            slot.state_since = self.manager.clock()
-            log.info(
-                "model %s: engine %s, starting as %s",
-                slot.cfg.name,
-                "up" if obs.up else f"down ({obs.detail})",
-                state.value,
-            )
-        await asyncio.gather(
-            *(
-                self.manager.finish_interrupted_wake(s)
-                for s in slots
-                if s.state is ModelState.WAKING
-            )
-        )
-        await self.manager.flush()
 
     async def tick(self) -> list[policy.Action]:
         """One pass; returns the actions it took (for tests and logs)."""
         started = time.perf_counter()
-        manager = self.manager
-        slots = [
-            s
-            for s in manager.slots.values()
-            if not s.busy and s.state is not ModelState.STARTING and not s.stopped
-        ]
-        versions = [s.version for s in slots]
-        observations = await asyncio.gather(*(self._observe(s.adapter, s.state) for s in slots))
+        engines = self.engines
+        probes = [p for p in engines.probes() if p.probe_now]
+        versions = [p.version for p in probes]
+        observations = await asyncio.gather(*(self._observe(p) for p in probes))
         fleet = (
-            await self.source.fleet_traffic(s.cfg.name for s in slots)
+            await self.source.fleet_traffic(p.name for p in probes)
             if self.source is not None
             else {}
         )
-        views = []
-        for slot, version, obs in zip(slots, versions, observations, strict=True):
-            if slot.version != version or manager.slots.get(slot.cfg.name) is not slot:
-                continue  # changed while we probed: judge it next pass
-            views.append(
-                manager.view(
-                    slot, obs, fleet.get(slot.cfg.name), fleet_mode=self.source is not None
-                )
-            )
-            previous_up, slot.engine_up = slot.engine_up, obs.up
-            if previous_up and not obs.up:
-                log.warning("model %s: engine unreachable: %s", slot.cfg.name, obs.detail)
-            if previous_up is False and obs.up:
-                slot.reset_sleep_backoff()  # back after being down: maybe restarted, new flags
-        now = manager.clock()
-        manager.thresholds.keep_only(manager.slots)
-        actions = policy.decide(views, now)
+        healed: list[policy.Action] = []
+        for probe, version, obs in zip(probes, versions, observations, strict=True):
+            healed += engines.observe(probe.name, obs, version)
+        probed = [(p.name, obs) for p, obs in zip(probes, observations, strict=True)]
+        now = engines.clock()
+        actions = policy.decide(engines.views(probed, fleet, self.source is not None), now)
         for action in actions:
-            if isinstance(action, policy.Sleep):
-                # An adaptive threshold judges its sleeps by when the next request comes.
-                manager.thresholds.note_sleep(action.model, now)
             try:
-                self._apply(action)
+                engines.apply(action, now)
             except Exception:
-                manager.metrics.reconcile_errors.inc()
+                engines.reconcile_failed()
                 log.exception("reconcile action %s failed", action)
-        manager.metrics.reconcile_duration.observe(time.perf_counter() - started)
-        return actions
+        engines.reconcile_took(time.perf_counter() - started)
+        return healed + actions
 
-    def _apply(self, action: policy.Action) -> None:
-        if isinstance(action, policy.Adopt):
-            self.manager.adopt(action)
-        elif isinstance(action, policy.Sleep):
-            log.info("model %s is idle; putting it to sleep", action.model)
-            self.manager.request_sleep(action.model, action.reason)
-        elif isinstance(action, policy.Wake):
-            self.manager.request_wake(action.model, action.reason)
-
-    async def _observe(self, adapter: EngineAdapter, believed: ModelState) -> Observation:
+    async def _observe(self, probe: Probe) -> Observation:
         async with self._probe_slots:
-            return await adapter.observe(believed)
+            return await probe.observe()
 
     async def run(self) -> None:
         while True:
@@ -143,5 +111,5 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self.manager.metrics.reconcile_errors.inc()
+                self.engines.reconcile_failed()
                 log.exception("reconcile pass failed")

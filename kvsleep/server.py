@@ -47,8 +47,9 @@ from kvsleep.gpu import nvml_free_gb
 from kvsleep.kvcached_routes import KvcachedRoutes
 from kvsleep.metrics import Metrics
 from kvsleep.policy_source import PrometheusSource
+from kvsleep.reconciler import Reconciler
 from kvsleep.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
-from kvsleep.sleep_manager import NotAllowed, SleepManager
+from kvsleep.sleep_manager import ModelRemoved, NotAllowed, SleepManager
 from kvsleep.sleep_state import ModelState, StateStore
 from kvsleep.traffic_monitor import TrafficMonitor
 
@@ -92,10 +93,13 @@ class KvsleepServer:
         for model in config.models:
             self.manager.add_model(model)
         self._apply_gpus(config)
-        if config.policy_source.type == "prometheus":
-            self.manager.reconciler.source = PrometheusSource(
-                config.policy_source, self.metrics.policy_source_up
-            )
+        self.reconciler = Reconciler(
+            self.manager,
+            PrometheusSource(config.policy_source, self.metrics.policy_source_up)
+            if config.policy_source.type == "prometheus"
+            else None,
+        )
+        self.manager.reconciler = self.reconciler
         self.router = Router(self.manager, self.metrics, config.router)
         self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.connections = ConnectionPool(
@@ -176,6 +180,7 @@ class KvsleepServer:
         self.kvcached.register(add)
         add.add_post("/models/{model:.+}/sleep", self._control(self.sleep))
         add.add_post("/models/{model:.+}/wake", self._control(self.wake))
+        add.add_post("/models/{model:.+}/adopt", self._control(self.adopt))
         add.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
         add.add_post("/-/reload", self._control(self.reload))
         add.add_post("/alertmanager/webhook", self._control(self.alertmanager_webhook))
@@ -199,8 +204,8 @@ class KvsleepServer:
         self.ready = False
         await self.manager.stop()
         await self.router.close()
-        if self.manager.reconciler.source is not None:
-            await self.manager.reconciler.source.close()
+        if self.reconciler.source is not None:
+            await self.reconciler.source.close()
 
     # ---- middleware and access -----------------------------------------------------------
 
@@ -392,14 +397,41 @@ class KvsleepServer:
             )
         return await self._answer(name, "wake", self.manager.request_wake(name, reason), wait)
 
+    async def adopt(self, request: web.Request) -> web.Response:
+        """An operator's word on an engine kvsleep cannot read (state `unknown`)."""
+        name = self.model_in_path(request)
+        state = _choice(request, "state", ("asleep", "awake"))
+        if state is None:
+            raise OpenAIError(
+                400,
+                "Query parameter `state` is required: asleep or awake (what the engine is).",
+                "invalid_request_error",
+                param="state",
+                code="missing_value",
+            )
+        try:
+            self.manager.adopt_state(name, ModelState(state))
+        except NotAllowed as exc:
+            return _action(name, False, str(exc), 409)
+        now = self.manager.slots[name].state.value
+        return _action(name, True, f"Model {name} adopted as {state}; now {now}", 200)
+
     async def _answer(
         self, name: str, verb: str, outcome: asyncio.Future[bool], wait: bool
     ) -> web.Response:
         """Answer once the operation is over, as the kvcached controller did (or at once with
-        `?wait=false`)."""
+        `?wait=false`); 409 when the model left the configuration meanwhile."""
         if not wait:
             return _action(name, True, f"Model {name} {verb} requested", 202)
-        ok = await outcome
+        try:
+            ok = await outcome
+        except ModelRemoved:
+            return _action(
+                name,
+                False,
+                f"Model {name} was removed from the configuration before its {verb} ended",
+                409,
+            )
         slot = self.manager.slots.get(name)
         detail = "" if ok or slot is None or not slot.last_error else f": {slot.last_error}"
         return _action(

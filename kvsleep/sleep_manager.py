@@ -28,8 +28,57 @@ import aiohttp
 from kvsleep import policy
 from kvsleep.adaptive import Thresholds
 from kvsleep.config import ModelConfig, SleepPolicy
+from kvsleep.core.machine import (
+    JOBS,
+    Admit,
+    Adopted,
+    Arrived,
+    Call,
+    CallDone,
+    CallResult,
+    CheckLoad,
+    Count,
+    Drained,
+    Effect,
+    EngineMachine,
+    Event,
+    Finished,
+    Healed,
+    HeldLeft,
+    Hold,
+    Identified,
+    Identify,
+    Job,
+    LaunchDeferred,
+    LaunchFailed,
+    LaunchSpawning,
+    LaunchStarted,
+    LaunchStarting,
+    LoadReported,
+    Log,
+    MakeRoom,
+    Observed,
+    Pending,
+    Persist,
+    Reconfigured,
+    Record,
+    Recorded,
+    Reject,
+    RejectHeld,
+    ReleaseHeld,
+    Removed,
+    RoomReady,
+    Settle,
+    Start,
+    StateWriteFailed,
+    WaitDrained,
+    WantSleep,
+    WantWake,
+    WriteRecord,
+)
 from kvsleep.engines import (
     EngineAdapter,
+    EngineError,
     Observation,
     RetryPolicy,
     SessionSource,
@@ -117,16 +166,9 @@ class SleepConfig:
 HoldCallback = Callable[[], Awaitable[None]]
 Starter = Callable[[str], Awaitable[None]]
 AdapterFactory = Callable[[ModelConfig, SessionSource, RetryPolicy], EngineAdapter]
+EngineKey = tuple[str, str]
 
-WAKE_HISTORY = 10  # measured wakes the ETA is the median of
 MEMORY_RECHECK_SECONDS = 0.5  # a wake blocked on GPU memory re-plans at least this often
-_SETTLED = (
-    ModelState.AWAKE,
-    ModelState.ASLEEP,
-    ModelState.FAILED,
-    ModelState.SLEEPING,
-    ModelState.WAKING,
-)
 
 
 class Rejected(Exception):
@@ -146,54 +188,72 @@ class NotAllowed(Exception):
     """An operation the configuration forbids (e.g. sleeping an `always_on` model)."""
 
 
+class ModelRemoved(Exception):
+    """A control call's model left the configuration while the call waited."""
+
+
+def engine_key(cfg: ModelConfig) -> EngineKey:
+    """What kvsleep's knowledge is about: an engine (flavor and address), not a config entry."""
+    return (cfg.engine, cfg.url.rstrip("/"))
+
+
 @dataclass(eq=False)
 class ModelSlot:
-    """Runtime state of one model. Only SleepManager mutates it."""
+    """One model's engine: its state machine (core/machine.py, the only place its state
+    changes) and what executing it takes in asyncio (futures of held requests and control calls,
+    the task running its current job)."""
 
     cfg: ModelConfig
     adapter: EngineAdapter
-    state: ModelState
-    state_since: float
-    version: int = 0
-    in_engine: int = 0
+    machine: EngineMachine
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
-    held_bytes: int = 0  # body bytes of the waiters
-    want_awake: bool = True
-    wake_reason: str = "request"
-    sleep_reason: str = "idle"
     worker: asyncio.Task[None] | None = None
-    engine_up: bool | None = None
-    slept_at: float | None = None
-    manual_sleep: bool = False
-    deferred_wake: str | None = None
-    last_error: str | None = None
-    waiting_for_memory: str | None = None
-    wake_history: deque[float] = field(default_factory=lambda: deque(maxlen=WAKE_HISTORY))
-    start_history: deque[float] = field(default_factory=lambda: deque(maxlen=WAKE_HISTORY))
-    # A launched engine with no process: `queued` waits for its turn to start, `stopped` is
-    # started by its first request. Neither holds GPU memory.
-    queued: bool = False
-    stopped: bool = False
+    next_job: Job | None = None
     sleep_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
     wake_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
-    # Failed sleeps in a row, when idle sleeps may try again, and why the engine cannot sleep
-    # at all (no sleep route); all three reset on a success, a reload or an engine restart.
-    sleep_failures: int = 0
-    sleep_retry_at: float = 0.0
-    cannot_sleep: str | None = None
+    waiting_for_memory: str | None = None
 
     def __post_init__(self) -> None:
         self.drained.set()
 
-    def reset_sleep_backoff(self) -> None:
-        self.sleep_failures = 0
-        self.sleep_retry_at = 0.0
-        self.cannot_sleep = None
+    # Read-only views of the machine, for routes, metrics and tests.
+    state = property(lambda self: self.machine.state)
+    state_since = property(lambda self: self.machine.state_since)
+    version = property(lambda self: self.machine.version)
+    in_engine = property(lambda self: self.machine.in_engine)
+    want_awake = property(lambda self: self.machine.want_awake)
+    engine_up = property(lambda self: self.machine.engine_up)
+    slept_at = property(lambda self: self.machine.slept_at)
+    manual_sleep = property(lambda self: self.machine.manual_sleep)
+    deferred_wake = property(lambda self: self.machine.deferred_wake)
+    last_error = property(lambda self: self.machine.last_error)
+    stopped = property(lambda self: self.machine.stopped)
+    queued = property(lambda self: self.machine.queued)
+    sleep_failures = property(lambda self: self.machine.sleep_failures)
+    sleep_retry_at = property(lambda self: self.machine.sleep_retry_at)
+    cannot_sleep = property(lambda self: self.machine.cannot_sleep)
+    incarnation = property(lambda self: self.machine.incarnation)
 
     @property
     def busy(self) -> bool:
-        return self.worker is not None and not self.worker.done()
+        return self.machine.busy
+
+    # The reconciler's Probe protocol.
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def check_interval(self) -> float:
+        return self.cfg.policy.check_interval_seconds
+
+    @property
+    def probe_now(self) -> bool:
+        return not self.busy and self.state is not ModelState.STARTING and not self.stopped
+
+    async def observe(self) -> Observation:
+        return await self.adapter.observe(self.state)
 
 
 class SleepManager:
@@ -214,6 +274,10 @@ class SleepManager:
     ) -> None:
         self.clock = clock
         self.slots: dict[str, ModelSlot] = {}
+        # Engines of models that left the configuration: re-added or renamed, they keep what is
+        # known of them; records read at start-up for engines not configured (yet).
+        self.retired: dict[EngineKey, tuple[str, EngineMachine]] = {}
+        self.records: dict[EngineKey, StoredModel] = {}
         self._config = SleepConfig()
         self.config = config or SleepConfig()
         self.traffic_monitor = traffic_monitor or TrafficMonitor(
@@ -227,9 +291,9 @@ class SleepManager:
         self._session = session
         self._owns_session = session is None
         self.thresholds = Thresholds.watching(self.traffic_monitor)  # adaptive idle thresholds
-        self.reconciler = Reconciler(self)
+        self.reconciler: Reconciler | None = None  # set by the owner (the server), or start()
         self._reconciler_task: asyncio.Task[None] | None = None
-        self.writer = StateWriter(state_store, self._stored)
+        self.writer = StateWriter(state_store, self._stored, self._state_write_failed)
         self.gpu_budgets: dict[int, float] = {}
         self.max_held_bytes: float = float("inf")  # bodies held over all models (router's)
         self.held_bytes = 0
@@ -278,14 +342,48 @@ class SleepManager:
         return self.session
 
     def add_model(self, cfg: ModelConfig, state: ModelState = ModelState.AWAKE) -> ModelSlot:
-        slot = ModelSlot(
-            cfg, self.adapter_factory(cfg, self._get_session, self.retry), state, self.clock()
-        )
+        """A model joins. An engine known from before (the model was removed, or renamed) keeps
+        what kvsleep knows of it; an engine added while kvsleep runs is looked at before any
+        request reaches it (its requests are held meanwhile)."""
+        adapter = self.adapter_factory(cfg, self._get_session, self.retry)
+        key = engine_key(cfg)
+        known = self.retired.pop(key, None)
+        if known is not None:
+            machine = known[1]
+            machine.handle(Reconfigured(self.clock(), cfg))
+        else:
+            machine = EngineMachine(cfg, adapter.steps, state, self.clock())
+        slot = ModelSlot(cfg, adapter, machine)
         self.slots[cfg.name] = slot
         self.traffic_monitor.add_model(cfg.name)
         self.metrics.add_models([cfg.name])
         self._list_engine(cfg, {"host": cfg.host, "port": str(cfg.port)})
+        if known is None and self._reconciler_task is not None:
+            self._first_look(slot)
         return slot
+
+    def _first_look(self, slot: ModelSlot) -> None:
+        """An engine never seen: hold its requests until a probe (and any record) says how it
+        stands; a vLLM found asleep must not get a request."""
+        slot.machine.state = ModelState.STARTING
+        task = asyncio.create_task(self._restore(slot), name=f"kvsleep-look-{slot.cfg.name}")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _restore(self, slot: ModelSlot) -> None:
+        observed = await slot.adapter.observe(slot.machine.state)
+        if self.slots.get(slot.cfg.name) is not slot:
+            return
+        self._carry_out(
+            slot, slot.machine.restore(self.clock(), observed, self._record_for(slot.cfg))
+        )
+
+    def _record_for(self, cfg: ModelConfig) -> Record | None:
+        stored = self.records.get(engine_key(cfg))
+        if stored is None:
+            return None
+        pending = Pending(*stored.pending) if stored.pending else None
+        return Record(stored.state, stored.since, stored.incarnation, pending)
 
     def _list_engine(self, cfg: ModelConfig, where: dict[str, Any]) -> None:
         """Keep kvcached's per-engine model lists in step with the models."""
@@ -336,27 +434,51 @@ class SleepManager:
         return dict(self.config.models_of("sglang"))
 
     def remove_model(self, model_name: str) -> None:
-        """Forget a model; requests already admitted keep their slot until they finish."""
+        """Forget a model; requests already admitted keep their slot until they finish, control
+        calls waiting for it are answered at once, and what is known of its engine is kept."""
         slot = self.slots.pop(model_name, None)
         if slot is None:
             return
         self.config.models_of(slot.cfg.engine).pop(model_name, None)
-        self._reject_waiters(slot, "wake_failed", f"model `{model_name}` was removed", 503)
+        self._carry_out(slot, slot.machine.handle(Removed()))
         if slot.worker is not None:
             slot.worker.cancel()
+        self.retired[engine_key(slot.cfg)] = (model_name, slot.machine)
         self.traffic_monitor.remove_model(model_name)
         self.metrics.remove_model(model_name)
+        self.persist()
 
     def update_model(self, cfg: ModelConfig) -> None:
-        """Apply a changed model config in place, keeping its state and its waiters."""
+        """Apply a changed model config in place, keeping its state and its waiters. A model
+        pointed at another engine gets that engine's state (known, or looked at first)."""
         slot = self.slots[cfg.name]
-        if (cfg.url, cfg.engine) != (slot.cfg.url, slot.cfg.engine):
+        old = slot.machine
+        if engine_key(cfg) != engine_key(slot.cfg):
+            if slot.worker is not None:
+                slot.worker.cancel()
+            self.retired[engine_key(slot.cfg)] = (cfg.name, old)
             slot.adapter = self.adapter_factory(cfg, self._get_session, self.retry)
+            known = self.retired.pop(engine_key(cfg), None)
+            slot.machine = (
+                known[1]
+                if known is not None
+                else EngineMachine(cfg, slot.adapter.steps, ModelState.AWAKE, self.clock())
+            )
+            slot.machine.held, slot.machine.held_bytes = old.held, old.held_bytes
+            slot.machine.in_engine = old.in_engine
+            old.held = old.held_bytes = old.in_engine = 0
+            slot.machine.pending_sleep, slot.machine.pending_wake = (
+                old.pending_sleep,
+                old.pending_wake,
+            )
+            old.pending_sleep = old.pending_wake = 0
+            if known is None:
+                self._first_look(slot)
+            self.persist()
         slot.cfg = cfg
         slot.adapter.model = cfg
         self._list_engine(cfg, {"host": cfg.host, "port": str(cfg.port)})
-        # A reload is how an operator says "the engine was fixed": sleeps may be tried again.
-        slot.reset_sleep_backoff()
+        self._carry_out(slot, slot.machine.handle(Reconfigured(self.clock(), cfg)))
 
     def update_config(self, **kwargs: object) -> None:
         """Change policy keys for every model at once (the kvcached controller's API)."""
@@ -372,15 +494,49 @@ class SleepManager:
         for slot in self.slots.values():
             merged = dataclasses.replace(slot.cfg.policy, **changes)  # type: ignore[arg-type]
             slot.cfg = dataclasses.replace(slot.cfg, policy=merged)
+            slot.adapter.model = slot.cfg
+            slot.machine.cfg = slot.cfg
         if "idle_threshold_seconds" in changes:
             self.traffic_monitor.idle_threshold_seconds = self.config.idle_threshold_seconds
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Learn every engine's real state, then run the reconcile loop."""
-        await self.reconciler.sync()
+        """Learn every engine's real state, then run the reconcile loop (the owner's, or one
+        of its own for the kvcached API)."""
+        if self.reconciler is None:
+            self.reconciler = Reconciler(self)
+        await self.sync()
         self._reconciler_task = asyncio.create_task(self.reconciler.run(), name="kvsleep-reconcile")
+
+    async def sync(self) -> None:
+        """Before serving: believe each engine's word where it has one, its record otherwise
+        (records are about engines: a renamed model keeps its engine's)."""
+        models, retired = self.state_store.load_all() if self.state_store else ({}, [])
+        for _name, record in [*retired, *models.items()]:
+            self.records[record.key] = record
+        for name, record in retired:
+            if record.key not in {engine_key(s.cfg) for s in self.slots.values()}:
+                cfg = ModelConfig(name, record.engine, record.url)
+                steps = self.adapter_factory(cfg, self._get_session, self.retry).steps
+                machine = EngineMachine(cfg, steps, ModelState.AWAKE, self.clock())
+                machine.restore(self.clock(), Observation(up=False), self._record_for(cfg))
+                self.retired[record.key] = (name, machine)
+        # A launched engine being started is the launcher's: nothing to probe or adopt yet.
+        slots = [s for s in self.slots.values() if s.state is not ModelState.STARTING]
+        observations = await asyncio.gather(
+            *(s.adapter.observe(self._believed(s.cfg)) for s in slots)
+        )
+        for slot, observed in zip(slots, observations, strict=True):
+            self._carry_out(
+                slot, slot.machine.restore(self.clock(), observed, self._record_for(slot.cfg))
+            )
+        await asyncio.gather(*(s.worker for s in slots if s.worker is not None))
+        await self.flush()
+
+    def _believed(self, cfg: ModelConfig) -> ModelState:
+        record = self.records.get(engine_key(cfg))
+        return record.state if record is not None else ModelState.AWAKE
 
     async def stop(self) -> None:
         tasks = [
@@ -413,75 +569,44 @@ class SleepManager:
 
         Raises Rejected when the request must not wait (queue full by count or by the `size`
         bytes of held bodies, wakes disabled, a wake expected to outlast `deadline` seconds or
-        the hold timeout) or waited in vain (timeout, failed wake). While held, `on_hold` is
-        awaited every `hold_interval` seconds. The caller must `release` the returned slot.
+        the hold timeout, state unknown) or waited in vain (timeout, failed wake). While held,
+        `on_hold` is awaited every `hold_interval` seconds. The caller must `release` the
+        returned slot.
         """
         slot = self.slots[model_name]
-        if slot.state is ModelState.AWAKE:
-            slot.in_engine += 1
+        if slot.machine.admit_awake():
             slot.drained.clear()
             return slot
-        pol = slot.cfg.policy
-        timeout = min(pol.wake_timeout_seconds, deadline or pol.wake_timeout_seconds)
-        wait = self.eta_remaining(slot)
-        retry_after = max(1.0, wait) if wait is not None else 1.0
-        decision = policy.admission(
-            slot.state,
-            len(slot.waiters),
-            pol,
-            size=size,
-            held_bytes=slot.held_bytes,
-            room_bytes=self.max_held_bytes - self.held_bytes,
+        effects = slot.machine.handle(
+            Arrived(self.clock(), size, self.max_held_bytes - self.held_bytes, deadline)
         )
-        if decision is policy.Admission.REJECT_NO_WAKE:
-            raise self._reject(
-                slot,
-                "asleep_no_wake",
-                503,
-                None,
-                f"model `{model_name}` is {slot.state.value} and "
-                "wakeup_on_request is off; wake it first",
+        verdict = effects[0]
+        self._carry_out(slot, effects[1:])
+        if isinstance(verdict, Admit):
+            slot.drained.clear()
+            return slot
+        if isinstance(verdict, Reject):
+            self.metrics.rejected_requests.labels(model_name, verdict.reason).inc()
+            raise Rejected(
+                model_name, verdict.reason, verdict.message, verdict.status, verdict.retry_after
             )
-        if decision is policy.Admission.REJECT_QUEUE_FULL:
-            raise self._reject(
-                slot,
-                "queue_full",
-                503,
-                retry_after,
-                f"model `{model_name}` is {slot.state.value} and its hold "
-                f"queue is full ({len(slot.waiters)} requests, "
-                f"{slot.held_bytes} body bytes wait for it)",
-            )
-        if not slot.want_awake or not slot.busy:
-            self.request_wake(model_name, "request")
-        if wait is not None and wait > timeout:
-            # Waiting in vain helps nobody: say when to come back; the wake goes on.
-            raise self._reject(
-                slot,
-                "wake_timeout",
-                503,
-                retry_after,
-                f"model `{model_name}` is {slot.state.value}; its wake is "
-                f"expected to take {wait:.0f}s, longer than this request's "
-                f"{timeout:g}s deadline",
-            )
+        assert isinstance(verdict, Hold)
+        timeout = verdict.timeout
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         slot.waiters.append(fut)
-        slot.held_bytes += size
         self.held_bytes += size
         started = time.monotonic()
         try:
             await self._wait_held(fut, started + timeout, on_hold, hold_interval)
         except asyncio.TimeoutError:
-            self._forget_waiter(slot, fut)
-            wait = self.eta_remaining(slot)
-            raise self._reject(
-                slot,
-                "wake_timeout",
-                504,
-                max(1.0, wait or 1.0),
-                f"model `{model_name}` did not wake within {timeout:g}s"
-                + (f" ({slot.waiting_for_memory})" if slot.waiting_for_memory else ""),
+            self._forget_waiter(slot, fut, size)
+            wait = slot.machine.eta_remaining(self.clock())
+            message = f"model `{model_name}` did not wake within {timeout:g}s"
+            if slot.waiting_for_memory:
+                message += f" ({slot.waiting_for_memory})"
+            self.metrics.rejected_requests.labels(model_name, "wake_timeout").inc()
+            raise Rejected(
+                model_name, "wake_timeout", message, 504, max(1.0, wait or 1.0)
             ) from None
         except Rejected as exc:
             if self.slots.get(model_name) is slot:  # a removed model leaves no series behind
@@ -491,10 +616,9 @@ class SleepManager:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(slot)
             else:
-                self._forget_waiter(slot, fut)
+                self._forget_waiter(slot, fut, size)
             raise
         finally:
-            slot.held_bytes -= size
             self.held_bytes -= size
         if self.slots.get(model_name) is slot:
             self.metrics.request_hold.labels(model_name).observe(time.monotonic() - started)
@@ -520,12 +644,18 @@ class SleepManager:
                 await on_hold()
 
     def release(self, slot: ModelSlot) -> None:
-        slot.in_engine -= 1
-        if slot.in_engine <= 0:
-            slot.in_engine = 0
+        """A forwarded request is over (its upstream connection closed)."""
+        machine = slot.machine
+        machine.handle(Finished())
+        if machine.in_engine == 0:
             slot.drained.set()
             if self.gpu_budgets:
                 self._signal_change()
+
+    def _forget_waiter(self, slot: ModelSlot, fut: asyncio.Future[None], size: int) -> None:
+        with contextlib.suppress(ValueError):
+            slot.waiters.remove(fut)
+            slot.machine.handle(HeldLeft(size))
 
     def _signal_change(self) -> None:
         """Wake whoever waits for memory to be freed; they re-plan."""
@@ -533,259 +663,260 @@ class SleepManager:
         self._changed = asyncio.Event()
 
     def wake_eta(self, slot: ModelSlot) -> float | None:
-        """Expected wake time; for a launched engine starting (or to be started), its measured
-        start time (unknown until one start has been measured)."""
-        if slot.state is ModelState.STARTING or slot.stopped:
-            return policy.wake_eta(list(slot.start_history), None)
-        return policy.wake_eta(list(slot.wake_history), slot.cfg.wake_eta_seconds)
+        return slot.machine.wake_eta()
 
     def eta_remaining(self, slot: ModelSlot) -> float | None:
-        return policy.eta_remaining(slot.state, slot.state_since, self.wake_eta(slot), self.clock())
+        return slot.machine.eta_remaining(self.clock())
 
-    def _reject(
-        self, slot: ModelSlot, reason: str, status: int, retry_after: float | None, message: str
-    ) -> Rejected:
-        self.metrics.rejected_requests.labels(slot.cfg.name, reason).inc()
-        return Rejected(slot.cfg.name, reason, message, status, retry_after)
+    # ---- carrying out the machine's effects ------------------------------------------------
 
-    @staticmethod
-    def _forget_waiter(slot: ModelSlot, fut: asyncio.Future[None]) -> None:
-        with contextlib.suppress(ValueError):
-            slot.waiters.remove(fut)
+    def _feed(self, slot: ModelSlot, event: Event) -> None:
+        self._carry_out(slot, slot.machine.handle(event))
 
-    def _release_waiters(self, slot: ModelSlot) -> None:
-        while slot.waiters:
-            fut = slot.waiters.popleft()
-            if not fut.done():
-                slot.in_engine += 1
+    def _carry_out(self, slot: ModelSlot, effects: list[Effect]) -> None:
+        name = slot.cfg.name
+        for effect in effects:
+            if isinstance(effect, JOBS):
+                slot.next_job = effect
+                if slot.worker is None or slot.worker.done():
+                    slot.worker = asyncio.create_task(
+                        self._work(slot), name=f"kvsleep-op-{slot.cfg.name}"
+                    )
+            elif isinstance(effect, ReleaseHeld):
+                while slot.waiters:
+                    fut = slot.waiters.popleft()
+                    if not fut.done():
+                        fut.set_result(None)
                 slot.drained.clear()
-                fut.set_result(None)
+            elif isinstance(effect, RejectHeld):
+                while slot.waiters:
+                    fut = slot.waiters.popleft()
+                    if not fut.done():
+                        fut.set_exception(
+                            Rejected(name, effect.reason, effect.message, effect.status, 5.0)
+                        )
+            elif isinstance(effect, Settle):
+                futures = slot.sleep_outcomes if effect.op == "sleep" else slot.wake_outcomes
+                for outcome in futures:
+                    if not outcome.done():
+                        if effect.removed:
+                            outcome.set_exception(ModelRemoved(f"model `{name}` was removed"))
+                        else:
+                            outcome.set_result(effect.ok)
+                futures.clear()
+            elif isinstance(effect, Persist):
+                self.persist()
+            elif isinstance(effect, Log):
+                getattr(log, effect.level)("model %s: %s", name, effect.text)
+                if effect.event:
+                    self._event(name, effect.text)
+            elif isinstance(effect, Count):
+                counter = self.metrics.sleeps if effect.op == "sleep" else self.metrics.wakes
+                if self.slots.get(name) is slot:
+                    counter.labels(name, effect.reason, "ok" if effect.ok else "error").inc()
+                    if effect.took is not None:
+                        duration = (
+                            self.metrics.sleep_duration
+                            if effect.op == "sleep"
+                            else self.metrics.wake_duration
+                        )
+                        duration.labels(name).observe(effect.took)
+            elif isinstance(effect, StateWriteFailed):
+                pass  # counted by the writer, for every failed write
+        if self.gpu_budgets:
+            self._signal_change()
 
-    def _reject_waiters(self, slot: ModelSlot, reason: str, message: str, status: int) -> None:
-        while slot.waiters:
-            fut = slot.waiters.popleft()
-            if not fut.done():
-                fut.set_exception(Rejected(slot.cfg.name, reason, message, status, 5.0))
+    async def _work(self, slot: ModelSlot) -> None:
+        """Run the machine's jobs one after another until it needs none."""
+        try:
+            await self._jobs(slot)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("model %s: carrying out its state machine failed", slot.cfg.name)
+            raise
+
+    async def _jobs(self, slot: ModelSlot) -> None:
+        while (job := slot.next_job) is not None:
+            slot.next_job = None
+            log.debug("model %s: %s", slot.cfg.name, job)
+            event = await self._perform(slot, job)
+            log.debug("model %s: %s", slot.cfg.name, event)
+            if self.slots.get(slot.cfg.name) is not slot:
+                return
+            self._feed(slot, event)
+
+    async def _perform(self, slot: ModelSlot, job: Job) -> Event:
+        adapter = slot.adapter
+        if isinstance(job, WaitDrained):
+            try:
+                await asyncio.wait_for(slot.drained.wait(), job.timeout)
+            except asyncio.TimeoutError:
+                return Drained(self.clock(), False)
+            return Drained(self.clock(), True)
+        if isinstance(job, CheckLoad):
+            if job.after:
+                await asyncio.sleep(job.after)
+            return LoadReported(self.clock(), await adapter.load())
+        if isinstance(job, Identify):
+            return Identified(self.clock(), await adapter.observe(slot.state))
+        if isinstance(job, WriteRecord):
+            error = await self.writer.write_now()
+            return Recorded(self.clock(), error is None, error or "")
+        if isinstance(job, MakeRoom):
+            ok, reason = await self._make_room(slot) if self.gpu_budgets else (True, "")
+            return RoomReady(self.clock(), ok, reason)
+        if isinstance(job, Start):
+            assert self.starter is not None
+            try:
+                await self.starter(slot.cfg.name)
+            except Exception as exc:  # every waiter must get an answer, whatever went wrong
+                return LaunchFailed(self.clock(), str(exc))
+            return LaunchStarted(self.clock())
+        return await self._call(slot, job)
+
+    async def _call(self, slot: ModelSlot, job: Call) -> CallDone:
+        adapter = slot.adapter
+        started = time.monotonic()
+        try:
+            await adapter.run(job.step)
+        except Exception as exc:  # any failure must leave the model serving, not stuck
+            result = CallResult.FAILED
+            if isinstance(exc, SleepUnsupported):
+                result = CallResult.UNSUPPORTED
+            elif getattr(exc, "maybe_applied", False) or not isinstance(exc, EngineError):
+                result = CallResult.UNKNOWN
+            if result is not CallResult.UNSUPPORTED and adapter.observable:
+                # An engine that reports its state settles what the call did.
+                observed = await adapter.observe(slot.state)
+                if observed.up and observed.asleep is (job.op == "sleep"):
+                    result = CallResult.OK
+                elif result is CallResult.UNKNOWN:
+                    result = CallResult.FAILED
+            if result is not CallResult.OK:
+                return CallDone(self.clock(), result, str(exc) or type(exc).__name__)
+        return CallDone(self.clock(), CallResult.OK, took=time.monotonic() - started)
+
+    def _state_write_failed(self, error: str) -> None:
+        self.metrics.state_write_errors.inc()
 
     # ---- operations ----------------------------------------------------------------------
 
     def request_sleep(self, model_name: str, reason: str) -> asyncio.Future[bool]:
-        """Ask for the model to sleep (after draining); the future says whether it did."""
+        """Ask for the model to sleep (after draining); the future says whether it did (a
+        second call while one is under way joins it)."""
         slot = self.slots[model_name]
         if slot.cfg.always_on:
             raise NotAllowed(f"model `{model_name}` is always_on and is never put to sleep")
-        outcome = asyncio.get_running_loop().create_future()
-        if slot.state in (ModelState.ASLEEP, ModelState.SLEEPING) and not slot.want_awake:
-            outcome.set_result(slot.state is ModelState.ASLEEP)
-            if slot.state is ModelState.ASLEEP:
-                return outcome
-        slot.want_awake = False
-        slot.sleep_reason = reason
-        slot.manual_sleep = reason == "manual"
-        slot.deferred_wake = None
-        if not outcome.done():
-            slot.sleep_outcomes.append(outcome)
-        self._kick(slot)
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        slot.sleep_outcomes.append(outcome)
+        self._feed(slot, WantSleep(self.clock(), reason))
         return outcome
 
     def request_wake(self, model_name: str, reason: str) -> asyncio.Future[bool]:
         """Ask for the model to wake; the future says whether it did."""
         slot = self.slots[model_name]
-        outcome = asyncio.get_running_loop().create_future()
-        slot.deferred_wake = None
-        if slot.state is ModelState.AWAKE and slot.want_awake:
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if slot.state is ModelState.AWAKE and slot.want_awake and not slot.busy:
             # Awake only counts if its engine answers: waking an unreachable one fails.
             task = asyncio.create_task(self._confirm_up(slot, outcome))
             self._probes.add(task)
             task.add_done_callback(self._probes.discard)
             return outcome
-        slot.want_awake = True
-        slot.wake_reason = reason
         slot.wake_outcomes.append(outcome)
-        self._kick(slot)
+        self._feed(slot, WantWake(self.clock(), reason))
         return outcome
 
     async def _confirm_up(self, slot: ModelSlot, outcome: asyncio.Future[bool]) -> None:
         observed = await slot.adapter.observe(slot.state)
-        slot.engine_up = observed.up
-        if not observed.up:
-            slot.last_error = f"engine unreachable: {observed.detail}"
+        self.observe(slot.cfg.name, observed)
         if not outcome.done():
             outcome.set_result(observed.up)
+
+    def observe(
+        self, model_name: str, observed: Observation, version: int | None = None
+    ) -> list[policy.Adopt]:
+        """A probe's answer (the reconciler's, or the router's failure to connect); returns the
+        belief it changed, if any."""
+        if (slot := self.slots.get(model_name)) is None:
+            return []
+        effects = slot.machine.handle(
+            Observed(self.clock(), observed, version, owned=self.owns(model_name))
+        )
+        self._carry_out(slot, effects)
+        return [
+            policy.Adopt(model_name, e.state, e.why, e.version)
+            for e in effects
+            if isinstance(e, Healed)
+        ]
+
+    # ---- the reconciler's Engines protocol -------------------------------------------------
+
+    def probes(self) -> list[ModelSlot]:
+        return list(self.slots.values())
+
+    def default_interval(self) -> float:
+        return self.config.check_interval_seconds
+
+    def views(
+        self,
+        probed: list[tuple[str, Observation]],
+        fleet: dict[str, FleetTraffic],
+        fleet_mode: bool,
+    ) -> list[policy.ModelView]:
+        """What the policy decides on: the models just probed, as they stand after the probe."""
+        self.thresholds.keep_only(self.slots)
+        return [
+            self.view(slot, None, fleet.get(name), fleet_mode)
+            for name, _ in probed
+            if (slot := self.slots.get(name)) is not None and not slot.busy
+        ]
+
+    def apply(self, action: policy.Action, now: float) -> None:
+        if isinstance(action, policy.Sleep):
+            # An adaptive threshold judges its sleeps by when the next request comes.
+            self.thresholds.note_sleep(action.model, now)
+            log.info("model %s is idle; putting it to sleep", action.model)
+            self.request_sleep(action.model, action.reason)
+        elif isinstance(action, policy.Wake):
+            self.request_wake(action.model, action.reason)
+
+    def reconcile_failed(self) -> None:
+        self.metrics.reconcile_errors.inc()
+
+    def reconcile_took(self, seconds: float) -> None:
+        self.metrics.reconcile_duration.observe(seconds)
+
+    def adopt_state(self, model_name: str, state: ModelState) -> None:
+        """An operator's word on an engine kvsleep cannot read (`kvsleep adopt`)."""
+        slot = self.slots[model_name]
+        if slot.busy:
+            raise NotAllowed(
+                f"model `{model_name}` is {slot.state.value}: an engine call is under way"
+            )
+        self._feed(slot, Adopted(self.clock(), state))
 
     def engine_unreachable(self, model_name: str, detail: str) -> None:
         """The router could not connect: report the model down until a probe says otherwise."""
         slot = self.slots.get(model_name)
-        if slot is not None and slot.state is ModelState.AWAKE:
-            if slot.engine_up is not False:
-                log.warning("model %s: engine unreachable: %s", model_name, detail)
-            slot.engine_up = False
+        if slot is not None and slot.state is ModelState.AWAKE and not slot.busy:
+            self.observe(model_name, Observation(up=False, detail=detail))
 
     def reported_state(self, slot: ModelSlot) -> ModelState:
-        """The state shown to operators: `down` for a settled model whose engine does not
-        answer; never for a launched engine with no process by design (stopped: it is asleep
-        and starts on its first request)."""
-        if slot.stopped:
-            return slot.state
-        if slot.engine_up is False and slot.state in (
-            ModelState.AWAKE,
-            ModelState.ASLEEP,
-            ModelState.FAILED,
-        ):
-            return ModelState.DOWN
-        return slot.state
+        return slot.machine.reported_state()
 
     def defer_wake(self, model_name: str, reason: str) -> float | None:
         """Schedule a wake nobody's request asked for once `min_sleep_duration` has passed.
 
         Returns when it will happen, or None when it may happen now.
         """
-        slot = self.slots[model_name]
-        if slot.state is not ModelState.ASLEEP or slot.slept_at is None:
-            return None
-        at = slot.slept_at + slot.cfg.policy.min_sleep_duration
-        if self.clock() >= at:
-            return None
-        slot.deferred_wake = reason
-        return at
-
-    def _kick(self, slot: ModelSlot) -> None:
-        if not slot.busy:
-            slot.worker = asyncio.create_task(
-                self._converge(slot), name=f"kvsleep-op-{slot.cfg.name}"
-            )
-
-    async def _converge(self, slot: ModelSlot) -> None:
-        while True:
-            if slot.state is ModelState.STARTING:
-                return  # the launcher ends it; outcomes are settled then
-            if slot.waiters and slot.state is not ModelState.AWAKE:
-                # Held requests always get their wake, even if a sleep was asked for after
-                # they arrived; otherwise they would wait out wake_timeout for nothing.
-                slot.want_awake = True
-            if not slot.want_awake and slot.state is ModelState.AWAKE:
-                await self._sleep_once(slot)
-            elif slot.want_awake and slot.state in (ModelState.ASLEEP, ModelState.FAILED):
-                await self._wake_once(slot)
-            else:
-                self._settle(slot.sleep_outcomes, slot.state is ModelState.ASLEEP)
-                self._settle(slot.wake_outcomes, slot.state is ModelState.AWAKE)
-                return
-
-    async def _sleep_once(self, slot: ModelSlot) -> None:
-        name, reason = slot.cfg.name, slot.sleep_reason
-        self._set_state(slot, ModelState.DRAINING)
-        try:
-            await asyncio.wait_for(slot.drained.wait(), slot.cfg.policy.drain_timeout_seconds)
-        except asyncio.TimeoutError:
-            self._sleep_failed(
-                slot,
-                reason,
-                f"{slot.in_engine} requests still in flight after "
-                f"{slot.cfg.policy.drain_timeout_seconds:g}s",
-            )
-            return
-        self._set_state(slot, ModelState.SLEEPING)
-        await self._record_before_engine_call(slot)
-        started = time.monotonic()
-        try:
-            await slot.adapter.sleep()
-        except Exception as exc:  # any failure must leave the model serving, not stuck
-            observed = await slot.adapter.observe(ModelState.SLEEPING)
-            if observed.asleep is not True:
-                self._sleep_failed(
-                    slot, reason, str(exc), unsupported=isinstance(exc, SleepUnsupported)
-                )
-                return
-        self.metrics.sleep_duration.labels(name).observe(time.monotonic() - started)
-        self.metrics.sleeps.labels(name, reason, "ok").inc()
-        slot.slept_at = self.clock()
-        slot.last_error = None
-        slot.reset_sleep_backoff()
-        self._set_state(slot, ModelState.ASLEEP)
-        await self.flush()
-        log.info("model %s is asleep (reason: %s)", name, reason)
-        self._event(name, f"asleep (reason: {reason})")
-        self._settle(slot.sleep_outcomes, True)
-
-    def _sleep_failed(
-        self, slot: ModelSlot, reason: str, error: str, unsupported: bool = False
-    ) -> None:
-        slot.sleep_failures += 1
-        delay = policy.sleep_retry_delay(slot.sleep_failures, slot.cfg.policy)
-        slot.sleep_retry_at = self.clock() + delay
-        if unsupported:
-            slot.cannot_sleep = error
-            log.error("model %s cannot sleep, it stays awake: %s", slot.cfg.name, error)
-        else:
-            log.warning(
-                "sleeping model %s failed (%d in a row), it stays awake; idle sleeps wait %gs: %s",
-                slot.cfg.name,
-                slot.sleep_failures,
-                delay,
-                error,
-            )
-        self._event(slot.cfg.name, f"sleep failed, stays awake: {error}")
-        self.metrics.sleeps.labels(slot.cfg.name, reason, "error").inc()
-        slot.last_error = error
-        slot.want_awake = True
-        self._set_state(slot, ModelState.AWAKE)
-        self._settle(slot.sleep_outcomes, False)
-
-    async def _wake_once(self, slot: ModelSlot) -> None:
-        name, reason = slot.cfg.name, slot.wake_reason
-        if self.gpu_budgets and not await self._make_room(slot):
-            return
-        if slot.stopped and self.starter is not None:
-            await self._start_stopped(slot, reason)
-            return
-        self._set_state(slot, ModelState.WAKING)
-        await self._record_before_engine_call(slot)
-        started = time.monotonic()
-        try:
-            await slot.adapter.wake()
-        except Exception as exc:  # every waiter must get an answer, whatever went wrong
-            log.warning("waking model %s failed: %s", name, exc)
-            self._event(name, f"wake failed: {exc}")
-            self.metrics.wakes.labels(name, reason, "error").inc()
-            slot.last_error = str(exc)
-            slot.want_awake = False
-            self._set_state(slot, ModelState.FAILED)
-            self._reject_waiters(slot, "wake_failed", f"model `{name}` failed to wake: {exc}", 503)
-            self._settle(slot.wake_outcomes, False)
-            return
-        took = time.monotonic() - started
-        slot.wake_history.append(took)
-        self.metrics.wake_duration.labels(name).observe(took)
-        self.metrics.wakes.labels(name, reason, "ok").inc()
-        slot.last_error = None
-        slot.manual_sleep = False
-        self._set_state(slot, ModelState.AWAKE)
-        log.info("model %s is awake (reason: %s)", name, reason)
-        self._event(name, f"awake (reason: {reason})")
-        self._settle(slot.wake_outcomes, True)
-
-    async def _start_stopped(self, slot: ModelSlot, reason: str) -> None:
-        """Wake a launched engine that has no process: start it (the launcher's starter)."""
-        name = slot.cfg.name
-        assert self.starter is not None
-        self._set_state(slot, ModelState.STARTING)
-        try:
-            await self.starter(name)
-        except Exception as exc:  # every waiter must get an answer, whatever went wrong
-            self.metrics.wakes.labels(name, reason, "error").inc()
-            self.engine_failed(name, str(exc))
-            slot.stopped = True  # no process: the next request tries to start it again
-            return
-        self.metrics.wakes.labels(name, reason, "ok").inc()
-        slot.stopped = False
-        self.engine_started(name)
+        return self.slots[model_name].machine.defer_wake(reason, self.clock())
 
     def _event(self, name: str, text: str) -> None:
         if self.on_event is not None:
             self.on_event(name, text)
 
-    async def _make_room(self, slot: ModelSlot) -> bool:
+    async def _make_room(self, slot: ModelSlot) -> tuple[bool, str]:
         """Before a wake: sleep LRU idle models until the model fits its GPUs' budgets.
 
         While no room can be made the model stays asleep and its requests stay held (each
@@ -804,7 +935,7 @@ class SleepManager:
                     self.gpu_free(),
                 )
                 if plan.ok:
-                    return True
+                    return True, ""
                 for victim in plan.evict:
                     log.info("model %s: sleeping %s to make room on its GPUs", name, victim)
                     self.metrics.evictions.labels(victim).inc()
@@ -812,17 +943,12 @@ class SleepManager:
                 if plan.reason != slot.waiting_for_memory:
                     log.info("model %s waits for GPU memory: %s", name, plan.reason)
                 slot.waiting_for_memory = plan.reason
+                machine = slot.machine
                 nobody_waits = (
-                    slot.wake_reason == "request" and not slot.waiters and not slot.in_engine
+                    machine.wake_reason == "request" and not machine.held and not machine.in_engine
                 )
                 if nobody_waits or time.monotonic() > give_up:
-                    slot.want_awake = False
-                    slot.last_error = f"no GPU memory to wake: {plan.reason}"
-                    self._reject_waiters(
-                        slot, "wake_failed", f"model `{name}` cannot wake: {plan.reason}", 503
-                    )
-                    self._settle(slot.wake_outcomes, False)
-                    return False
+                    return False, plan.reason
                 changed = self._changed
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(changed.wait(), MEMORY_RECHECK_SECONDS)
@@ -831,13 +957,14 @@ class SleepManager:
 
     def memory_view(self, slot: ModelSlot) -> policy.MemoryView:
         stats = self.traffic_monitor.model_stats.get(slot.cfg.name)
-        idle = slot.in_engine == 0 and not slot.waiters and (stats is None or not stats.in_flight)
+        machine = slot.machine
+        idle = not machine.in_engine and not machine.held and (stats is None or not stats.in_flight)
         return policy.MemoryView(
             name=slot.cfg.name,
             gpus=slot.cfg.gpus,
             memory_gb=slot.cfg.memory_gb or 0.0,
-            state=ModelState.ASLEEP if slot.queued or slot.stopped else slot.state,
-            want_awake=slot.want_awake,
+            state=ModelState.ASLEEP if machine.queued or machine.stopped else machine.state,
+            want_awake=machine.want_awake,
             evictable=idle and not slot.cfg.always_on and not slot.busy,
             last_activity=stats.last_activity_time if stats else 0.0,
         )
@@ -856,35 +983,6 @@ class SleepManager:
             for g in self.gpu_budgets
         }
 
-    @staticmethod
-    def _settle(outcomes: list[asyncio.Future[bool]], result: bool) -> None:
-        for fut in outcomes:
-            if not fut.done():
-                fut.set_result(result)
-        outcomes.clear()
-
-    def _set_state(self, slot: ModelSlot, state: ModelState) -> None:
-        slot.state = state
-        slot.state_since = self.clock()
-        slot.version += 1
-        if state is ModelState.AWAKE:
-            self._release_waiters(slot)
-        if self.gpu_budgets:
-            self._signal_change()
-        if state in _SETTLED:
-            self.persist()
-
-    async def finish_interrupted_wake(self, slot: ModelSlot) -> None:
-        """At start-up: a previous process died mid-wake; complete it before serving."""
-        try:
-            await slot.adapter.finish_wake()
-        except Exception as exc:  # stays failed; the next request retries a full wake
-            log.warning("model %s: finishing an interrupted wake failed: %s", slot.cfg.name, exc)
-            slot.last_error = str(exc)
-            self._set_state(slot, ModelState.FAILED)
-            return
-        self._set_state(slot, ModelState.AWAKE)
-
     # ---- launched engines (the launcher reports, requests are held meanwhile) ---------------
 
     def engine_starting(
@@ -897,99 +995,33 @@ class SleepManager:
             return
         if slot.worker is not None and slot.state is not ModelState.STARTING:
             slot.worker.cancel()
-        slot.engine_up = None if problem is None else False
-        slot.last_error = problem
-        slot.reset_sleep_backoff()  # the new process may have other flags
-        slot.want_awake = True
-        slot.queued = queued
-        slot.stopped = False
-        if slot.state is not ModelState.STARTING:
-            self._set_state(slot, ModelState.STARTING)
-        if problem is not None:
-            self._event(model_name, problem)
+        slot.machine.can_start = self.starter is not None
+        self._feed(slot, LaunchStarting(self.clock(), problem, queued))
 
     def engine_spawning(self, model_name: str) -> None:
         if (slot := self.slots.get(model_name)) is not None:
-            slot.queued = slot.stopped = False
-            if self.gpu_budgets:
-                self._signal_change()
+            self._feed(slot, LaunchSpawning())
 
     def engine_started(self, model_name: str, took: float | None = None) -> None:
         """A launched engine is ready: a fresh process is awake and holds its memory."""
-        slot = self.slots.get(model_name)
-        if slot is None:
-            return
-        if took is not None:
-            self.note_start_duration(model_name, took)
-        slot.engine_up = True
-        slot.last_error = None
-        slot.queued = slot.stopped = False
-        slot.want_awake = True
-        self._set_state(slot, ModelState.AWAKE)
-        self._event(model_name, "engine ready; awake")
-        self._settle(slot.wake_outcomes, True)
-        if slot.sleep_outcomes:
-            slot.want_awake = False
-            self._kick(slot)
+        if (slot := self.slots.get(model_name)) is not None:
+            self._feed(slot, LaunchStarted(self.clock(), took))
 
     def note_start_duration(self, model_name: str, took: float) -> None:
         if (slot := self.slots.get(model_name)) is not None:
-            slot.start_history.append(took)
+            slot.machine.start_history.append(took)
 
     def engine_failed(self, model_name: str, error: str) -> None:
         """A launched engine could not be started: every held request gets its answer."""
-        slot = self.slots.get(model_name)
-        if slot is None:
-            return
-        slot.engine_up = False
-        slot.last_error = error
-        slot.want_awake = False
-        slot.queued = False
-        self._set_state(slot, ModelState.FAILED)
-        self._reject_waiters(
-            slot, "wake_failed", f"model `{model_name}` engine failed to start: {error}", 503
-        )
-        self._settle(slot.wake_outcomes, False)
-        self._settle(slot.sleep_outcomes, False)
+        if (slot := self.slots.get(model_name)) is not None:
+            self._feed(slot, LaunchFailed(self.clock(), error))
 
     def engine_deferred(self, model_name: str) -> None:
         """A launched engine left unstarted (no room in its GPUs' budget): it is asleep in
         effect, and its first request starts it."""
-        slot = self.slots.get(model_name)
-        if slot is None:
-            return
-        slot.stopped = True
-        slot.queued = False
-        slot.engine_up = None
-        slot.want_awake = False
-        slot.slept_at = self.clock()
-        self._set_state(slot, ModelState.ASLEEP)
-        self._settle(slot.sleep_outcomes, True)
-        if slot.waiters or slot.wake_outcomes:
-            slot.want_awake = True
-            self._kick(slot)
-
-    def adopt(self, action: policy.Adopt) -> bool:
-        """Take an engine's observed state, unless something changed since the probe."""
-        slot = self.slots.get(action.model)
-        if slot is None or slot.busy or slot.version != action.version:
-            return False
-        log.warning(
-            "model %s: %s; now %s (was %s)",
-            action.model,
-            action.why,
-            action.state.value,
-            slot.state.value,
-        )
-        slot.want_awake = action.state is ModelState.AWAKE
-        if action.state is ModelState.ASLEEP:
-            slot.slept_at = self.clock()
-        self._set_state(slot, action.state)
-        if (slot.waiters or slot.in_engine) and action.state is not ModelState.AWAKE:
-            # Requests held for it, or already inside an engine slept behind our back (vLLM
-            # queues them until a wake that nobody else will send): wake it for them.
-            self.request_wake(action.model, "request")
-        return True
+        if (slot := self.slots.get(model_name)) is not None:
+            slot.machine.can_start = self.starter is not None
+            self._feed(slot, LaunchDeferred(self.clock()))
 
     def persist(self) -> None:
         self.writer.schedule()
@@ -997,17 +1029,22 @@ class SleepManager:
     async def flush(self) -> None:
         await self.writer.flush()
 
-    async def _record_before_engine_call(self, slot: ModelSlot) -> None:
-        """An engine that cannot tell its state after a crash of ours needs the record first;
-        for one that can, the write goes on beside the call and the wake is not delayed."""
-        if not slot.adapter.observable:
-            await self.flush()
+    def _stored(self) -> tuple[dict[str, StoredModel], dict[str, StoredModel]]:
+        def stored(machine: EngineMachine) -> StoredModel:
+            rec = machine.record()
+            pending = rec.pending
+            return StoredModel(
+                rec.state,
+                rec.since,
+                machine.cfg.engine,
+                machine.cfg.url,
+                rec.incarnation,
+                (pending.op, pending.step, pending.phase) if pending else None,
+            )
 
-    def _stored(self) -> dict[str, StoredModel]:
-        return {
-            name: StoredModel(s.state, s.state_since, s.cfg.engine, s.cfg.url)
-            for name, s in self.slots.items()
-        }
+        current = {name: stored(s.machine) for name, s in self.slots.items()}
+        retired = {name: stored(machine) for name, machine in self.retired.values()}
+        return current, retired
 
     # ---- views ---------------------------------------------------------------------------
 
@@ -1025,43 +1062,45 @@ class SleepManager:
         if fleet is not None:
             in_flight = max(in_flight, fleet.in_flight)
             last_activity = max(last_activity, fleet.last_activity)
+        machine = slot.machine
         return policy.ModelView(
             name=slot.cfg.name,
-            state=slot.state,
-            state_since=slot.state_since,
-            version=slot.version,
-            busy=slot.busy,
+            state=machine.state,
+            state_since=machine.state_since,
+            version=machine.version,
+            busy=machine.busy,
             in_flight=in_flight,
-            held=len(slot.waiters),
+            held=machine.held,
             last_activity=last_activity,
             policy=self.thresholds.policy_for(slot.cfg),
             always_on=slot.cfg.always_on,
-            engine_up=slot.engine_up,
+            engine_up=machine.engine_up,
             observation=observation,
-            slept_at=slot.slept_at,
-            deferred_wake=slot.deferred_wake,
+            slept_at=machine.slept_at,
+            deferred_wake=machine.deferred_wake,
             owned=self.owns(slot.cfg.name),
             sleep_allowed=fleet is not None or not fleet_mode,
-            sleep_retry_at=slot.sleep_retry_at,
-            cannot_sleep=slot.cannot_sleep is not None,
+            sleep_retry_at=machine.sleep_retry_at,
+            cannot_sleep=machine.cannot_sleep is not None,
         )
 
     def model_snapshots(self) -> Iterator[ModelSnapshot]:
         stats = self.traffic_monitor.model_stats
         for name, slot in self.slots.items():
             s = stats.get(name)
+            machine = slot.machine
             yield ModelSnapshot(
                 name=name,
-                state=self.reported_state(slot),
+                state=machine.reported_state(),
                 in_flight=s.in_flight if s else 0,
                 held=len(slot.waiters),
                 last_request_timestamp=s.last_activity_time if s else 0.0,
                 idle_threshold_seconds=self.thresholds.threshold_for(slot.cfg),
-                engine_up=slot.engine_up,
-                wake_eta_seconds=self.wake_eta(slot),
+                engine_up=machine.engine_up,
+                wake_eta_seconds=machine.wake_eta(),
                 waiting_for_memory=slot.waiting_for_memory is not None,
-                cannot_sleep=slot.cannot_sleep is not None,
-                sleep_failures=slot.sleep_failures,
+                cannot_sleep=machine.cannot_sleep is not None,
+                sleep_failures=machine.sleep_failures,
             )
 
     def gpu_snapshots(self) -> Iterator[tuple[int, float, float]]:

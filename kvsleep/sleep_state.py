@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ class ModelState(str, enum.Enum):
     """awake -> draining -> sleeping -> asleep -> waking -> awake; failed after a failed wake.
 
     starting: a launched engine is being started or restarted (requests are held as for a wake).
+    unknown: kvsleep cannot tell whether the engine's memory is released (a call that may or
+    may not have happened); nothing is called until an operator, or a probe that can tell, says.
     down: only ever reported, never held: the engine of a settled model does not answer.
     """
 
@@ -36,57 +39,73 @@ class ModelState(str, enum.Enum):
     FAILED = "failed"
     STARTING = "starting"
     DOWN = "down"
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
 class StoredModel:
+    """One engine's record, under the model name it last served. `incarnation` names the engine
+    process it is about; `pending` is the engine call in progress: (op, step, phase), where
+    phase `intent` is written before the call and `done` after it."""
+
     state: ModelState
     since: float
     engine: str
     url: str
+    incarnation: str | None = None
+    pending: tuple[str, str, str] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What a record is about: an engine (flavor and address), not a config entry."""
+        return (self.engine, self.url.rstrip("/"))
+
+
+# Fault injection for the crash tests: `KVSLEEP_CRASH_AFTER_WRITE=intent` (or `done`, `any`)
+# makes kvsleep SIGKILL itself right after writing a record whose pending call is in that phase,
+# so a test can show what a restart makes of every kind of record. Unset in production.
+CRASH_AFTER_WRITE = os.environ.get("KVSLEEP_CRASH_AFTER_WRITE")
 
 
 class StateStore:
-    """The state file. `save` is called on every settled transition, so it must stay cheap."""
+    """The state file: current engines under `models`, engines of models that left the
+    configuration under `retired` (re-added or renamed, they keep what is known of them)."""
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.path = Path(state_dir) / "state.json"
 
     def load(self) -> dict[str, StoredModel]:
-        """Read the file; a missing, unreadable or corrupt file yields nothing (probes decide)."""
+        """The current models' records, by model name."""
+        return self.load_all()[0]
+
+    def load_all(self) -> tuple[dict[str, StoredModel], list[tuple[str, StoredModel]]]:
+        """Every record: current ones by model name, and retired ones with their last name. A
+        missing, unreadable or corrupt file, whatever its content, yields nothing (probes
+        decide), with a warning."""
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
-            return {
-                name: StoredModel(
-                    ModelState(rec["state"]),
-                    float(rec["since"]),
-                    str(rec["engine"]),
-                    str(rec["url"]),
-                )
-                for name, rec in raw["models"].items()
-            }
+            models = {str(name): _record(rec) for name, rec in raw["models"].items()}
+            retired = [(str(rec["model"]), _record(rec)) for rec in raw.get("retired", [])]
+            return models, retired
         except FileNotFoundError:
-            return {}
+            return {}, []
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             log.warning(
                 "state file %s is unreadable (%s); recovering state from engine probes",
                 self.path,
                 exc,
             )
-            return {}
+            return {}, []
 
-    def save(self, models: dict[str, StoredModel]) -> None:
+    def save(
+        self, models: dict[str, StoredModel], retired: dict[str, StoredModel] | None = None
+    ) -> None:
         doc = {
-            "version": 1,
-            "models": {
-                name: {
-                    "state": rec.state.value,
-                    "since": rec.since,
-                    "engine": rec.engine,
-                    "url": rec.url,
-                }
-                for name, rec in sorted(models.items())
-            },
+            "version": 2,
+            "models": {name: _doc(rec) for name, rec in sorted(models.items())},
+            "retired": [
+                {"model": name, **_doc(rec)} for name, rec in sorted((retired or {}).items())
+            ],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
@@ -96,26 +115,72 @@ class StateStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if CRASH_AFTER_WRITE:
+            phases = {rec.pending[2] for rec in models.values() if rec.pending}
+            if CRASH_AFTER_WRITE in phases or (CRASH_AFTER_WRITE == "any" and phases):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _record(rec: dict[str, object]) -> StoredModel:
+    pending = rec.get("pending")
+    return StoredModel(
+        ModelState(rec["state"]),
+        float(rec["since"]),  # type: ignore[arg-type]
+        str(rec["engine"]),
+        str(rec["url"]),
+        None if rec.get("incarnation") is None else str(rec["incarnation"]),
+        None
+        if pending is None
+        else (str(pending["op"]), str(pending["step"]), str(pending["phase"])),  # type: ignore[index]
+    )
+
+
+def _doc(rec: StoredModel) -> dict[str, object]:
+    return {
+        "state": rec.state.value,
+        "since": rec.since,
+        "engine": rec.engine,
+        "url": rec.url,
+        "incarnation": rec.incarnation,
+        "pending": None
+        if rec.pending is None
+        else dict(zip(("op", "step", "phase"), rec.pending, strict=True)),
+    }
+
+
+def _fsync_dir(directory: Path) -> None:
+    """The rename itself must reach the disk before the engine call it announces."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StateWriter:
-    """Writes snapshots of every model's state in a thread: the event loop never waits on a
+    """Writes snapshots of every engine's state in a thread: the event loop never waits on a
     disk. `schedule` coalesces writes and starts them after a short delay, so that requests a
     wake just released reach their engine before the writer competes with them for the
-    interpreter; `flush` writes now, for a record that must exist before an engine call."""
+    interpreter; `write_now` writes at once and says whether the record reached the disk, for a
+    record that must exist before an engine call."""
 
     DELAY_SECONDS = 0.05
 
     def __init__(
-        self, store: StateStore | None, snapshot: Callable[[], dict[str, StoredModel]]
+        self,
+        store: StateStore | None,
+        snapshot: Callable[[], tuple[dict[str, StoredModel], dict[str, StoredModel]]],
+        on_error: Callable[[str], None] = lambda error: None,
     ) -> None:
         self.store = store
         self.snapshot = snapshot
-        self._task: asyncio.Task[None] | None = None
+        self.on_error = on_error
+        self._task: asyncio.Task[str | None] | None = None
         self._lock = asyncio.Lock()
         self._dirty = False
 
@@ -127,18 +192,27 @@ class StateWriter:
             self._task = asyncio.create_task(self._write(self.DELAY_SECONDS))
 
     async def flush(self) -> None:
-        if self.store is None:
-            return
-        self._dirty = True
-        await self._write(0.0)
+        await self.write_now()
 
-    async def _write(self, delay: float) -> None:
+    async def write_now(self) -> str | None:
+        """Write now; the error, or None once the current state is on disk."""
+        if self.store is None:
+            return None
+        self._dirty = True
+        return await self._write(0.0)
+
+    async def _write(self, delay: float) -> str | None:
         assert self.store is not None
         await asyncio.sleep(delay)
+        error = None
         async with self._lock:
             while self._dirty:
                 self._dirty = False
                 try:
-                    await asyncio.to_thread(self.store.save, self.snapshot())
+                    await asyncio.to_thread(self.store.save, *self.snapshot())
+                    error = None
                 except OSError as exc:
+                    error = str(exc)
                     log.error("cannot write state file %s: %s", self.store.path, exc)
+                    self.on_error(error)
+        return error

@@ -41,11 +41,22 @@ async def test_sleep_that_fails_or_hangs_leaves_the_model_serving(
 
             held = [asyncio.create_task(one()) for _ in range(5)]
             assert await sleeping is False
-            assert await asyncio.gather(*held) == [200] * 5
-            # They arrived while it drained or slept, and were held, not refused.
-            assert sample(kv, "kvsleep_request_hold_seconds_count", model="org/m") == 5
+            if flavor == "sglang" and fault == "hang":
+                # A release that timed out may still happen (issue #13, scenario 9): neither
+                # forwarding (released memory) nor resuming (not released) is safe, so the
+                # model is `unknown`, its requests are refused with the reason, and an operator
+                # says what the engine is. (This hang never reached the engine: awake.)
+                assert await asyncio.gather(*held) == [503] * 5
+                assert kv.state("org/m") == "unknown"
+                async with session.post(f"{kv.url}/models/org%2Fm/adopt?state=awake") as r:
+                    assert r.status == 200, await r.text()
+                assert await one() == 200
+            else:
+                assert await asyncio.gather(*held) == [200] * 5
+                # They arrived while it drained or slept, and were held, not refused.
+                assert sample(kv, "kvsleep_request_hold_seconds_count", model="org/m") == 5
             assert kv.state("org/m") == "awake"
-            assert kv.manager.slots["org/m"].last_error
+            assert kv.manager.slots["org/m"].last_error or fault == "hang"
             assert (
                 sample(kv, "kvsleep_sleeps_total", model="org/m", reason="manual", result="error")
                 == 1

@@ -243,6 +243,18 @@ async def test_sigkill_mid_operation_then_restart_converges_and_serves(
 
         second = start_kvsleep(procs, config)
         await ready(session, url, second)
+        if flavor == "sglang":
+            # An intent without an outcome, for the same engine process: kvsleep cannot know
+            # whether the call reached SGLang (no route tells), so it calls nothing, refuses
+            # requests with the reason, and waits for an operator's word (issue #13).
+            status = await get_json(session, url + "/sleep/status")
+            assert status["models"][M]["state"] == "unknown"
+            status_code, body = await complete(session, url)
+            assert status_code == 503, body
+            message = json.loads(body)["error"]["message"]
+            assert "unknown" in message and M in message
+            async with session.post(f"{url}/models/org%2Fm/adopt?state={final}") as resp:
+                assert resp.status == 200, await resp.text()
 
         async def converged() -> bool:
             stats = await get_json(session, sim_url + "/sim/stats")

@@ -42,13 +42,15 @@ def test_save_then_load_round_trips(tmp_path):
     store.save(models)
     assert store.load() == models
     doc = json.loads(store.path.read_text())
-    assert doc["version"] == 1
+    assert doc["version"] == 2  # 2: records name the engine process and the call in progress
     assert list(doc["models"]) == ["a/one", "b/two"]
     assert doc["models"]["b/two"] == {
         "state": "asleep",
         "since": 12.5,
         "engine": "sglang",
         "url": URL,
+        "incarnation": None,
+        "pending": None,
     }
     assert leftovers(store.path.parent) == []
 

@@ -17,6 +17,7 @@ from tenacity import (
 )
 
 from kvsleep.config import ModelConfig
+from kvsleep.core.engine_facts import EngineSteps, Observation, Step
 from kvsleep.sleep_state import ModelState
 
 
@@ -24,24 +25,25 @@ class EngineError(Exception):
     """An engine call failed. `retryable` is true only when repeating it cannot do harm;
     `status` is the engine's HTTP status where it answered one."""
 
-    def __init__(self, message: str, *, retryable: bool = False, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        status: int | None = None,
+        maybe_applied: bool = False,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.maybe_applied = maybe_applied
+        """True when the call may have taken effect (no answer in time, a cut connection): its
+        outcome is unknown, not failed. An engine's own error answer (4xx, 5xx) is a failure."""
 
 
 class SleepUnsupported(EngineError):
     """The engine has no sleep route (404/405): asking again cannot help until it is restarted
     with other flags, so the model is marked "cannot sleep" instead of retried."""
-
-
-@dataclass(frozen=True)
-class Observation:
-    """What a probe learned. `asleep` is None where the engine cannot tell (SGLang)."""
-
-    up: bool
-    asleep: bool | None = None
-    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,12 @@ SessionSource = Callable[[], aiohttp.ClientSession]
 
 
 class EngineAdapter(ABC):
-    """Sleep, wake and observe one engine. Callers guarantee one operation at a time."""
+    """Sleep, wake and observe one engine. Callers guarantee one operation at a time.
+
+    A sleep and a wake are each a sequence of steps (`sleep_steps`, `wake_steps`), run one by one
+    with `run`, so that the state machine can record each step that must not be repeated before
+    and after it is made (core/machine.py).
+    """
 
     observable = False
     """Whether `observe` reveals the sleep state. If not, only kvsleep's state file knows it, and
@@ -76,21 +83,39 @@ class EngineAdapter(ABC):
         after models may already have been added."""
         return self.sessions()
 
+    @property
     @abstractmethod
-    async def sleep(self) -> None:
-        """Free the engine's GPU memory. Called only when no request is in flight."""
+    def sleep_steps(self) -> tuple[Step, ...]: ...
+
+    @property
+    @abstractmethod
+    def wake_steps(self) -> tuple[Step, ...]: ...
+
+    @property
+    def steps(self) -> EngineSteps:
+        return EngineSteps(self.sleep_steps, self.wake_steps, self.observable)
 
     @abstractmethod
+    async def run(self, step: Step) -> None:
+        """Make one step's call; raises EngineError (SleepUnsupported for a missing route)."""
+
+    async def sleep(self) -> None:
+        """Free the engine's GPU memory (every sleep step). Called only when it is idle."""
+        for step in self.sleep_steps:
+            await self.run(step)
+
     async def wake(self) -> None:
         """Make the engine fully able to serve again (weights reloaded where needed)."""
-
-    async def finish_wake(self) -> None:
-        """Complete a wake that a previous kvsleep process started and did not see end."""
-        await self.wake()
+        for step in self.wake_steps:
+            await self.run(step)
 
     @abstractmethod
     async def observe(self, believed: ModelState) -> Observation:
         """Probe without harming the engine in the state we believe it is in."""
+
+    async def load(self) -> int | None:
+        """Requests the engine itself runs or queues (None: it cannot say)."""
+        return None
 
     async def call(
         self,
@@ -153,10 +178,14 @@ class EngineAdapter(ABC):
             raise EngineError(f"{method} {path}: cannot connect ({exc})", retryable=True) from exc
         except asyncio.TimeoutError as exc:
             raise EngineError(
-                f"{method} {path}: no answer within {timeout:g}s", retryable=retry_on_timeout
+                f"{method} {path}: no answer within {timeout:g}s",
+                retryable=retry_on_timeout,
+                maybe_applied=True,
             ) from exc
         except aiohttp.ClientError as exc:
-            raise EngineError(f"{method} {path}: {exc}", retryable=retry_on_timeout) from exc
+            raise EngineError(
+                f"{method} {path}: {exc}", retryable=retry_on_timeout, maybe_applied=True
+            ) from exc
         if resp.status == 404:
             return None
         if resp.status >= 500:

@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
-import errno
-
-import aiohttp
-
-from kvsleep.engines.base import EngineAdapter, EngineError, Observation, SleepUnsupported
+from kvsleep.core.engine_facts import Observation, Step
+from kvsleep.engines.base import EngineAdapter, EngineError, SleepUnsupported
 from kvsleep.sleep_state import ModelState
+
+RELEASE = Step("release", idempotent=False)
+RESUME = Step("resume", idempotent=False)
+RELOAD_WEIGHTS = Step("reload_weights", idempotent=True)
 
 
 class SGLangAdapter(EngineAdapter):
     """Release and resume are not idempotent (a second release or a resume without a release
     kills the scheduler), so a call that may have reached the engine is never repeated; only
-    refused connections and explicit 5xx answers are.
+    refused connections and explicit 5xx answers are. The state machine identifies the process
+    before each of them and records it, so a resume never reaches a fresh process.
 
     Observation never touches /health: on SGLang it runs a forward pass, which on released memory
     is a crash. /server_info answers from the tokenizer manager without touching the GPU.
     """
 
-    # True between a resume that succeeded and the weight reload that completes the wake: a
-    # wake retried after a failed reload must not resume again (that kills the scheduler).
-    _resumed = False
-    # True once a resume found nothing listening: the process that released its memory is gone,
-    # and whatever answers next is a fresh one holding its memory, which a resume would kill.
-    _gone = False
+    sleep_steps = (RELEASE,)
+    # Without --enable-weights-cpu-backup the resumed weights are garbage; reloading is
+    # idempotent and cheap enough to do always rather than guess the engine's flags.
+    wake_steps = (RESUME, RELOAD_WEIGHTS)
 
-    async def sleep(self) -> None:
+    async def run(self, step: Step) -> None:
+        if step == RELEASE:
+            await self._release()
+        elif step == RESUME:
+            await self._resume()
+        elif step == RELOAD_WEIGHTS:
+            await self._reload_weights()
+        else:
+            raise ValueError(f"SGLang has no step {step.name!r}")
+
+    async def _release(self) -> None:
         try:
             resp = await self.call(
                 "POST",
@@ -42,29 +52,21 @@ class SGLangAdapter(EngineAdapter):
             raise
         if resp is None:
             raise SleepUnsupported("POST /release_memory_occupation is missing (404)", status=404)
-        self._resumed = self._gone = False
 
-    async def wake(self) -> None:
-        timeout = self.retry.wake_timeout_seconds
-        if not self._resumed and not self._gone:
-            try:
-                resp = await self.call(
-                    "POST", "/resume_memory_occupation", json={}, timeout=timeout
-                )
-            except EngineError as exc:
-                self._gone = _refused(exc)
-                raise
-            if resp is None:
-                raise EngineError("POST /resume_memory_occupation is missing (404)")
-            self._resumed = True
-        # Without --enable-weights-cpu-backup the resumed weights are garbage; reloading is
-        # idempotent and cheap enough to do always rather than guess the engine's flags.
+    async def _resume(self) -> None:
+        resp = await self.call(
+            "POST", "/resume_memory_occupation", json={}, timeout=self.retry.wake_timeout_seconds
+        )
+        if resp is None:
+            raise EngineError("POST /resume_memory_occupation is missing (404)")
+
+    async def _reload_weights(self) -> None:
         weights = self.model.weights_path or self.model.name
         resp = await self.call(
             "POST",
             "/update_weights_from_disk",
             json={"model_path": weights},
-            timeout=timeout,
+            timeout=self.retry.wake_timeout_seconds,
             retry_on_timeout=True,
         )
         if resp is None:
@@ -74,24 +76,9 @@ class SGLangAdapter(EngineAdapter):
             raise EngineError(
                 f"update_weights_from_disk({weights!r}) failed: {body.get('message')}"
             )
-        self._resumed = self._gone = False
-
-    async def finish_wake(self) -> None:
-        """A previous kvsleep sent the resume: only the weight reload may remain."""
-        self._resumed = True
-        await self.wake()
 
     async def observe(self, believed: ModelState) -> Observation:
         seen = await self.reachable("/server_info")
         if seen.up and seen.detail == "HTTP 404":
             seen = await self.reachable("/get_server_info")
         return Observation(up=seen.up, asleep=None, detail=seen.detail)
-
-
-def _refused(exc: EngineError) -> bool:
-    """The call found no process listening (not a timeout, not a network failure)."""
-    cause = exc.__cause__
-    return (
-        isinstance(cause, aiohttp.ClientConnectorError)
-        and cause.os_error.errno == errno.ECONNREFUSED
-    )

@@ -6,7 +6,8 @@ import asyncio
 
 import aiohttp
 
-from kvsleep.engines.base import EngineAdapter, EngineError, Observation, SleepUnsupported
+from kvsleep.core.engine_facts import Observation, Step
+from kvsleep.engines.base import EngineAdapter, EngineError, SleepUnsupported
 from kvsleep.sleep_state import ModelState
 
 _NO_DEV_MODE = (
@@ -19,6 +20,14 @@ _NO_SLEEP = (
 )
 
 
+# Every vLLM call is idempotent: a repeated /sleep or /wake_up answers 200 and does no harm.
+SLEEP = Step("sleep", idempotent=True)
+WAKE_UP = Step("wake_up", idempotent=True)
+WAKE_WEIGHTS = Step("wake_up_weights", idempotent=True)
+RELOAD_WEIGHTS = Step("reload_weights", idempotent=True)
+WAKE_KV_CACHE = Step("wake_up_kv_cache", idempotent=True)
+
+
 class VLLMAdapter(EngineAdapter):
     """vLLM's wake calls are idempotent, so timeouts and 5xx are retried.
 
@@ -29,7 +38,41 @@ class VLLMAdapter(EngineAdapter):
 
     observable = True
 
-    async def sleep(self) -> None:
+    @property
+    def sleep_steps(self) -> tuple[Step, ...]:
+        return (SLEEP,)
+
+    @property
+    def wake_steps(self) -> tuple[Step, ...]:
+        if self.model.sleep_level == 2:
+            # Level 2 discarded the weights: restore them, reload from disk, then the KV cache.
+            return (WAKE_WEIGHTS, RELOAD_WEIGHTS, WAKE_KV_CACHE)
+        return (WAKE_UP,)
+
+    async def run(self, step: Step) -> None:
+        timeout = self.retry.wake_timeout_seconds
+        if step == SLEEP:
+            await self._sleep()
+        elif step == WAKE_UP:
+            await self._wake_up(timeout, None)
+        elif step == WAKE_WEIGHTS:
+            await self._wake_up(timeout, [("tags", "weights")])
+        elif step == RELOAD_WEIGHTS:
+            resp = await self.call(
+                "POST",
+                "/collective_rpc",
+                json={"method": "reload_weights"},
+                timeout=timeout,
+                retry_on_timeout=True,
+            )
+            if resp is None:
+                raise EngineError("POST /collective_rpc is missing (404): cannot reload weights")
+        elif step == WAKE_KV_CACHE:
+            await self._wake_up(timeout, [("tags", "kv_cache")])
+        else:
+            raise ValueError(f"vLLM has no step {step.name!r}")
+
+    async def _sleep(self) -> None:
         level = self.model.sleep_level
         try:
             resp = await self.call(
@@ -44,24 +87,6 @@ class VLLMAdapter(EngineAdapter):
             raise
         if resp is None:
             raise SleepUnsupported(_NO_SLEEP.format(status=404), status=404)
-
-    async def wake(self) -> None:
-        timeout = self.retry.wake_timeout_seconds
-        if self.model.sleep_level == 2:
-            # Level 2 discarded the weights: restore them, reload from disk, then the KV cache.
-            await self._wake_up(timeout, [("tags", "weights")])
-            resp = await self.call(
-                "POST",
-                "/collective_rpc",
-                json={"method": "reload_weights"},
-                timeout=timeout,
-                retry_on_timeout=True,
-            )
-            if resp is None:
-                raise EngineError("POST /collective_rpc is missing (404): cannot reload weights")
-            await self._wake_up(timeout, [("tags", "kv_cache")])
-        else:
-            await self._wake_up(timeout, None)
 
     async def _wake_up(self, timeout: float, params: list[tuple[str, str]] | None) -> None:
         resp = await self.call(
