@@ -44,8 +44,20 @@ class _FleetAdapter(EngineAdapter):
         self.observable = inner.observable
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
+    @property
+    def pinned_incarnation(self) -> str | None:
+        """The inner adapter's: its observations are the ones that report it."""
+        return self.inner.pinned_incarnation
+
+    @pinned_incarnation.setter
+    def pinned_incarnation(self, value: str | None) -> None:
+        self.inner.pinned_incarnation = value
+
     async def observe(self, believed: ModelState) -> Observation:
         return await self.inner.observe(believed)
+
+    async def load(self) -> int | None:
+        return await self.inner.load()
 
     async def ask(self, replica: str, verb: str, query: dict[str, str], timeout: float) -> None:
         name = urllib.parse.quote(self.model.name, safe="")
