@@ -721,6 +721,10 @@ class _Vllm(_Behaviour):
         self.weights_valid = True  # False after level 2 until reload_weights
         self.kv_cache = True
         self._running = True
+        # (running, waiting) as the request gauges said when the engine went to sleep: they are
+        # published from engine steps, so a sleeping engine keeps showing them, and a request
+        # held meanwhile shows in neither (seen on a real vLLM 0.32).
+        self._gauges_at_sleep: tuple[int, int] | None = None
         self.labels = {"model_name": sim.settings.model, "engine": "0"}
         names = list(self.labels)
         registry = sim.registry
@@ -817,6 +821,9 @@ class _Vllm(_Behaviour):
             elif mode == "wait":
                 await self.sim.wait_until(lambda: self.sim.in_flight == 0)
             self._running = False
+            live = [r for r in self.sim.requests if not r.aborted]
+            admitted = sum(1 for r in live if r.admitted)
+            self._gauges_at_sleep = (admitted, len(live) - admitted)
             await asyncio.sleep(self.settings.sleep_latency)
             if self.level >= 1:
                 self.kv_cache = False
@@ -845,6 +852,7 @@ class _Vllm(_Behaviour):
                 if self.weights == "gpu" and self.kv_cache:
                     self.level = None
                     self._running = True
+                    self._gauges_at_sleep = None
                     self.sim.notify()
         if self.settings.vllm_version == "0.33":
             status = "awake" if self.awake else "sleeping"
@@ -878,8 +886,9 @@ class _Vllm(_Behaviour):
         """Not exported: the contract lists no vLLM latency histogram."""
 
     def refresh_metrics(self) -> None:
-        self.running_gauge.labels(**self.labels).set(self.sim.in_flight)
-        self.waiting_gauge.labels(**self.labels).set(self.sim.queued)
+        running, waiting = self._gauges_at_sleep or (self.sim.in_flight, self.sim.queued)
+        self.running_gauge.labels(**self.labels).set(running)
+        self.waiting_gauge.labels(**self.labels).set(waiting)
         self.kv_gauge.labels(**self.labels).set(self.sim.kv_usage())
         if self.sleep_gauge is not None:
             current = {None: "awake", 1: "weights_offloaded", 2: "discard_all"}.get(self.level)

@@ -28,6 +28,7 @@ from kvsleep.simulator import SimEngine, SimSettings, build_app
 from kvsleep.sleep_state import ModelState
 from tests.conftest import FAST_SIM_SETTINGS, sim_process
 from tests.kvsleep_harness import FAST_RETRY
+from tests.test_simulator import wait_for
 
 FLAVORS = ("vllm", "sglang")
 # Generation slow enough that a request is surely still inside the engine while the test looks
@@ -91,10 +92,6 @@ async def post_completion(session: aiohttp.ClientSession, url: str, **body: Any)
     payload = {"model": "m", "prompt": "hi", **body}
     async with session.post(f"{url}/v1/completions", json=payload) as resp:
         return await resp.read()
-
-
-async def until(sim: SimEngine, predicate: Any) -> None:
-    await asyncio.wait_for(sim.wait_until(predicate), 10)
 
 
 # -- incarnations ----------------------------------------------------------------------------
@@ -212,7 +209,7 @@ async def test_load_counts_a_request_that_bypassed_kvsleep(flavor, session):
         probe = adapter(flavor, running.url, session)
         assert await probe.load() == 0
         sent = asyncio.create_task(post_completion(session, running.url, **LONG))
-        await until(running.sim, lambda: running.sim.in_flight == 1)
+        await wait_for(lambda: running.sim.in_flight == 1, 10)
         assert await probe.load() == 1
         assert json.loads(await sent)["choices"][0]["finish_reason"] == "length"
         assert await probe.load() == 0
@@ -224,12 +221,12 @@ async def test_load_counts_a_request_whose_client_left_until_the_engine_ends_it(
     async with engine(flavor, **SLOW) as running:
         probe = adapter(flavor, running.url, session)
         sent = asyncio.create_task(post_completion(session, running.url, **LONG))
-        await until(running.sim, lambda: running.sim.in_flight == 1)
+        await wait_for(lambda: running.sim.in_flight == 1, 10)
         sent.cancel()  # closes the connection
         with contextlib.suppress(asyncio.CancelledError):
             await sent
         assert await probe.load() == 1
-        await until(running.sim, lambda: running.sim.in_flight == 0)
+        await wait_for(lambda: running.sim.in_flight == 0, 10)
         assert await probe.load() == 0
 
 
@@ -239,16 +236,37 @@ async def test_a_stream_whose_client_left_ends_at_its_next_chunk(session):
         async with session.post(f"{running.url}/v1/completions", json=payload) as resp:
             await resp.content.readline()  # the first token is out
             assert running.sim.in_flight == 1
-        await until(running.sim, lambda: running.sim.in_flight == 0)
+        await wait_for(lambda: running.sim.in_flight == 0, 10)
         assert running.sim.aborted == 1
         assert await adapter("vllm", running.url, session).load() == 0
+
+
+async def test_a_sleeping_vllm_keeps_the_load_it_had_when_it_fell_asleep(session):
+    """Its gauges come from engine steps: a request frozen by `mode=keep` still counts, one held
+    since arriving at the sleeping engine does not (both seen on a real vLLM 0.32)."""
+    async with engine("vllm", **SLOW) as running:
+        probe, sim = adapter("vllm", running.url, session), running.sim
+        frozen = asyncio.create_task(post_completion(session, running.url, **LONG))
+        await wait_for(lambda: sim.in_flight == 1, 10)
+        async with session.post(f"{running.url}/sleep", params={"level": "1", "mode": "keep"}):
+            pass
+        assert await probe.load() == 1
+        held = asyncio.create_task(post_completion(session, running.url, **LONG))
+        await wait_for(lambda: sim.queued == 1, 10)
+        assert await probe.load() == 1
+        async with session.post(f"{running.url}/wake_up"):
+            pass
+        await wait_for(lambda: sim.in_flight + sim.queued == 2, 10)
+        assert await probe.load() == 2
+        await asyncio.gather(frozen, held)
+        assert await probe.load() == 0
 
 
 async def test_sglang_without_metrics_reports_load_from_get_load(session):
     async with engine("sglang", enable_metrics=False, **SLOW) as running:
         probe = adapter("sglang", running.url, session)
         sent = asyncio.create_task(post_completion(session, running.url, **LONG))
-        await until(running.sim, lambda: running.sim.in_flight == 1)
+        await wait_for(lambda: running.sim.in_flight == 1, 10)
         assert await probe.load() == 1
         assert running.sim.calls["GET /metrics (404)"] == 1
         assert running.sim.calls["/get_load"] == 1
