@@ -45,8 +45,20 @@ class _FleetAdapter(EngineAdapter):
         self.observable = inner.observable
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
+    @property
+    def pinned_incarnation(self) -> str | None:
+        """The inner adapter's: its observations are the ones that report it."""
+        return self.inner.pinned_incarnation
+
+    @pinned_incarnation.setter
+    def pinned_incarnation(self, value: str | None) -> None:
+        self.inner.pinned_incarnation = value
+
     async def observe(self, believed: ModelState) -> Observation:
         return await self.inner.observe(believed)
+
+    async def load(self) -> int | None:
+        return await self.inner.load()
 
     async def ask(self, replica: str, verb: str, query: dict[str, str], timeout: float) -> None:
         name = urllib.parse.quote(self.model.name, safe="")
@@ -68,9 +80,9 @@ class _FleetAdapter(EngineAdapter):
             raise EngineError(f"replica {replica}: {verb} refused (HTTP {resp.status}): {message}")
 
 
-PEERS_DRAIN = Step("peers_drain", idempotent=True)
-DRAINED_FOR_OWNER = Step("drained_for_owner", idempotent=True)
-OWNER_WAKE = Step("owner_wake", idempotent=True)
+PEERS_DRAIN = Step("peers_drain", idempotent=True, touches_engine=False)
+DRAINED_FOR_OWNER = Step("drained_for_owner", idempotent=True, touches_engine=False)
+OWNER_WAKE = Step("owner_wake", idempotent=True, touches_engine=False)
 
 
 class OwnerAdapter(_FleetAdapter):
@@ -87,9 +99,6 @@ class OwnerAdapter(_FleetAdapter):
     @property
     def wake_steps(self) -> tuple[Step, ...]:
         return self.inner.wake_steps
-
-    async def load(self) -> int | None:
-        return await self.inner.load()
 
     async def run(self, step: Step) -> None:
         if step != PEERS_DRAIN:

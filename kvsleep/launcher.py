@@ -597,8 +597,11 @@ class Launcher:
                 theirs.close()
         engine.control = ours
         pid = engine.process.pid
+        ticks = start_ticks(pid)
         if self.records is not None:
-            self.records.put(model.name, pid, start_ticks(pid), model.stop_grace_seconds)
+            self.records.put(model.name, pid, ticks, model.stop_grace_seconds)
+        # The process kvsleep launched names the engine where the engine names none itself.
+        self.manager.pin_incarnation(model.name, f"launched:{boot_id()}:{pid}:{ticks}")
         engine.listener = asyncio.create_task(
             self._listen(engine, ours, engine.process), name=f"kvsleep-keeper-{model.name}"
         )

@@ -83,6 +83,9 @@ class SimSettings:
     memory_saver: bool = True
     weights_cpu_backup: bool = False
     weights_path: str | None = None
+    enable_metrics: bool = True
+    legacy_server_info: bool = False
+    incarnation: bool = True
     embedding_dim: int = 8
     cuda_device: int | None = None
     fail_next: dict[str, int] = field(default_factory=dict)
@@ -219,6 +222,9 @@ class SimEngine:
         self.faults.fail.update(settings.fail_next)
         self.faults.hang.update(settings.hang_next)
         self.control_lock = asyncio.Lock()
+        # What a real engine reports as its process start: new for a restarted engine, kept by a
+        # paused one. Wall-clock time, as engines report it.
+        self.startup_time = time.time()
         self._requests: set[_Request] = set()
         self._transports: set[asyncio.BaseTransport] = set()
         self._changed = asyncio.Event()
@@ -715,6 +721,10 @@ class _Vllm(_Behaviour):
         self.weights_valid = True  # False after level 2 until reload_weights
         self.kv_cache = True
         self._running = True
+        # (running, waiting) as the request gauges said when the engine went to sleep: they are
+        # published from engine steps, so a sleeping engine keeps showing them, and a request
+        # held meanwhile shows in neither (seen on a real vLLM 0.32).
+        self._gauges_at_sleep: tuple[int, int] | None = None
         self.labels = {"model_name": sim.settings.model, "engine": "0"}
         names = list(self.labels)
         registry = sim.registry
@@ -736,6 +746,14 @@ class _Vllm(_Behaviour):
             names,
             registry=registry,
         )
+        if self.settings.incarnation:
+            # The one process metric kvsleep reads, per simulated engine: several share a test
+            # process, so client_python's process collector (one per process) cannot stand in.
+            Gauge(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                registry=registry,
+            ).set(sim.startup_time)
         self.sleep_gauge: Gauge | None = None
         if self.settings.vllm_version != "0.11":
             self.sleep_gauge = Gauge(
@@ -803,6 +821,9 @@ class _Vllm(_Behaviour):
             elif mode == "wait":
                 await self.sim.wait_until(lambda: self.sim.in_flight == 0)
             self._running = False
+            live = [r for r in self.sim.requests if not r.aborted]
+            admitted = sum(1 for r in live if r.admitted)
+            self._gauges_at_sleep = (admitted, len(live) - admitted)
             await asyncio.sleep(self.settings.sleep_latency)
             if self.level >= 1:
                 self.kv_cache = False
@@ -831,6 +852,7 @@ class _Vllm(_Behaviour):
                 if self.weights == "gpu" and self.kv_cache:
                     self.level = None
                     self._running = True
+                    self._gauges_at_sleep = None
                     self.sim.notify()
         if self.settings.vllm_version == "0.33":
             status = "awake" if self.awake else "sleeping"
@@ -864,8 +886,9 @@ class _Vllm(_Behaviour):
         """Not exported: the contract lists no vLLM latency histogram."""
 
     def refresh_metrics(self) -> None:
-        self.running_gauge.labels(**self.labels).set(self.sim.in_flight)
-        self.waiting_gauge.labels(**self.labels).set(self.sim.queued)
+        running, waiting = self._gauges_at_sleep or (self.sim.in_flight, self.sim.queued)
+        self.running_gauge.labels(**self.labels).set(running)
+        self.waiting_gauge.labels(**self.labels).set(waiting)
         self.kv_gauge.labels(**self.labels).set(self.sim.kv_usage())
         if self.sleep_gauge is not None:
             current = {None: "awake", 1: "weights_offloaded", 2: "discard_all"}.get(self.level)
@@ -954,8 +977,10 @@ class _Sglang(_Behaviour):
         add(app, "POST", "/continue_generation", self.handle_continue)
         add(app, "GET", "/health", self.handle_health)
         add(app, "GET", "/health_generate", self.handle_health)
-        add(app, "GET", "/server_info", self.handle_server_info)
+        if not self.settings.legacy_server_info:
+            add(app, "GET", "/server_info", self.handle_server_info)
         add(app, "GET", "/get_server_info", self.handle_server_info)
+        add(app, "GET", "/get_load", self.handle_get_load)
 
     async def _tags(self, request: web.Request) -> set[str]:
         # FastAPI would answer a missing body with 422 and a pydantic `detail` list; the
@@ -1048,18 +1073,36 @@ class _Sglang(_Behaviour):
         return web.Response()
 
     async def handle_server_info(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "model_path": self.settings.weights_source,
-                "served_model_name": self.settings.model,
-                "version": SGLANG_VERSION,
-                "host": self.settings.host,
-                "port": self.settings.port,
-                "enable_memory_saver": self.settings.memory_saver,
-                "enable_weights_cpu_backup": self.settings.weights_cpu_backup,
-                "enable_metrics": True,
+        info: dict[str, Any] = {
+            "model_path": self.settings.weights_source,
+            "served_model_name": self.settings.model,
+            "version": SGLANG_VERSION,
+            "host": self.settings.host,
+            "port": self.settings.port,
+            "enable_memory_saver": self.settings.memory_saver,
+            "enable_weights_cpu_backup": self.settings.weights_cpu_backup,
+            "enable_metrics": self.settings.enable_metrics,
+        }
+        # What was allocated at start, whether released since or not (a pitfall: not a state).
+        rank: dict[str, Any] = {
+            "memory_usage": {
+                "weight": self.settings.weights_gb,
+                "kvcache": self.settings.kv_cache_gb,
             }
-        )
+        }
+        if self.settings.incarnation:
+            info["startup_time"] = rank["startup_time"] = self.sim.startup_time
+        return web.json_response({**info, "internal_states": [rank]})
+
+    async def handle_get_load(self, request: web.Request) -> web.Response:
+        """One entry per data-parallel rank; `num_reqs` counts waiting requests too."""
+        load = {
+            "dp_rank": 0,
+            "num_reqs": self.sim.in_flight + self.sim.queued,
+            "num_waiting_reqs": self.sim.queued,
+            "num_tokens": sum(r.prompt_tokens + r.generated for r in self.sim.requests),
+        }
+        return web.json_response([load])
 
     def refresh_metrics(self) -> None:
         self.running_gauge.labels(**self.labels).set(self.sim.in_flight)
@@ -1084,7 +1127,8 @@ def build_app(sim: SimEngine) -> web.Application:
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
         app.router.add_post(path, sim.handle_inference)
     app.router.add_get("/v1/models", sim.handle_models)
-    app.router.add_get("/metrics", sim.handle_metrics)
+    if sim.settings.flavor == "vllm" or sim.settings.enable_metrics:
+        app.router.add_get("/metrics", sim.handle_metrics)
     app.router.add_get("/sim/stats", sim.handle_stats)
     app.router.add_post("/sim/faults", sim.handle_faults)
     sim.behaviour.add_routes(app)
@@ -1275,6 +1319,25 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weights-path", help="SGLang: path update_weights_from_disk expects")
     parser.add_argument(
+        "--enable-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=_default("enable_metrics"),
+        help="SGLang: serve /metrics (without it /metrics is 404)",
+    )
+    parser.add_argument(
+        "--legacy-server-info",
+        action=argparse.BooleanOptionalAction,
+        default=_default("legacy_server_info"),
+        help="SGLang: only the older /get_server_info route (404 on /server_info)",
+    )
+    parser.add_argument(
+        "--incarnation",
+        action=argparse.BooleanOptionalAction,
+        default=_default("incarnation"),
+        help="report which process answers (SGLang startup_time, vLLM "
+        "process_start_time_seconds); --no-incarnation plays an engine that cannot tell",
+    )
+    parser.add_argument(
         "--cuda-device",
         type=int,
         default=None,
@@ -1312,6 +1375,9 @@ def settings_from_args(ns: argparse.Namespace) -> SimSettings:
         memory_saver=ns.memory_saver,
         weights_cpu_backup=ns.weights_cpu_backup,
         weights_path=ns.weights_path,
+        enable_metrics=ns.enable_metrics,
+        legacy_server_info=ns.legacy_server_info,
+        incarnation=ns.incarnation,
         embedding_dim=ns.embedding_dim,
         cuda_device=ns.cuda_device,
         fail_next=dict(ns.fail_next),

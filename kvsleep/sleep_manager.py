@@ -998,6 +998,11 @@ class SleepManager:
         slot.machine.can_start = self.starter is not None
         self._feed(slot, LaunchStarting(self.clock(), problem, queued))
 
+    def pin_incarnation(self, model_name: str, incarnation: str) -> None:
+        """The launcher's name for the engine process it started (PID and start time)."""
+        if (slot := self.slots.get(model_name)) is not None:
+            slot.adapter.pinned_incarnation = incarnation
+
     def engine_spawning(self, model_name: str) -> None:
         if (slot := self.slots.get(model_name)) is not None:
             self._feed(slot, LaunchSpawning())

@@ -269,7 +269,9 @@ async def test_vllm_request_while_asleep_hangs_until_full_wake(
     await asyncio.sleep(0.1)
     assert not held.done()
     metrics = await scrape(session, engine.url)
-    assert sample(metrics, "vllm:num_requests_waiting", model_name="m", engine="0") == 1
+    # A sleeping vLLM takes no engine steps, so its gauges still say what they said when it fell
+    # asleep: the held request shows nowhere (seen on a real vLLM 0.32).
+    assert sample(metrics, "vllm:num_requests_waiting", model_name="m", engine="0") == 0
     assert (await engine.stats())["hazards"] == {"request_while_asleep": 1}
 
     await call(session, "POST", engine.url + "/wake_up?tags=weights")

@@ -8,8 +8,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Observation:
-    """What a probe learned. `asleep` is None where the engine cannot tell (SGLang);
-    `incarnation` names the process that answered (None where it cannot be told)."""
+    """What a probe learned. `asleep` is None where the engine cannot tell (SGLang).
+
+    `incarnation` names the engine process that answered, as an opaque string to compare for
+    equality: a different one is a fresh process (awake, holding its memory), the same one after
+    an unreachable spell is the same process (paused, or a network blip). None where nothing
+    answered or the engine cannot tell (a vLLM without process metrics), which leaves callers with
+    what they had before incarnations: an engine unreachable in between may have been replaced.
+    """
 
     up: bool
     asleep: bool | None = None
@@ -24,6 +30,7 @@ class Step:
 
     name: str
     idempotent: bool
+    touches_engine: bool = True  # False: a step between kvsleep replicas, not an engine call
 
 
 @dataclass(frozen=True)

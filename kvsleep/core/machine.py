@@ -454,6 +454,7 @@ class EngineMachine:
     resume_from: int = 0  # wake steps already done (a failed or interrupted wake)
     pending: Pending | None = None
     load_waited: float = 0.0
+    load_checked: bool = False
     # The released process was found gone (nothing listening): whatever answers next is a fresh
     # one. Only needed for engines that do not name their process.
     gone: bool = False
@@ -924,7 +925,8 @@ class EngineMachine:
                 f"{self.cfg.policy.drain_timeout_seconds:g}s",
             )
             return
-        self._run(CheckLoad(), out)
+        self.load_checked = False
+        self._begin_step(ev.now, out)
 
     def _on_LoadReported(self, ev: LoadReported, out: list[Effect]) -> None:
         self._done()
@@ -942,6 +944,7 @@ class EngineMachine:
             self.load_waited += LOAD_RECHECK_SECONDS
             self._run(CheckLoad(LOAD_RECHECK_SECONDS), out)
             return
+        self.load_checked = True
         self._begin_step(ev.now, out)
 
     def _current_steps(self) -> tuple[Step, ...]:
@@ -949,10 +952,14 @@ class EngineMachine:
 
     def _begin_step(self, now: float, out: list[Effect]) -> None:
         """Before a step that must reach one process only, identify the process; before any
-        sleep step, and any step an engine cannot report on, write the intent down first."""
-        if self.op == "sleep":
-            self._set(ModelState.SLEEPING, now, out)
+        step that cannot be repeated, write the intent down first. Before the first sleep step
+        that reaches the engine, ask the engine whether it is idle."""
         step = self._current_steps()[self.step]
+        if self.op == "sleep" and step.touches_engine and not self.load_checked:
+            self._run(CheckLoad(), out)
+            return
+        if self.op == "sleep" and self.state is ModelState.DRAINING:
+            self._set(ModelState.SLEEPING, now, out)
         if not step.idempotent:
             self._run(Identify(), out)
         else:

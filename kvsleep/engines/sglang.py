@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from kvsleep.core.engine_facts import Observation, Step
-from kvsleep.engines.base import EngineAdapter, EngineError, SleepUnsupported
+from kvsleep.engines.base import EngineAdapter, EngineError, Probe, SleepUnsupported
 from kvsleep.sleep_state import ModelState
 
 RELEASE = Step("release", idempotent=False)
@@ -18,7 +20,8 @@ class SGLangAdapter(EngineAdapter):
     before each of them and records it, so a resume never reaches a fresh process.
 
     Observation never touches /health: on SGLang it runs a forward pass, which on released memory
-    is a crash. /server_info answers from the tokenizer manager without touching the GPU.
+    is a crash. /server_info answers from the tokenizer manager without touching the GPU, and its
+    `startup_time` (0.5.x) names the process: a fresh one is awake and holds its memory.
     """
 
     sleep_steps = (RELEASE,)
@@ -78,7 +81,52 @@ class SGLangAdapter(EngineAdapter):
             )
 
     async def observe(self, believed: ModelState) -> Observation:
-        seen = await self.reachable("/server_info")
-        if seen.up and seen.detail == "HTTP 404":
-            seen = await self.reachable("/get_server_info")
-        return Observation(up=seen.up, asleep=None, detail=seen.detail)
+        info = await self.get("/server_info")
+        if info.status == 404:
+            info = await self.get("/get_server_info")
+        if not info.up:
+            return Observation(up=False, detail=info.detail)
+        return Observation(
+            up=True, detail=info.detail, incarnation=self.identify(startup_time(info.json()))
+        )
+
+    async def load(self) -> int | None:
+        """`/metrics` needs --enable-metrics; `/get_load` (0.4.x+) answers without it."""
+        metrics = await self.get("/metrics")
+        sums = metrics.metric_sums((_RUNNING, _QUEUED))
+        if sums:
+            return round(sum(sums.values()))
+        if metrics.status is None:
+            return None
+        return requests_in(await self.get("/get_load"))
+
+
+_RUNNING, _QUEUED = "sglang:num_running_reqs", "sglang:num_queue_reqs"
+
+
+def startup_time(info: Any) -> str | None:
+    """The incarnation in a /server_info document: its `startup_time`, or where only the
+    data-parallel ranks carry one, all of theirs (a rank restarted alone is a new incarnation)."""
+    if not isinstance(info, dict):
+        return None
+    times = _numbers([info], "startup_time") or _numbers(
+        info.get("internal_states"), "startup_time"
+    )
+    return "sglang:" + ",".join(repr(t) for t in times) if times else None
+
+
+def requests_in(probe: Probe) -> int | None:
+    """Requests in a /get_load answer: one entry per data-parallel rank, whose `num_reqs` counts
+    running and waiting requests both (`num_waiting_reqs` is the waiting part of it)."""
+    loads = probe.json()
+    counts = _numbers([loads] if isinstance(loads, dict) else loads, "num_reqs")
+    return None if counts is None else round(sum(counts))
+
+
+def _numbers(entries: Any, key: str) -> list[float] | None:
+    """`key` of every entry of a non-empty list of objects; None unless all are numbers."""
+    if not isinstance(entries, list) or not entries:
+        return None
+    values = [entry.get(key) if isinstance(entry, dict) else None for entry in entries]
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return numbers if len(numbers) == len(values) else None

@@ -13,6 +13,8 @@ from kvsleep.sleep_state import ModelState
 _NO_DEV_MODE = (
     "sleep routes are missing (404): start vLLM with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode"
 )
+_START = "process_start_time_seconds"
+_RUNNING, _WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 _NO_SLEEP = (
     "vLLM has no sleep route (POST /sleep answered {status}): start it with "
     "VLLM_SERVER_DEV_MODE=1 and, on GPUs, --enable-sleep-mode; kvsleep stops putting "
@@ -102,6 +104,20 @@ class VLLMAdapter(EngineAdapter):
             raise EngineError("engine still reports it is sleeping after wake_up", retryable=True)
 
     async def observe(self, believed: ModelState) -> Observation:
+        seen, metrics = await asyncio.gather(self._sleep_state(), self.get("/metrics"))
+        if not seen.up:
+            return seen
+        start = metrics.metric_sums((_START,)).get(_START)
+        reported = None if start is None else f"vllm:{start!r}"
+        return Observation(
+            up=True, asleep=seen.asleep, detail=seen.detail, incarnation=self.identify(reported)
+        )
+
+    async def load(self) -> int | None:
+        sums = (await self.get("/metrics")).metric_sums((_RUNNING, _WAITING))
+        return round(sum(sums.values())) if sums else None
+
+    async def _sleep_state(self) -> Observation:
         try:
             async with self.session.get(
                 self.base_url + "/is_sleeping",

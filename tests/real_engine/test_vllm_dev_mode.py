@@ -23,7 +23,9 @@ import openai
 import pytest
 import yaml
 
-from kvsleep.engines import RetryPolicy
+from kvsleep.config import ModelConfig
+from kvsleep.engines import RetryPolicy, adapter_for
+from kvsleep.sleep_state import ModelState
 from tests.kvsleep_harness import RunningKvsleep, config_doc, start_kvsleep
 from tests.real_engine.conftest import ENGINE_TIMEOUT, RealVLLM, free_port
 
@@ -280,6 +282,36 @@ async def test_kvsleep_serve_process_sleeps_idle_and_wakes_on_request(vllm_dev, 
         assert proc.wait(30) == 0, (tmp_path / "kvsleep.log").read_text()
         async with session.post(vllm_dev.url + "/wake_up"):
             pass
+
+
+async def test_the_adapter_names_the_process_and_counts_requests_it_never_saw(vllm_dev, session):
+    """The API server's process_start_time_seconds names the process, through a sleep; the
+    engine's own gauges count a request sent straight to it while it generates."""
+    model = ModelConfig(name=M, engine="vllm", url=vllm_dev.url)
+    engine = adapter_for(model, lambda: session, REAL_RETRY)
+
+    async def load_is(n: int) -> bool:
+        return await engine.load() == n
+
+    awake = await engine.observe(ModelState.AWAKE)
+    assert awake.up and awake.asleep is False
+    assert awake.incarnation is not None and awake.incarnation.startswith("vllm:")
+    assert await engine.load() == 0
+    long = {**COMPLETION, "max_tokens": 480, "ignore_eos": True}
+    request = asyncio.create_task(post(session, vllm_dev.url + "/v1/completions", long))
+    await until(lambda: load_is(1), 30, "the engine to count the request")
+    code, _, _ = await request
+    assert code == 200
+    await until(lambda: load_is(0), 30, "the engine to count the request done")
+
+    async with session.post(vllm_dev.url + "/sleep", params={"level": "1"}) as resp:
+        assert resp.status == 200
+    try:
+        asleep = await engine.observe(ModelState.ASLEEP)
+        assert asleep.asleep is True and asleep.incarnation == awake.incarnation
+    finally:
+        async with session.post(vllm_dev.url + "/wake_up") as resp:
+            assert resp.status == 200
 
 
 async def ready(session: aiohttp.ClientSession, url: str) -> bool:
