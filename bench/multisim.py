@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from kvsleep.simulator import SimEngine, SimSettings, build_app
+from kvsleep.sim.engine import SimEngine, SimSettings, build_app
 
 
 async def serve(count: int, ports_file: Path, host: str) -> None:

@@ -29,7 +29,7 @@ M = 'model=~"$model"'
 RI = "$__rate_interval"
 
 # kvsleep_model_state's `state` values, in lifecycle order, with the code and colour the state
-# timeline shows (kvsleep.sleep_state.ModelState; a test keeps the two in step).
+# timeline shows (kvsleep.control.state_file.ModelState; a test keeps the two in step).
 STATES = (
     ("awake", "green"),
     ("draining", "yellow"),

@@ -23,7 +23,7 @@ from typing import Any
 from kvsleep import __version__
 from kvsleep.config import Config, ConfigError, config_schema, load_config, summary
 from kvsleep.eventloop import return_large_buffers_to_the_os, run_event_loop
-from kvsleep.server import KvsleepServer
+from kvsleep.web.server import KvsleepServer
 
 log = logging.getLogger("kvsleep")
 
@@ -125,9 +125,9 @@ def _command_line_overrides(args: argparse.Namespace, config: Config) -> Config:
 async def _serve(config: Config, path: str, overrides: Callable[[Config], Config]) -> int:
     """Bind first (a taken port launches nothing), listen at once (requests for engines still
     starting are held), then launch; SIGTERM is honoured at any point."""
-    from kvsleep.connections import bind
-    from kvsleep.launcher import Launcher, LaunchError
-    from kvsleep.server import KvsleepServer, serve
+    from kvsleep.control.launcher import Launcher, LaunchError
+    from kvsleep.web.connections import bind
+    from kvsleep.web.server import KvsleepServer, serve
 
     cfg = config.router
     try:
@@ -199,15 +199,15 @@ def _reload_on_hup(server: KvsleepServer) -> None:
 
 
 def cmd_sim_engine(args: argparse.Namespace) -> int:
-    from kvsleep.simulator import main_sim, settings_from_args
+    from kvsleep.sim.engine import main_sim, settings_from_args
 
     _setup_logging(args.log_level, False)
     return main_sim(settings_from_args(args)) or 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from kvsleep import simulate, traces
     from kvsleep.config import parse_config
+    from kvsleep.lab import simulate, traces
 
     try:
         if args.config:
@@ -297,7 +297,7 @@ def _admin(
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kvsleep.status_page import status_table
+    from kvsleep.web.status_page import status_table
 
     return _admin(args, "GET", "/sleep/status", None if args.json else status_table)
 
@@ -328,7 +328,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvsleep.simulator import add_sim_arguments
+    from kvsleep.sim.engine import add_sim_arguments
 
     parser = argparse.ArgumentParser(
         prog="kvsleep",

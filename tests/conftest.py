@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kvsleep.simulator import SimEngine, SimSettings, build_app
+from kvsleep.sim.engine import SimEngine, SimSettings, build_app
 
 pytest_plugins = ["tests.prometheus_server"]
 
@@ -71,7 +71,7 @@ async def sim_factory() -> AsyncIterator[SimFactory]:
 
 @dataclass
 class SimProcess:
-    """A simulated engine running as `python -m kvsleep.simulator`."""
+    """A simulated engine running as `python -m kvsleep.sim.engine`."""
 
     proc: asyncio.subprocess.Process
     url: str
@@ -96,7 +96,7 @@ async def sim_process(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "kvsleep.simulator",
+        "kvsleep.sim.engine",
         "--flavor",
         flavor,
         "--model",

@@ -15,10 +15,10 @@ import aiohttp
 from aiohttp import web
 
 from kvsleep.config import parse_config
-from kvsleep.connections import bind
+from kvsleep.core.policy import Action
 from kvsleep.engines import RetryPolicy
-from kvsleep.policy import Action
-from kvsleep.server import KvsleepServer, listen
+from kvsleep.web.connections import bind
+from kvsleep.web.server import KvsleepServer, listen
 
 # Retries fast enough for tests: three attempts within about 30 ms.
 FAST_RETRY = RetryPolicy(

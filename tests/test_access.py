@@ -27,7 +27,7 @@ import yaml
 from aiohttp import web
 
 from kvsleep.config import RouterConfig, parse_config
-from kvsleep.server import KvsleepServer, serve
+from kvsleep.web.server import KvsleepServer, serve
 from tests.invariants import Snapshot, assert_no_traceback
 from tests.kvsleep_harness import FAST_RETRY, FakeClock, config_doc, sim_model
 

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvsleep import adaptive
-from kvsleep.adaptive import (
+from kvsleep.config import ConfigError, ModelConfig, SleepPolicy, parse_config
+from kvsleep.control import adaptive
+from kvsleep.control.adaptive import (
     EDGES,
     N_BINS,
     GapHistogram,
@@ -24,8 +25,7 @@ from kvsleep.adaptive import (
     expected_cost,
     flap_level,
 )
-from kvsleep.config import ConfigError, ModelConfig, SleepPolicy, parse_config
-from kvsleep.traffic_monitor import TrafficMonitor
+from kvsleep.control.traffic import TrafficMonitor
 
 POLICY = SleepPolicy(
     idle_threshold_seconds=300,

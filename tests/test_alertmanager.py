@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import yaml
 
-from kvsleep.alertmanager import AlertAction, PayloadError, parse_webhook
+from kvsleep.web.alertmanager import AlertAction, PayloadError, parse_webhook
 from tests.kvsleep_harness import post_json, sim_model
 
 MODELS = {"org/a", "org/b"}

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kvsleep.launcher import Launcher
-from kvsleep.metrics import Metrics
-from kvsleep.sleep_state import ModelState
+from kvsleep.control.launcher import Launcher
+from kvsleep.core.states import ModelState
+from kvsleep.web.metrics import Metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "alerts" / "kvsleep-rules.yml"

@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvsleep import cli
-from kvsleep.alertmanager import PayloadError, parse_webhook
 from kvsleep.config import ConfigError, load_config
+from kvsleep.web.alertmanager import PayloadError, parse_webhook
 from tests.invariants import Snapshot, assert_no_traceback, series
 from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
 
@@ -560,7 +560,7 @@ async def test_reload_of_malformed_files_is_refused_and_changes_nothing(env, cap
         finally:
             os.chmod(path, 0o644)
 
-    await refused(env, caplog, "reload", send, errors_allowed_from=("kvsleep.server",))
+    await refused(env, caplog, "reload", send, errors_allowed_from=("kvsleep.web.server",))
     values = await series(session, kv.url)
     assert values[("kvsleep_config_last_reload_successful", frozenset())] == 0.0
     path.write_bytes(good)

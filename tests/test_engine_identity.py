@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 
 from kvsleep.config import ModelConfig
+from kvsleep.core.states import ModelState
 from kvsleep.engines import EngineAdapter, adapter_for
 from kvsleep.engines.base import Probe, metric_sums
 from kvsleep.engines.sglang import requests_in, startup_time
-from kvsleep.simulator import SimEngine, SimSettings, build_app
-from kvsleep.sleep_state import ModelState
+from kvsleep.sim.engine import SimEngine, SimSettings, build_app
 from tests.conftest import FAST_SIM_SETTINGS, sim_process
 from tests.kvsleep_harness import FAST_RETRY
 from tests.test_simulator import wait_for

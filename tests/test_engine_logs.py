@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvsleep.launcher import log_path, tail
+from kvsleep.control.launcher import log_path, tail
 from tests import test_launcher
 from tests.test_launcher import (
     Serve,
@@ -35,7 +35,7 @@ def test_keeper_rotates_the_log_at_its_size_cap(tmp_path):
         [
             sys.executable,
             "-m",
-            "kvsleep.keeper",
+            "kvsleep.control.keeper",
             "--log",
             str(log),
             "--max-bytes",

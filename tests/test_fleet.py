@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from kvsleep.config import FleetConfig
-from kvsleep.fleet import owner_of
+from kvsleep.control.fleet import owner_of
 from tests.kvsleep_harness import FakeClock, config_doc, sim_model, start_kvsleep
 from tests.prometheus_server import Prometheus, free_port
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kvsleep.config import load_config, parse_config
-from kvsleep.launcher import build_command, build_env
+from kvsleep.control.launcher import build_command, build_env
 
 REPO = Path(__file__).resolve().parent.parent
 

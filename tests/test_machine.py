@@ -48,7 +48,7 @@ from kvsleep.core.machine import (
     WriteRecord,
     recover,
 )
-from kvsleep.sleep_state import ModelState
+from kvsleep.core.states import ModelState
 
 RELEASE = Step("release", idempotent=False)
 RESUME = Step("resume", idempotent=False)

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from kvsleep.config import parse_config
-from kvsleep.operator_routes import openapi_document
-from kvsleep.server import KvsleepServer
+from kvsleep.web.operator_routes import openapi_document
+from kvsleep.web.server import KvsleepServer
 from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
 
 METHODS = {"get", "post", "put", "patch", "delete"}

@@ -13,11 +13,11 @@ import aiohttp
 import openai
 import pytest
 
-from kvsleep import operator_routes, status_page
 from kvsleep.config import parse_config
-from kvsleep.launcher import Launcher
-from kvsleep.router import OpenAIError
-from kvsleep.server import KvsleepServer
+from kvsleep.control.launcher import Launcher
+from kvsleep.web import operator_routes, status_page
+from kvsleep.web.router import OpenAIError
+from kvsleep.web.server import KvsleepServer
 from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
 
 

@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 
-from kvsleep import policy
 from kvsleep.config import SleepPolicy
+from kvsleep.control.state_file import StoredModel
+from kvsleep.core import policy
+from kvsleep.core.policy import Admission, Adopt, ModelView, Sleep, Wake
+from kvsleep.core.states import ModelState
 from kvsleep.engines.base import Observation
-from kvsleep.policy import Admission, Adopt, ModelView, Sleep, Wake
-from kvsleep.sleep_state import ModelState, StoredModel
 
 NOW = 1_000_000.0
 POLICY = SleepPolicy(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsleep.keeper import members, proc_stat
+from kvsleep.control.keeper import members, proc_stat
 from tests import test_launcher
 from tests.test_launcher import (
     Serve,
@@ -56,7 +56,7 @@ def find(group: int, text: str) -> list[int]:
         p
         for p in members(group)
         if text in (line := cmdline(p))
-        and "kvsleep.keeper" not in line
+        and "kvsleep.control.keeper" not in line
         and not line.startswith("sh ")
     ]
 
@@ -175,7 +175,7 @@ def test_next_kvsleep_stops_what_a_killed_one_left(tmp_path, serve_runs):
 
 async def test_leftovers_are_stopped_only_when_their_start_time_matches(tmp_path):
     """A recorded group whose leader is now another process (PID reused) is left alone."""
-    from kvsleep.launcher import Records, stop_leftovers
+    from kvsleep.control.launcher import Records, stop_leftovers
 
     ours = subprocess.Popen(["sleep", "1000"], start_new_session=True)
     stranger = subprocess.Popen(["sleep", "1000"], start_new_session=True)

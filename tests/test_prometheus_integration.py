@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kvsleep.launcher import Launcher
+from kvsleep.control.launcher import Launcher
 from tests.kvsleep_harness import sim_model
 from tests.prometheus_server import Prometheus, free_port
 
@@ -144,7 +144,7 @@ async def test_prometheus_scrapes_kvsleep_evaluates_rules_and_dashboard_queries(
         "engine": "vllm",
         "url": f"http://127.0.0.1:{port}",
         "ready_timeout_seconds": 20,
-        "command": [sys.executable, "-m", "kvsleep.simulator", "--flavor", "vllm",
+        "command": [sys.executable, "-m", "kvsleep.sim.engine", "--flavor", "vllm",
                     "--model", "org/launched", "--port", str(port)],
     }  # fmt: skip
     # Real clock: Prometheus compares kvsleep's timestamps with its own time().

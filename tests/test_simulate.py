@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kvsleep import policy, simulate, traces
 from kvsleep.cli import main
 from kvsleep.config import parse_config
-from kvsleep.simulate import Request, Trace
-from kvsleep.simulator import SimEngine, SimSettings, build_app
+from kvsleep.core import policy, simulate, traces
+from kvsleep.lab.simulate import Request, Trace
+from kvsleep.sim.engine import SimEngine, SimSettings, build_app
 from tests.conftest import FAST_SIM_SETTINGS
 from tests.kvsleep_harness import config_doc, start_kvsleep
 

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvsleep.simulator import GIB, REPLY, add_sim_arguments, settings_from_args
+from kvsleep.sim.engine import GIB, REPLY, add_sim_arguments, settings_from_args
 from tests.conftest import RunningSim, SimFactory, sim_process
 
 pytestmark = pytest.mark.timeout(30)

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 import yaml
 
-from kvsleep import policy
 from kvsleep.config import SleepPolicy
+from kvsleep.core import policy
 from tests.kvsleep_harness import config_doc, post_json, sim_model, start_kvsleep
 from tests.test_alertmanager import alert, payload
 

@@ -28,12 +28,12 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvsleep import cli
-from kvsleep.policy import Adopt, Sleep, Wake
-from kvsleep.router import OpenAIError
-from kvsleep.simulator import SimEngine, SimSettings, build_app
-from kvsleep.sleep_manager import SleepConfig, SleepManager
-from kvsleep.sleep_state import ModelState
-from kvsleep.traffic_monitor import TrafficMonitor
+from kvsleep.control.manager import SleepConfig, SleepManager
+from kvsleep.control.traffic import TrafficMonitor
+from kvsleep.core.policy import Adopt, Sleep, Wake
+from kvsleep.core.states import ModelState
+from kvsleep.sim.engine import SimEngine, SimSettings, build_app
+from kvsleep.web.router import OpenAIError
 from tests.conftest import FAST_SIM_SETTINGS
 from tests.kvsleep_harness import FakeClock, config_doc, sim_model, start_kvsleep
 

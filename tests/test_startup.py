@@ -8,8 +8,8 @@ import threading
 import urllib.request
 
 from kvsleep.config import ConfigError, parse_config
-from kvsleep.keeper import members
-from kvsleep.launcher import build_command, build_env
+from kvsleep.control.keeper import members
+from kvsleep.control.launcher import build_command, build_env
 from tests import test_launcher
 from tests.test_launcher import (
     Serve,

@@ -12,8 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from kvsleep import sleep_state
-from kvsleep.sleep_state import ModelState, StateStore, StoredModel
+from kvsleep.control import state_file as sleep_state
+from kvsleep.control.state_file import StateStore, StoredModel
+from kvsleep.core.states import ModelState
 from tests.kvsleep_harness import FakeClock, config_doc, sim_model, start_kvsleep
 from tests.test_sleep_manager import S, V, calls, clean, complete, settle
 
@@ -84,7 +85,7 @@ def test_a_missing_file_is_no_record_and_no_warning(tmp_path, caplog):
 def test_a_corrupt_file_is_logged_and_yields_nothing(tmp_path, caplog, content):
     store = StateStore(tmp_path)
     store.path.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="kvsleep.sleep_state"):
+    with caplog.at_level(logging.WARNING, logger="kvsleep.control.state_file"):
         assert store.load() == {}
     assert any(
         "unreadable" in r.getMessage() and str(store.path) in r.getMessage() for r in caplog.records
@@ -94,7 +95,7 @@ def test_a_corrupt_file_is_logged_and_yields_nothing(tmp_path, caplog, content):
 def test_an_unreadable_file_is_logged_and_yields_nothing(tmp_path, caplog):
     store = StateStore(tmp_path)
     store.path.mkdir()  # reading a directory fails with an OSError, even as root
-    with caplog.at_level(logging.WARNING, logger="kvsleep.sleep_state"):
+    with caplog.at_level(logging.WARNING, logger="kvsleep.control.state_file"):
         assert store.load() == {}
     assert "unreadable" in caplog.text
 
@@ -253,7 +254,7 @@ async def test_a_corrupt_state_file_is_logged_and_probes_decide(sim_factory, tmp
         await first.close()
     path = first.manager.state_store.path
     path.write_text('{"version": 1, "models": {"org/llama": {"sta')  # torn by hand
-    with caplog.at_level(logging.WARNING, logger="kvsleep.sleep_state"):
+    with caplog.at_level(logging.WARNING, logger="kvsleep.control.state_file"):
         second = await start_kvsleep(doc)
     try:
         assert "unreadable" in caplog.text and "engine probes" in caplog.text

@@ -140,7 +140,7 @@ async def test_page_asks_for_the_admin_token_and_keeps_it_in_session_storage(
 
 
 async def test_logs_link_shows_and_follows_a_launched_engines_log(browser, tmp_path, monkeypatch):
-    from kvsleep import operator_routes
+    from kvsleep.web import operator_routes
     from tests.test_operator_routes import launch, launched_doc
 
     monkeypatch.setattr(operator_routes, "FOLLOW_POLL_SECONDS", 0.05)

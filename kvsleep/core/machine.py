@@ -30,10 +30,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvsleep import policy
 from kvsleep.config import ModelConfig
+from kvsleep.core import policy
 from kvsleep.core.engine_facts import EngineSteps, Observation, Step
-from kvsleep.sleep_state import ModelState
+from kvsleep.core.states import ModelState
 
 WAKE_HISTORY = 10  # measured wakes the ETA is the median of
 LOAD_RECHECK_SECONDS = 0.5  # how often a drain re-asks a busy engine
@@ -365,43 +365,45 @@ def recover(
     fresh = record is not None and record.incarnation and obs.incarnation != record.incarnation
     if obs.up and obs.incarnation and fresh:
         return ModelState.AWAKE, 0, "a fresh engine process (its incarnation changed)"
-    if obs.up and obs.asleep is not None:
-        state = ModelState.ASLEEP if obs.asleep else ModelState.AWAKE
+    engine_says = obs.up and obs.asleep is not None
+    if record is not None and record.pending is not None and not engine_says:
+        return _pending(record, record.pending, steps)
+    state = policy.initial_state(obs, record)
+    if engine_says:
         return state, 0, "the engine says so"
     if record is None:
-        return ModelState.AWAKE, 0, "no record: an engine holds its memory until told otherwise"
-    pending = record.pending
-    if pending is not None:
-        ops = steps.sleep if pending.op == "sleep" else steps.wake
-        index = next((i for i, s in enumerate(ops) if s.name == pending.step), None)
-        if index is None:  # a record of another engine flavor's steps
-            return ModelState.UNKNOWN, 0, f"the record names an unknown step {pending.step!r}"
-        if pending.phase == "intent" and not ops[index].idempotent:
-            return (
-                ModelState.UNKNOWN,
-                0,
-                f"kvsleep stopped during the {pending.step} call of a {pending.op}; the engine "
-                "may or may not have done it",
-            )
-        if pending.op == "sleep":
-            if pending.phase == "done":
-                return ModelState.ASLEEP, 0, "record: asleep"
-            return ModelState.FAILED, 0, f"record: a {pending.step} call did not complete"
-        done = index + 1 if pending.phase == "done" else index
-        if record.state is ModelState.FAILED:
-            return ModelState.FAILED, done, "record: a wake failed"
-        if done >= len(ops):
-            return ModelState.AWAKE, 0, "record: awake"
-        return ModelState.WAKING, done, "record: a wake was interrupted"
-    if record.state in (ModelState.ASLEEP, ModelState.SLEEPING):
-        return ModelState.ASLEEP, 0, "record: asleep"
-    if record.state is ModelState.WAKING:
+        return state, 0, "no record: an engine holds its memory until told otherwise"
+    if state is ModelState.WAKING:
         # A record from before intents were written: the wake had passed its steps that are
         # not idempotent (they were recorded first); finish the idempotent rest.
-        return ModelState.WAKING, _idempotent_tail(steps.wake), "record: a wake was interrupted"
-    if record.state in (ModelState.FAILED, ModelState.UNKNOWN):
-        return record.state, 0, f"record: {record.state.value}"
-    return ModelState.AWAKE, 0, "record: awake"
+        return state, _idempotent_tail(steps.wake), "record: a wake was interrupted"
+    return state, 0, f"record: {record.state.value}"
+
+
+def _pending(record: Record, pending: Pending, steps: EngineSteps) -> tuple[ModelState, int, str]:
+    """A record of an engine call in progress: done steps stand, an intent of a step that may
+    be repeated is repeated, an intent of one that may not is unknown."""
+    ops = steps.sleep if pending.op == "sleep" else steps.wake
+    index = next((i for i, s in enumerate(ops) if s.name == pending.step), None)
+    if index is None:  # a record of another engine flavor's steps
+        return ModelState.UNKNOWN, 0, f"the record names an unknown step {pending.step!r}"
+    if pending.phase == "intent" and not ops[index].idempotent:
+        return (
+            ModelState.UNKNOWN,
+            0,
+            f"kvsleep stopped during the {pending.step} call of a {pending.op}; the engine "
+            "may or may not have done it",
+        )
+    if pending.op == "sleep":
+        if pending.phase == "done":
+            return ModelState.ASLEEP, 0, "record: asleep"
+        return ModelState.FAILED, 0, f"record: a {pending.step} call did not complete"
+    done = index + 1 if pending.phase == "done" else index
+    if record.state is ModelState.FAILED:
+        return ModelState.FAILED, done, "record: a wake failed"
+    if done >= len(ops):
+        return ModelState.AWAKE, 0, "record: awake"
+    return ModelState.WAKING, done, "record: a wake was interrupted"
 
 
 def _idempotent_tail(steps: tuple[Step, ...]) -> int:

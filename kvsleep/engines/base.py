@@ -20,7 +20,7 @@ from tenacity import (
 
 from kvsleep.config import ModelConfig
 from kvsleep.core.engine_facts import EngineSteps, Observation, Step
-from kvsleep.sleep_state import ModelState
+from kvsleep.core.states import ModelState
 
 
 class EngineError(Exception):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from kvsleep.core.engine_facts import Observation, Step
+from kvsleep.core.states import ModelState
 from kvsleep.engines.base import EngineAdapter, EngineError, Probe, SleepUnsupported
-from kvsleep.sleep_state import ModelState
 
 RELEASE = Step("release", idempotent=False)
 RESUME = Step("resume", idempotent=False)

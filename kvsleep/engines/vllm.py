@@ -7,8 +7,8 @@ import asyncio
 import aiohttp
 
 from kvsleep.core.engine_facts import Observation, Step
+from kvsleep.core.states import ModelState
 from kvsleep.engines.base import EngineAdapter, EngineError, SleepUnsupported
-from kvsleep.sleep_state import ModelState
 
 _NO_DEV_MODE = (
     "sleep routes are missing (404): start vLLM with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode"

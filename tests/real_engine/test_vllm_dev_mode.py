@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from kvsleep.config import ModelConfig
+from kvsleep.core.states import ModelState
 from kvsleep.engines import RetryPolicy, adapter_for
-from kvsleep.sleep_state import ModelState
 from tests.kvsleep_harness import RunningKvsleep, config_doc, start_kvsleep
 from tests.real_engine.conftest import ENGINE_TIMEOUT, RealVLLM, free_port
 

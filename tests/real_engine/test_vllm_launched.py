@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from kvsleep.keeper import members
+from kvsleep.control.keeper import members
 from tests.real_engine.conftest import (
     MODEL_NAME,
     READY_TIMEOUT_SECONDS,

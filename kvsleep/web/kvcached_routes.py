@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from kvsleep.sleep_state import ModelState
+from kvsleep.core.states import ModelState
 
 if TYPE_CHECKING:
-    from kvsleep.server import KvsleepServer
+    from kvsleep.web.server import KvsleepServer
 
 
 # Response headers an error keeps when its body is rewritten to kvcached's shape.

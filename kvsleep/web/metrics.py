@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvsleep import __version__
-from kvsleep.sleep_state import ModelState
+from kvsleep.core.states import ModelState
 
 # The router adds well under a millisecond; engines take seconds to minutes.
 # `_created` series double the exposition and no dashboard or alert of ours reads them.

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from aiohttp import web
 
-from kvsleep import __version__, status_page
-from kvsleep.kvcached_routes import status_document
-from kvsleep.router import OpenAIError
+from kvsleep import __version__
+from kvsleep.web import status_page
+from kvsleep.web.kvcached_routes import status_document
+from kvsleep.web.router import OpenAIError
 
 if TYPE_CHECKING:
-    from kvsleep.server import KvsleepServer
+    from kvsleep.web.server import KvsleepServer
 
 LOG_LINES_DEFAULT = 100
 LOG_LINES_MAX = 10_000
@@ -88,7 +89,7 @@ def _page_headers() -> dict[str, str]:
 
 @cache
 def _asset_bytes(name: str) -> bytes:
-    return (resources.files("kvsleep") / "static" / name).read_bytes()
+    return (resources.files("kvsleep.web") / "static" / name).read_bytes()
 
 
 # ---- OpenAPI and the OpenAI model route --------------------------------------------------
@@ -97,7 +98,7 @@ def _asset_bytes(name: str) -> bytes:
 @cache
 def openapi_document() -> dict[str, Any]:
     """kvsleep/openapi.yaml (kept in YAML for its comments), served as JSON."""
-    doc = yaml.safe_load((resources.files("kvsleep") / "openapi.yaml").read_text("utf-8"))
+    doc = yaml.safe_load((resources.files("kvsleep.web") / "openapi.yaml").read_text("utf-8"))
     doc["info"]["version"] = __version__
     return doc
 

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from kvsleep.simulate import Request, Trace
+from kvsleep.lab.simulate import Request, Trace
 
 START = 1_700_006_400.0  # 2023-11-15T00:00:00Z: a midnight, so `diurnal` days line up
 HOUR = 3600.0

@@ -17,7 +17,8 @@ size cap. When the engine exits it writes `exited CODE` on the control socket at
 holds new requests while the group is still being cleaned up), and finally exits with the
 engine's own status (the same signal, or the same code).
 
-Usage: `python -m kvsleep.keeper --log FILE [--max-bytes N] [--backups K] [--grace S] -- ARGV`;
+Usage:
+`python -m kvsleep.control.keeper --log FILE [--max-bytes N] [--backups K] [--grace S] -- ARGV`;
 fd 0 is the control socket. Linux only (it reads /proc).
 """
 
@@ -298,7 +299,7 @@ def _engine_preexec() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvsleep.keeper")
+    parser = argparse.ArgumentParser(prog="python -m kvsleep.control.keeper")
     parser.add_argument("--log", required=True)
     parser.add_argument("--max-bytes", type=int, default=0)
     parser.add_argument("--backups", type=int, default=1)

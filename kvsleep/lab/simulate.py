@@ -8,7 +8,7 @@ a wake takes the model's wake latency (requests arriving meanwhile wait for it),
 instant or takes `sleep_seconds`, and a reconcile tick runs every check interval.
 
 Inputs: a CSV trace (`timestamp,model,duration`), kvsleep's own request counters in Prometheus,
-or a seeded synthetic trace (`kvsleep.traces`). Outputs, per model and in total and for every
+or a seeded synthetic trace (`kvsleep.lab.traces`). Outputs, per model and in total and for every
 policy compared: GPU memory-hours held, the share saved against always-on, requests that waited
 for a wake, the latency those waits added (p50/p99 over all requests), sleep cycles per hour.
 """
@@ -30,11 +30,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvsleep import policy
-from kvsleep.adaptive import Thresholds
 from kvsleep.config import Config, ModelConfig
-from kvsleep.sleep_state import ModelState
-from kvsleep.traffic_monitor import RequestStats, TrafficMonitor
+from kvsleep.control.adaptive import Thresholds
+from kvsleep.control.traffic import RequestStats, TrafficMonitor
+from kvsleep.core import policy
+from kvsleep.core.states import ModelState
 
 # Events at the same instant run in this order (the live equivalence test follows it too).
 OP_DONE, END, ARRIVAL, TICK = range(4)

@@ -24,17 +24,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from kvsleep import operator_routes
-from kvsleep.alertmanager import PayloadError, parse_webhook
 from kvsleep.config import Config, ConfigError, ModelConfig, load_config, needs_restart
-from kvsleep.connections import (
-    ConnectionPool,
-    GuardedSite,
-    Phase,
-    bind,
-    connection_limit,
-    raise_file_limit,
-)
+from kvsleep.control.fleet import MemberAdapter, OwnerAdapter, owner_of
+from kvsleep.control.gpu import nvml_free_gb
+from kvsleep.control.manager import ModelRemoved, NotAllowed, SleepManager
+from kvsleep.control.policy_source import PrometheusSource
+from kvsleep.control.reconciler import Reconciler
+from kvsleep.control.state_file import StateStore
+from kvsleep.control.traffic import TrafficMonitor
+from kvsleep.core.states import ModelState
 from kvsleep.engines import (
     EngineAdapter,
     EngineError,
@@ -42,19 +40,22 @@ from kvsleep.engines import (
     SessionSource,
     adapter_for,
 )
-from kvsleep.fleet import MemberAdapter, OwnerAdapter, owner_of
-from kvsleep.gpu import nvml_free_gb
-from kvsleep.kvcached_routes import KvcachedRoutes
-from kvsleep.metrics import Metrics
-from kvsleep.policy_source import PrometheusSource
-from kvsleep.reconciler import Reconciler
-from kvsleep.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
-from kvsleep.sleep_manager import ModelRemoved, NotAllowed, SleepManager
-from kvsleep.sleep_state import ModelState, StateStore
-from kvsleep.traffic_monitor import TrafficMonitor
+from kvsleep.web import operator_routes
+from kvsleep.web.alertmanager import PayloadError, parse_webhook
+from kvsleep.web.connections import (
+    ConnectionPool,
+    GuardedSite,
+    Phase,
+    bind,
+    connection_limit,
+    raise_file_limit,
+)
+from kvsleep.web.kvcached_routes import KvcachedRoutes
+from kvsleep.web.metrics import Metrics
+from kvsleep.web.router import INFERENCE_ENDPOINTS, OpenAIError, Router, error_body
 
 if TYPE_CHECKING:
-    from kvsleep.launcher import Launcher
+    from kvsleep.control.launcher import Launcher
 
 log = logging.getLogger(__name__)
 

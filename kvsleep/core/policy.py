@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvsleep.config import SleepPolicy
 from kvsleep.core.engine_facts import Observation
-from kvsleep.sleep_state import ModelState, StoredModel
+from kvsleep.core.states import ModelState
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,14 @@ def admission(
     return Admission.HOLD
 
 
-def initial_state(obs: Observation, stored: StoredModel | None) -> ModelState:
+class Recorded(Protocol):
+    """A record of the state file, as far as the start-up belief needs it."""
+
+    @property
+    def state(self) -> ModelState: ...
+
+
+def initial_state(obs: Observation, stored: Recorded | None) -> ModelState:
     """What to believe at start-up: the engine's word where it has one, else our record.
 
     A record of an interrupted sleep counts as asleep (the engine finishes a call its client
@@ -195,8 +203,8 @@ def initial_state(obs: Observation, stored: StoredModel | None) -> ModelState:
         return ModelState.ASLEEP
     if stored.state is ModelState.WAKING:
         return ModelState.WAKING
-    if stored.state is ModelState.FAILED:
-        return ModelState.FAILED
+    if stored.state in (ModelState.FAILED, ModelState.UNKNOWN):
+        return stored.state
     return ModelState.AWAKE
 
 

@@ -14,9 +14,9 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-from kvsleep import policy
+from kvsleep.control.policy_source import FleetTraffic, PrometheusSource
+from kvsleep.core import policy
 from kvsleep.core.engine_facts import Observation
-from kvsleep.policy_source import FleetTraffic, PrometheusSource
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ from typing import Any
 import aiohttp
 from prometheus_client import Counter, Gauge
 
-from kvsleep import policy
 from kvsleep.config import ModelConfig
-from kvsleep.keeper import members, proc_stat
-from kvsleep.metrics import Metrics
-from kvsleep.sleep_manager import SleepManager
-from kvsleep.sleep_state import ModelState
+from kvsleep.control.keeper import members, proc_stat
+from kvsleep.control.manager import SleepManager
+from kvsleep.core import policy
+from kvsleep.core.states import ModelState
+from kvsleep.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +562,7 @@ class Launcher:
         keeper = [
             sys.executable,
             "-m",
-            "kvsleep.keeper",
+            "kvsleep.control.keeper",
             "--log",
             str(engine.log_file),
             "--max-bytes",

@@ -1,4 +1,4 @@
-"""Model sleep states, and the state file that keeps what no engine reveals across restarts.
+"""The state file that keeps what no engine reveals across restarts.
 
 SGLang has no route that says whether its memory is released, so after a restart kvsleep can only
 know it from its own record. The file is small JSON, rewritten atomically (write a temporary file,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -19,27 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvsleep.core.states import ModelState
+
 log = logging.getLogger(__name__)
-
-
-class ModelState(str, enum.Enum):
-    """awake -> draining -> sleeping -> asleep -> waking -> awake; failed after a failed wake.
-
-    starting: a launched engine is being started or restarted (requests are held as for a wake).
-    unknown: kvsleep cannot tell whether the engine's memory is released (a call that may or
-    may not have happened); nothing is called until an operator, or a probe that can tell, says.
-    down: only ever reported, never held: the engine of a settled model does not answer.
-    """
-
-    AWAKE = "awake"
-    DRAINING = "draining"
-    SLEEPING = "sleeping"
-    ASLEEP = "asleep"
-    WAKING = "waking"
-    FAILED = "failed"
-    STARTING = "starting"
-    DOWN = "down"
-    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)

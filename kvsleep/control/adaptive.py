@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvsleep.config import ModelConfig, SleepPolicy
-from kvsleep.traffic_monitor import TrafficMonitor
+from kvsleep.control.traffic import TrafficMonitor
 
 BINS_PER_OCTAVE = 4
 OCTAVES = 17  # 1 s .. 2**17 s (36 h); shorter gaps fall in bin 0, longer ones in the last bin

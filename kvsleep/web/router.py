@@ -20,8 +20,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from kvsleep.config import RouterConfig
-from kvsleep.metrics import Metrics
-from kvsleep.sleep_manager import ModelSlot, Rejected, SleepManager
+from kvsleep.control.manager import ModelSlot, Rejected, SleepManager
+from kvsleep.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

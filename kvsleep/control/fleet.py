@@ -24,8 +24,8 @@ import aiohttp
 
 from kvsleep.config import FleetConfig
 from kvsleep.core.engine_facts import Observation, Step
+from kvsleep.core.states import ModelState
 from kvsleep.engines.base import EngineAdapter, EngineError
-from kvsleep.sleep_state import ModelState
 
 
 def owner_of(model: str, fleet: FleetConfig) -> str | None:
