@@ -21,7 +21,8 @@ from aiohttp import web
 
 from kvsleep.cli import main
 from kvsleep.config import parse_config
-from kvsleep.core import policy, simulate, traces
+from kvsleep.core import policy
+from kvsleep.lab import simulate, traces
 from kvsleep.lab.simulate import Request, Trace
 from kvsleep.sim.engine import SimEngine, SimSettings, build_app
 from tests.conftest import FAST_SIM_SETTINGS
