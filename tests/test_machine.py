@@ -6,6 +6,7 @@ scenarios run end to end against the simulator in tests/test_engine_state_trust.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -31,6 +32,8 @@ from kvsleep.core.machine import (
     LaunchStarting,
     LoadReported,
     MakeRoom,
+    Measured,
+    MeasureMemory,
     Observed,
     Pending,
     Record,
@@ -390,3 +393,30 @@ def test_held_requests_are_let_through_in_one_release_when_the_wake_ends():
     effects = m.handle(CallDone(T, CallResult.OK, took=2.0))
     assert effects.count(ReleaseHeld()) == 1
     assert m.in_engine == 2 and m.held == 0
+
+
+# ---- NVML resolves `unknown` where it can tell -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("used_gb", "verdict"),
+    [(0.8, ModelState.ASLEEP), (19.0, ModelState.AWAKE), (9.0, None)],
+)
+def test_unknown_is_resolved_by_the_gpu_memory_of_the_engines_processes(used_gb, verdict):
+    record = Record(ModelState.SLEEPING, T, INC, Pending("sleep", "release", "intent"))
+    m = machine()
+    m.cfg = dataclasses.replace(m.cfg, memory_gb=20.0)
+    m.can_measure = True
+    effects = m.restore(T + 1, up(INC), record)
+    assert MeasureMemory() in effects and m.state is ModelState.UNKNOWN
+    m.handle(Measured(T + 2, used_gb))
+    assert m.state is (verdict or ModelState.UNKNOWN)
+    assert calls(m.handle(WantWake(T + 3, "manual"))) == []  # a wake goes through room first
+
+
+def test_without_nvml_unknown_waits_for_an_operator():
+    record = Record(ModelState.WAKING, T, INC, Pending("wake", "resume", "intent"))
+    m = machine()
+    effects = m.restore(T + 1, up(INC), record)
+    assert not [e for e in effects if isinstance(e, MeasureMemory)]
+    assert m.state is ModelState.UNKNOWN

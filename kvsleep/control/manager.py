@@ -61,6 +61,8 @@ from kvsleep.core.machine import (
     LoadReported,
     Log,
     MakeRoom,
+    Measured,
+    MeasureMemory,
     Observed,
     Pending,
     Persist,
@@ -305,6 +307,8 @@ class SleepManager:
         # sleep/wake events in a launched engine's log.
         self.starter: Starter | None = None
         self.on_event: Callable[[str, str], None] | None = None
+        # Set where NVML works: GB of GPU memory an engine's processes hold (None: cannot tell).
+        self.gpu_memory_of: Callable[[ModelConfig], Awaitable[float | None]] | None = None
         self.metrics.watch(self)
         # kvcached's SleepConfig names its engines; they become models here.
         for engine in ("vllm", "sglang"):
@@ -354,6 +358,7 @@ class SleepManager:
             machine.handle(Reconfigured(self.clock(), cfg))
         else:
             machine = EngineMachine(cfg, adapter.steps, state, self.clock())
+        machine.can_measure = self.gpu_memory_of is not None
         slot = ModelSlot(cfg, adapter, machine)
         self.slots[cfg.name] = slot
         self.traffic_monitor.add_model(cfg.name)
@@ -767,6 +772,9 @@ class SleepManager:
         if isinstance(job, MakeRoom):
             ok, reason = await self._make_room(slot) if self.gpu_budgets else (True, "")
             return RoomReady(self.clock(), ok, reason)
+        if isinstance(job, MeasureMemory):
+            assert self.gpu_memory_of is not None
+            return Measured(self.clock(), await self.gpu_memory_of(slot.cfg))
         if isinstance(job, Start):
             assert self.starter is not None
             try:

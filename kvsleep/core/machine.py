@@ -160,6 +160,14 @@ class Adopted:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """GPU memory held by the engine's processes (NVML), asked about a model in `unknown`."""
+
+    now: float
+    used_gb: float | None
+
+
+@dataclass(frozen=True)
 class Reconfigured:
     now: float
     cfg: ModelConfig
@@ -213,6 +221,7 @@ Event = (
     | RoomReady
     | CallDone
     | Adopted
+    | Measured
     | Reconfigured
     | LaunchStarting
     | LaunchSpawning
@@ -334,7 +343,12 @@ class Start:
     reason: str
 
 
-Job = WaitDrained | CheckLoad | Identify | WriteRecord | MakeRoom | Call | Start
+@dataclass(frozen=True)
+class MeasureMemory:
+    """Ask NVML how much GPU memory the engine's processes hold (where kvsleep knows them)."""
+
+
+Job = WaitDrained | CheckLoad | Identify | WriteRecord | MakeRoom | Call | Start | MeasureMemory
 Effect = (
     Admit
     | Hold
@@ -349,7 +363,7 @@ Effect = (
     | StateWriteFailed
     | Job
 )
-JOBS = (WaitDrained, CheckLoad, Identify, WriteRecord, MakeRoom, Call, Start)
+JOBS = (WaitDrained, CheckLoad, Identify, WriteRecord, MakeRoom, Call, Start, MeasureMemory)
 
 
 # ---- recovery --------------------------------------------------------------------------------
@@ -446,6 +460,8 @@ class EngineMachine:
     queued: bool = False
     stopped: bool = False
     can_start: bool = False  # a launcher can start this engine when it is stopped
+    can_measure: bool = False  # NVML can tell the GPU memory of this engine's processes
+    measured: bool = False  # that was asked once for the current `unknown`
     sleep_failures: int = 0
     sleep_retry_at: float = 0.0
     cannot_sleep: str | None = None
@@ -670,6 +686,30 @@ class EngineMachine:
         elif self.held or self.in_engine:
             self.want_awake = True
 
+    def _on_Measured(self, ev: Measured, out: list[Effect]) -> None:
+        """NVML resolves `unknown` without an operator where the memory speaks clearly."""
+        self._done()
+        if self.state is not ModelState.UNKNOWN or ev.used_gb is None:
+            return
+        verdict = policy.memory_verdict(ev.used_gb, self.cfg.memory_gb)
+        if verdict is None:
+            out.append(
+                Log(
+                    "warning",
+                    f"its processes hold {ev.used_gb:.1f} GB of GPU memory, which says neither "
+                    "released nor loaded; an operator decides (kvsleep adopt)",
+                )
+            )
+            return
+        out.append(
+            Log(
+                "warning",
+                f"its processes hold {ev.used_gb:.1f} GB of GPU memory (NVML): "
+                f"taken as {verdict.value}",
+            )
+        )
+        self._on_Adopted(Adopted(ev.now, verdict), out)
+
     def _on_Reconfigured(self, ev: Reconfigured, out: list[Effect]) -> None:
         self.cfg = ev.cfg
         # A reload is how an operator says "the engine was fixed": sleeps may be tried again.
@@ -807,6 +847,9 @@ class EngineMachine:
             self.want_awake = True
             self.wake_reason = "reconcile"
             self._advance(now, out)
+        elif state is ModelState.UNKNOWN:
+            self.last_error = why
+            self._advance(now, out)  # NVML may tell
         return out
 
     # ---- launched engines -----------------------------------------------------------------
@@ -888,6 +931,10 @@ class EngineMachine:
     def _advance(self, now: float, out: list[Effect]) -> None:
         """Start the next job toward the wanted state, if one is needed (one at a time)."""
         state = self.state
+        if state is ModelState.UNKNOWN and self.can_measure and not self.measured:
+            self.measured = True
+            self._run(MeasureMemory(), out)
+            return
         if state in (ModelState.STARTING, ModelState.UNKNOWN):
             if state is ModelState.UNKNOWN:
                 self._settle(out, "sleep", False)
@@ -1189,6 +1236,8 @@ class EngineMachine:
         self.cannot_sleep = None
 
     def _set(self, state: ModelState, now: float, out: Sequence[Effect]) -> None:
+        if state is not ModelState.UNKNOWN:
+            self.measured = False
         self.state = state
         self.state_since = now
         self.version += 1

@@ -321,3 +321,19 @@ def eta_remaining(
     if state in (ModelState.WAKING, ModelState.STARTING):
         return max(0.0, eta - (now - state_since))
     return eta
+
+
+# A released SGLang keeps little more than its CUDA context (under a GB or two per process).
+RELEASED_MAX_GB = 3.0
+
+
+def memory_verdict(used_gb: float, memory_gb: float | None) -> ModelState | None:
+    """What the GPU memory an engine's processes hold says of it: asleep (released) when it is
+    about a CUDA context, awake when it is most of what the model is configured to hold, and
+    nothing in between (an operator decides)."""
+    released = RELEASED_MAX_GB if not memory_gb else min(RELEASED_MAX_GB, 0.25 * memory_gb)
+    if used_gb <= released:
+        return ModelState.ASLEEP
+    if used_gb >= (0.75 * memory_gb if memory_gb else 3 * RELEASED_MAX_GB):
+        return ModelState.AWAKE
+    return None

@@ -26,7 +26,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from kvsleep.config import Config, ConfigError, ModelConfig, load_config, needs_restart
 from kvsleep.control.fleet import MemberAdapter, OwnerAdapter, owner_of
-from kvsleep.control.gpu import nvml_free_gb
+from kvsleep.control.gpu import engine_memory_reader, nvml_free_gb
 from kvsleep.control.manager import ModelRemoved, NotAllowed, SleepManager
 from kvsleep.control.policy_source import PrometheusSource
 from kvsleep.control.reconciler import Reconciler
@@ -91,6 +91,7 @@ class KvsleepServer:
             adapter_factory=self._adapter,
             owns=lambda name: self.owner(name) is None,
         )
+        self.manager.gpu_memory_of = engine_memory_reader()
         for model in config.models:
             self.manager.add_model(model)
         self._apply_gpus(config)
