@@ -373,7 +373,7 @@ def test_a_control_call_waiting_for_a_removed_model_is_settled_at_once():
     m = machine()
     m.handle(WantSleep(T, "manual"))
     effects = m.handle(Removed())
-    assert Settle("sleep", False, removed=True) in effects
+    assert Settle("sleep", False) in effects
 
 
 def test_a_second_sleep_call_while_one_is_in_the_engine_joins_it():

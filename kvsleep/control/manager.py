@@ -191,10 +191,6 @@ class NotAllowed(Exception):
     """An operation the configuration forbids (e.g. sleeping an `always_on` model)."""
 
 
-class ModelRemoved(Exception):
-    """A control call's model left the configuration while the call waited."""
-
-
 def engine_key(cfg: ModelConfig) -> EngineKey:
     """What kvsleep's knowledge is about: an engine (flavor and address), not a config entry."""
     return (cfg.engine, cfg.url.rstrip("/"))
@@ -705,10 +701,7 @@ class SleepManager:
                 futures = slot.sleep_outcomes if effect.op == "sleep" else slot.wake_outcomes
                 for outcome in futures:
                     if not outcome.done():
-                        if effect.removed:
-                            outcome.set_exception(ModelRemoved(f"model `{name}` was removed"))
-                        else:
-                            outcome.set_result(effect.ok)
+                        outcome.set_result(effect.ok)
                 futures.clear()
             elif isinstance(effect, Persist):
                 self.persist()

@@ -266,11 +266,10 @@ class RejectHeld:
 
 @dataclass(frozen=True)
 class Settle:
-    """Answer the control calls waiting for a sleep or a wake. `removed`: the model is gone."""
+    """Answer the control calls waiting for a sleep or a wake."""
 
     op: str  # "sleep" | "wake"
     ok: bool
-    removed: bool = False
 
 
 @dataclass(frozen=True)
@@ -717,8 +716,8 @@ class EngineMachine:
 
     def _on_Removed(self, ev: Removed, out: list[Effect]) -> None:
         self._reject_held(out, "wake_failed", f"model `{self.name}` was removed")
-        out.append(Settle("sleep", False, removed=True))
-        out.append(Settle("wake", False, removed=True))
+        out.append(Settle("sleep", False))
+        out.append(Settle("wake", False))
         self.pending_sleep = self.pending_wake = 0
 
     # ---- observations ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from kvsleep.config import Config, ConfigError, ModelConfig, load_config, needs_restart
 from kvsleep.control.fleet import MemberAdapter, OwnerAdapter, owner_of
 from kvsleep.control.gpu import engine_memory_reader, nvml_free_gb
-from kvsleep.control.manager import ModelRemoved, NotAllowed, SleepManager
+from kvsleep.control.manager import NotAllowed, SleepManager
 from kvsleep.control.policy_source import PrometheusSource
 from kvsleep.control.reconciler import Reconciler
 from kvsleep.control.state_file import StateStore
@@ -425,9 +425,8 @@ class KvsleepServer:
         `?wait=false`); 409 when the model left the configuration meanwhile."""
         if not wait:
             return _action(name, True, f"Model {name} {verb} requested", 202)
-        try:
-            ok = await outcome
-        except ModelRemoved:
+        ok = await outcome
+        if name not in self.manager.slots:  # a reload removed it: the call is settled at once
             return _action(
                 name,
                 False,
