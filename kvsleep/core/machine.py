@@ -848,7 +848,12 @@ class EngineMachine:
             self._advance(now, out)
         elif state is ModelState.UNKNOWN:
             self.last_error = why
+            self._reject_held(out, "wake_failed", f"model `{self.name}` is in state unknown: {why}")
             self._advance(now, out)  # NVML may tell
+        elif state is ModelState.AWAKE:
+            self._release_held(out)  # requests held while the engine was looked at
+        elif self.held:
+            self._advance(now, out)  # requests held while the engine was looked at: wake it
         return out
 
     # ---- launched engines -----------------------------------------------------------------
