@@ -48,6 +48,8 @@ EXPECTED_ALERTS = {
     "KvsleepWakeBlockedOnMemory",
     "KvsleepWakeEtaDrift",
     "KvsleepModelCannotSleep",
+    "KvsleepEngineStateUnknown",
+    "KvsleepStateFileNotWritable",
 }
 # kvsleep metrics without a `model` label (every other one must honour the $model variable).
 NO_MODEL_LABEL = {
@@ -67,6 +69,7 @@ PROCESS_ALERTS = {
     "KvsleepReconcileErrors",
     "KvsleepConfigReloadFailed",
     "KvsleepPolicySourceDown",
+    "KvsleepStateFileNotWritable",
 }
 
 
