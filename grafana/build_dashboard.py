@@ -46,7 +46,7 @@ Target = tuple[str, str]  # (PromQL expression, legend format)
 
 
 def state_code_expr() -> str:
-    """One series per model whose value is its state's code (1 = awake ... 8 = down)."""
+    """One series per model whose value is its state's code (1 = awake ... 9 = unknown)."""
     terms = [
         f'kvsleep_model_state{{{M}, state="{state}"}} * {code}'
         for code, (state, _) in enumerate(STATES, start=1)
@@ -536,17 +536,24 @@ def panels() -> list[dict[str, Any]]:
         panel(
             lay,
             "timeseries",
-            "Reconcile errors",
-            "Reconcile passes or actions that raised an error (see kvsleep's log).",
+            "Reconcile and state file errors",
+            "Reconcile passes or actions that raised an error, and failed writes of the state "
+            "file (dashed: while they fail, SGLang engines are neither released nor resumed). "
+            "See kvsleep's log and the runbook.",
             [
                 (
                     f"sum by (instance) (rate(kvsleep_reconcile_errors_total[{RI}]))",
-                    "{{instance}}",
-                )
+                    "{{instance}} reconcile",
+                ),
+                (
+                    f"sum by (instance) (rate(kvsleep_state_write_errors_total[{RI}]))",
+                    "{{instance}} state file writes",
+                ),
             ],
             "ops",
             w=6,
             min_value=0,
+            overrides=[dashed("state file writes$")],
         )
     )
     add(

@@ -48,12 +48,15 @@ EXPECTED_ALERTS = {
     "KvsleepWakeBlockedOnMemory",
     "KvsleepWakeEtaDrift",
     "KvsleepModelCannotSleep",
+    "KvsleepEngineStateUnknown",
+    "KvsleepStateFileNotWritable",
 }
 # kvsleep metrics without a `model` label (every other one must honour the $model variable).
 NO_MODEL_LABEL = {
     "kvsleep_unknown_model_requests_total",
     "kvsleep_reconcile_duration_seconds_bucket",
     "kvsleep_reconcile_errors_total",
+    "kvsleep_state_write_errors_total",
     "kvsleep_config_last_reload_successful",
     "kvsleep_config_last_reload_success_timestamp_seconds",
     "kvsleep_build_info",
@@ -67,6 +70,7 @@ PROCESS_ALERTS = {
     "KvsleepReconcileErrors",
     "KvsleepConfigReloadFailed",
     "KvsleepPolicySourceDown",
+    "KvsleepStateFileNotWritable",
 }
 
 
@@ -282,6 +286,7 @@ def test_rules_and_dashboard_use_only_exported_metrics() -> None:
         "kvsleep_engine_up",
         "kvsleep_engine_restarts_total",
         "kvsleep_engine_crash_looping",
+        "kvsleep_state_write_errors_total",
     ):
         assert metric in used, metric
 
@@ -396,6 +401,7 @@ def test_dashboard_has_the_required_panels() -> None:
         "kvsleep_engine_up",
         "kvsleep_reconcile_duration_seconds_bucket",
         "kvsleep_config_last_reload_successful",
+        "kvsleep_state_write_errors_total",
     ):
         assert metric in exprs, metric
     assert any(p["type"] == "text" and "GPU memory" in p["title"] for p in dash["panels"])

@@ -384,3 +384,59 @@ def test_problems_name_a_model_that_cannot_sleep():
         "cannot sleep: no /sleep route; boom"
     )
     assert status_page.problem_text({"cannot_sleep": None, "last_error": None}) == ""
+
+
+def unknown_doc() -> dict:
+    """A /sleep/status document with one model in state unknown and one awake."""
+    base = {
+        "engine": "sglang",
+        "idle_seconds": None,
+        "idle_threshold_seconds": 60.0,
+        "in_flight": 0,
+        "held_requests": 0,
+        "wake_eta_seconds": None,
+        "seconds_in_state": 3.0,
+        "cannot_sleep": None,
+    }
+    return {
+        "auto_sleep_enabled": True,
+        "gpus": {},
+        "models": {
+            "org/<m>": {
+                **base,
+                "state": "unknown",
+                "last_error": "the outcome of the resume call is unknown (timed out)",
+            },
+            "org/ok": {**base, "state": "awake", "last_error": None},
+        },
+    }
+
+
+def test_a_model_in_state_unknown_offers_the_operators_answers_and_nothing_else():
+    html = status_page.render(unknown_doc())
+    (unknown,) = re.findall(r'<tr data-model="[^"]*" data-state="unknown">.*?</tr>', html)
+    assert 'data-model="org/&lt;m&gt;"' in unknown
+    assert '<span class="state state-unknown">unknown</span>' in unknown
+    assert "the outcome of the resume call is unknown (timed out)" in unknown
+    assert re.findall(r'data-action="adopt" data-adopt="(\w+)">([^<]*)<', unknown) == [
+        ("asleep", "Engine is asleep"),
+        ("awake", "Engine is awake"),
+    ]
+    # Sleep and Wake would be refused (kvsleep calls nothing): disabled.
+    assert 'data-action="sleep" disabled>' in unknown and 'data-action="wake" disabled>' in unknown
+    assert html.count('data-action="adopt"') == 2  # the awake model has none
+
+
+def test_kvsleep_status_says_what_to_run_for_a_model_in_state_unknown():
+    table = status_page.status_table(unknown_doc())
+    lines = table.splitlines()
+    assert lines[1].split()[:3] == ["org/<m>", "unknown", "sglang"]
+    assert lines[1].endswith("the outcome of the resume call is unknown (timed out)")
+    assert lines[-1] == (
+        "org/<m>: state unknown, its requests are refused; find out whether its engine released "
+        "its memory, then `kvsleep adopt org/<m> asleep` or `... awake` "
+        "(docs/runbook.md#kvsleepenginestateunknown)"
+    )
+    assert "adopt" not in status_page.status_table(
+        {**unknown_doc(), "models": {"org/ok": unknown_doc()["models"]["org/ok"]}}
+    )

@@ -5,14 +5,17 @@ kept in the tab's session storage only. Each test saves a screenshot and prints 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
+from tests.kvsleep_harness import FAST_RETRY, config_doc, sim_model, start_kvsleep
+from tests.test_engine_faults import arm, calls, post
 
 playwright_api = pytest.importorskip("playwright.async_api")
 expect = playwright_api.expect
@@ -169,3 +172,96 @@ async def test_logs_link_shows_and_follows_a_launched_engines_log(browser, tmp_p
     finally:
         await launcher.stop()
         await kv.close()
+
+
+async def test_a_model_in_state_unknown_is_adopted_from_the_page_and_then_serves(
+    browser, sim_factory, tmp_path, monkeypatch
+):
+    """An SGLang resume that hangs past the wake timeout leaves the model `unknown` (the resume
+    may have happened). The page shows that state apart from the others, with the reason, and
+    offers only there the operator's two answers; "Engine is asleep" (confirmed, token asked for)
+    makes it asleep, and the next request wakes it and is served."""
+    monkeypatch.setenv("KVSLEEP_PAGE_TOKEN", "adopt-s3cret")
+    sim = await sim_factory("sglang", "org/m")
+    other = await sim_factory("vllm", "org/other")
+    retry = dataclasses.replace(FAST_RETRY, wake_timeout_seconds=0.3)
+    kv = await start_kvsleep(
+        config_doc(
+            [sim_model(sim), sim_model(other)],
+            tmp_path,
+            router={"admin_token_env": "KVSLEEP_PAGE_TOKEN"},
+        ),
+        retry=retry,
+    )
+    dialogs: list[tuple[str, str]] = []
+
+    async def answer(dialog) -> None:
+        dialogs.append((dialog.type, dialog.message))
+        await (dialog.accept("adopt-s3cret") if dialog.type == "prompt" else dialog.accept())
+
+    try:
+        assert await kv.manager.put_model_to_sleep("org/m", manual=True)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            await arm(session, sim.url, hang={"wake": 1})
+            status, _, _ = await post(
+                session, kv.url + "/v1/completions", {"model": "org/m", "prompt": "x"}
+            )
+            assert status == 503
+            assert kv.state("org/m") == "unknown"
+
+            page = await browser.new_page(viewport={"width": 1280, "height": 400})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("dialog", answer)
+            await page.goto(f"{kv.url}/")
+            await expect(page.locator("#updated")).not_to_have_text("at load", timeout=WAIT_MS)
+            m, o = row("org/m"), row("org/other")
+            assert await page.get_attribute(m, "data-state") == "unknown"
+            assert await page.inner_text(f"{m} .state") == "unknown"
+            # Apart from every other state: a filled badge on a tinted row.
+            badge = await page.eval_on_selector(
+                f"{m} .state", "e => getComputedStyle(e).backgroundColor"
+            )
+            assert badge not in ("rgba(0, 0, 0, 0)", "transparent")
+            cell = await page.eval_on_selector(
+                f"{m} td.model", "e => getComputedStyle(e).backgroundColor"
+            )
+            plain = await page.eval_on_selector(
+                f"{o} td.model", "e => getComputedStyle(e).backgroundColor"
+            )
+            assert cell != plain
+            assert "resume" in await page.inner_text(f"{m} td.error")
+            assert await page.is_disabled(f"{m} button[data-action=sleep]")
+            assert await page.is_disabled(f"{m} button[data-action=wake]")
+            assert await page.locator(f"{m} button[data-action=adopt]").all_inner_texts() == [
+                "Engine is asleep",
+                "Engine is awake",
+            ]
+            assert await page.locator(f"{o} button[data-action=adopt]").count() == 0
+            shot = tmp_path / "status-page-unknown.png"
+            await page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot: {shot}")
+
+            await page.evaluate("window.notReloaded = true")
+            await page.click(f"{m} button[data-adopt=asleep]")
+            await page.wait_for_selector(f"{m}[data-state=asleep]", timeout=WAIT_MS)
+            assert await page.evaluate("window.notReloaded") is True
+            assert [kind for kind, _ in dialogs] == ["confirm", "prompt"]
+            assert "org/m" in dialogs[0][1] and "asleep" in dialogs[0][1]
+            assert await page.locator(f"{m} button[data-action=adopt]").count() == 0
+            assert calls(sim, "/resume_memory_occupation") == 1  # adopting calls nothing
+
+            status, _, _ = await post(
+                session, kv.url + "/v1/completions", {"model": "org/m", "prompt": "x"}
+            )
+            assert status == 200
+            await page.wait_for_selector(f"{m}[data-state=awake]", timeout=WAIT_MS)
+            assert await page.inner_text(f"{m} td.error") == ""
+            # The browser logs the 401 that asked for the token; nothing else went wrong.
+            assert [e for e in errors if "401 (Unauthorized)" not in e] == []
+    finally:
+        await kv.close()
+    stats = sim.sim.stats()
+    assert stats["calls"]["/resume_memory_occupation"] == 2
+    assert stats["hazards"] == {} and stats["requests"]["served_while_not_awake"] == 0

@@ -14,9 +14,14 @@ from urllib.parse import quote
 
 from kvsleep import __version__
 
-# Buttons that would do nothing in these states are disabled (status.js does the same).
-NO_SLEEP = ("asleep", "sleeping")
-NO_WAKE = ("awake", "waking")
+# Buttons that would do nothing in these states are disabled (status.js does the same). In
+# `unknown` kvsleep calls nothing until an operator says what the engine is: the row offers that
+# instead (`POST /models/{model}/adopt?state=asleep|awake`).
+NO_SLEEP = ("asleep", "sleeping", "unknown")
+NO_WAKE = ("awake", "waking", "unknown")
+ADOPT_IN = "unknown"
+ADOPT = (("asleep", "Engine is asleep"), ("awake", "Engine is awake"))
+RUNBOOK_UNKNOWN = "docs/runbook.md#kvsleepenginestateunknown"
 COLUMNS = (
     "Model",
     "State",
@@ -104,6 +109,13 @@ def status_table(doc: dict[str, Any]) -> str:
     )
     for gpu, g in doc["gpus"].items():
         lines.append(f"GPU {gpu}: {g['committed_gb']:g} / {g['budget_gb']:g} GB committed")
+    for name, m in doc["models"].items():
+        if m["state"] == ADOPT_IN:
+            lines.append(
+                f"{name}: state unknown, its requests are refused; find out whether its engine "
+                f"released its memory, then `kvsleep adopt {name} asleep` or `... awake` "
+                f"({RUNBOOK_UNKNOWN})"
+            )
     return "\n".join(lines)
 
 
@@ -138,9 +150,21 @@ def _row(name: str, m: dict[str, Any]) -> str:
         f'<td class="error">{e(problem_text(m))}</td>',
         f'<td class="actions"><button type="button" data-action="sleep"{_off(state, NO_SLEEP)}>'
         f'Sleep</button> <button type="button" data-action="wake"{_off(state, NO_WAKE)}>Wake'
-        f"</button>{logs}</td>",
+        f"</button>{_adopt(state)}{logs}</td>",
     ]
     return f'<tr data-model="{e(name)}" data-state="{e(state)}">{"".join(cells)}</tr>'
+
+
+def _adopt(state: str) -> str:
+    """The operator's answer for a model in state unknown: what its engine is."""
+    if state != ADOPT_IN:
+        return ""
+    buttons = "".join(
+        f' <button type="button" class="adopt" data-action="adopt" data-adopt="{value}">'
+        f"{label}</button>"
+        for value, label in ADOPT
+    )
+    return f'<span class="adopt">{buttons}</span>'
 
 
 def _off(state: str, states: tuple[str, ...]) -> str:

@@ -1,5 +1,5 @@
 // kvsleep status page: redraws the table server-rendered by kvsleep/status_page.py from
-// /sleep/status every REFRESH_MS, and calls the control routes for Sleep, Wake and logs.
+// /sleep/status every REFRESH_MS, and calls the control routes for Sleep, Wake, adopt and logs.
 // No framework, no build step, nothing loaded from elsewhere. Every value goes in through
 // textContent, never innerHTML: model names and errors come from config files and engines.
 "use strict";
@@ -53,8 +53,12 @@ function cell(text, cls) {
 }
 
 // Buttons that would do nothing in these states are disabled (as status_page.py renders them).
-const NO_SLEEP = ["asleep", "sleeping"];
-const NO_WAKE = ["awake", "waking"];
+// In `unknown` kvsleep calls nothing until an operator says what the engine is: the row offers
+// that instead (POST models/{model}/adopt?state=asleep|awake).
+const NO_SLEEP = ["asleep", "sleeping", "unknown"];
+const NO_WAKE = ["awake", "waking", "unknown"];
+const ADOPT_IN = "unknown";
+const ADOPT = [["asleep", "Engine is asleep"], ["awake", "Engine is awake"]];
 
 function button(action, label, disabled) {
   const b = document.createElement("button");
@@ -81,6 +85,17 @@ function row(name, m) {
   const actions = cell("", "actions");
   actions.append(button("sleep", "Sleep", NO_SLEEP.includes(m.state)), " ",
                  button("wake", "Wake", NO_WAKE.includes(m.state)));
+  if (m.state === ADOPT_IN) {
+    const adopt = document.createElement("span");
+    adopt.className = "adopt";
+    for (const [value, label] of ADOPT) {
+      const b = button("adopt", label, false);
+      b.className = "adopt";
+      b.dataset.adopt = value;
+      adopt.append(" ", b);
+    }
+    actions.append(adopt);
+  }
   if (m.launched) {
     const a = document.createElement("a");
     a.className = "logs";
@@ -181,6 +196,26 @@ async function act(name, action) {
   await refresh();
 }
 
+// The operator's word on an engine kvsleep cannot read. A wrong answer can kill an SGLang
+// (a release twice, a resume of memory never released), hence the question first.
+async function adopt(name, state) {
+  const asked = window.confirm(
+    `Tell kvsleep that the engine of ${name} is ${state}?\n\n` +
+      (state === "asleep"
+        ? "Only if its GPU memory is released: the next request will resume it."
+        : "Only if it holds its memory: kvsleep will finish an interrupted wake, then serve.") +
+      "\nSee the runbook, KvsleepEngineStateUnknown.");
+  if (!asked) {
+    await refresh();
+    return;
+  }
+  const resp = await control(
+    `models/${encodeURIComponent(name)}/adopt?state=${encodeURIComponent(state)}`,
+    { method: "POST" });
+  notice(resp.ok ? "" : `adopt ${name} as ${state}: ${await errorText(resp)}`);
+  await refresh();
+}
+
 let following = null;
 
 async function showLogs(name) {
@@ -229,7 +264,10 @@ function closeLogs() {
 document.addEventListener("click", (event) => {
   const target = event.target;
   const tr = target.closest("tr[data-model]");
-  if (target.matches("button[data-action]") && tr) {
+  if (target.matches("button[data-action=adopt]") && tr) {
+    target.disabled = true;
+    adopt(tr.dataset.model, target.dataset.adopt);
+  } else if (target.matches("button[data-action]") && tr) {
     target.disabled = true;
     act(tr.dataset.model, target.dataset.action);
   } else if (target.matches("a.logs") && tr) {
