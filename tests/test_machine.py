@@ -420,3 +420,11 @@ def test_without_nvml_unknown_waits_for_an_operator():
     effects = m.restore(T + 1, up(INC), record)
     assert not [e for e in effects if isinstance(e, MeasureMemory)]
     assert m.state is ModelState.UNKNOWN
+
+
+def test_an_engine_that_reports_its_state_resolves_unknown_itself():
+    m = machine(VLLM)
+    m.restore(T, up(None), Record(ModelState.SLEEPING, T, None, Pending("sleep", "x", "intent")))
+    assert m.state is ModelState.UNKNOWN
+    m.handle(Observed(T + 1, Observation(up=True, asleep=True)))
+    assert m.state is ModelState.ASLEEP

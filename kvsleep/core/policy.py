@@ -111,9 +111,10 @@ def heal(view: ModelView) -> Adopt | None:
         if obs.asleep is True and view.state is ModelState.AWAKE:
             return Adopt(view.name, ModelState.ASLEEP, "engine reports it is asleep", view.version)
         return None
-    if obs.asleep is True and view.state in (ModelState.AWAKE, ModelState.FAILED):
+    settled = (ModelState.FAILED, ModelState.UNKNOWN)  # an engine that can tell resolves these
+    if obs.asleep is True and view.state in (ModelState.AWAKE, *settled):
         return Adopt(view.name, ModelState.ASLEEP, "engine reports it is asleep", view.version)
-    if obs.asleep is False and view.state in (ModelState.ASLEEP, ModelState.FAILED):
+    if obs.asleep is False and view.state in (ModelState.ASLEEP, *settled):
         return Adopt(view.name, ModelState.AWAKE, "engine reports it is awake", view.version)
     if (
         obs.asleep is None
