@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, get_args
 
 from kvsleep.config import ModelConfig
 from kvsleep.core import policy
@@ -528,8 +529,7 @@ class EngineMachine:
 
     def handle(self, event: Event) -> list[Effect]:
         out: list[Effect] = []
-        handler = getattr(self, "_on_" + type(event).__name__)
-        handler(event, out)
+        _HANDLERS[type(event)](self, event, out)
         if self.job is None and not isinstance(event, (Removed, Finished, HeldLeft)):
             self._advance(getattr(event, "now", self.state_since), out)
         return out
@@ -1258,3 +1258,30 @@ class EngineMachine:
         elif op == "wake" and self.pending_wake:
             self.pending_wake = 0
             out.append(Settle("wake", ok))
+
+
+# Which method handles which event; every event has one (checked at import).
+_HANDLERS: dict[type[Any], Callable[[EngineMachine, Any, list[Effect]], None]] = {
+    Arrived: EngineMachine._on_Arrived,
+    Finished: EngineMachine._on_Finished,
+    HeldLeft: EngineMachine._on_HeldLeft,
+    WantSleep: EngineMachine._on_WantSleep,
+    WantWake: EngineMachine._on_WantWake,
+    Observed: EngineMachine._on_Observed,
+    Drained: EngineMachine._on_Drained,
+    LoadReported: EngineMachine._on_LoadReported,
+    Identified: EngineMachine._on_Identified,
+    Recorded: EngineMachine._on_Recorded,
+    RoomReady: EngineMachine._on_RoomReady,
+    CallDone: EngineMachine._on_CallDone,
+    Adopted: EngineMachine._on_Adopted,
+    Measured: EngineMachine._on_Measured,
+    Reconfigured: EngineMachine._on_Reconfigured,
+    LaunchStarting: EngineMachine._on_LaunchStarting,
+    LaunchSpawning: EngineMachine._on_LaunchSpawning,
+    LaunchStarted: EngineMachine._on_LaunchStarted,
+    LaunchFailed: EngineMachine._on_LaunchFailed,
+    LaunchDeferred: EngineMachine._on_LaunchDeferred,
+    Removed: EngineMachine._on_Removed,
+}
+assert set(_HANDLERS) == set(get_args(Event))
