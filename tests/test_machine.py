@@ -101,7 +101,8 @@ def sleep_until_call(m: EngineMachine, load: int | None = 0) -> list[Effect]:
 def put_to_sleep(m: EngineMachine) -> None:
     effects = sleep_until_call(m)
     assert calls(effects) == ["release"]
-    m.handle(CallDone(T, CallResult.OK))
+    assert m.handle(CallDone(T, CallResult.OK)) == [Identify()]  # which process got it?
+    m.handle(Identified(T, up()))
     m.handle(Recorded(T, True))
     assert m.state is ModelState.ASLEEP and not m.busy
 
@@ -220,7 +221,8 @@ def test_5a_resume_ok_reload_failed_then_restart_reloads_only():
     m.handle(RoomReady(T, True))
     m.handle(Identified(T, up()))
     assert calls(m.handle(Recorded(T, True))) == ["resume"]
-    assert calls(m.handle(CallDone(T, CallResult.OK))) == ["reload_weights"]
+    m.handle(CallDone(T, CallResult.OK))
+    assert calls(m.handle(Identified(T, up()))) == ["reload_weights"]
     effects = m.handle(CallDone(T, CallResult.FAILED, "update_weights_from_disk failed"))
     assert RejectHeld in {type(e) for e in effects}
     record = m.record()
@@ -242,6 +244,7 @@ def test_5a_without_a_restart_the_retry_reloads_only_too():
     m.handle(Identified(T, up()))
     m.handle(Recorded(T, True))
     m.handle(CallDone(T, CallResult.OK))
+    m.handle(Identified(T, up()))
     m.handle(CallDone(T, CallResult.FAILED, "reload failed"))
     m.handle(Arrived(T + 1))
     assert calls(m.handle(RoomReady(T + 1, True))) == ["reload_weights"]
@@ -327,6 +330,16 @@ def test_8_an_intent_without_outcome_is_unknown_until_an_operator_says(pending, 
     assert m.state is ModelState.AWAKE
 
 
+def test_a_process_restarted_around_a_release_is_unknown():
+    """Identified, then restarted before the call went out: the fresh process got the release,
+    or the old one did and then died. Nobody can tell which holds its memory."""
+    m = machine()
+    sleep_until_call(m)
+    m.handle(CallDone(T, CallResult.OK))
+    m.handle(Identified(T, up("sglang:2")))
+    assert m.state is ModelState.UNKNOWN and "changed around the release" in (m.last_error or "")
+
+
 def test_8_an_intent_for_another_process_is_no_ambiguity():
     record = Record(ModelState.SLEEPING, T, INC, Pending("sleep", "release", "intent"))
     assert recover(up("sglang:2"), record, SGLANG)[0] is ModelState.AWAKE
@@ -380,7 +393,8 @@ def test_a_second_sleep_call_while_one_is_in_the_engine_joins_it():
     m = machine()
     sleep_until_call(m)
     assert calls(m.handle(WantSleep(T, "manual"))) == []  # joins: no second release
-    assert m.handle(CallDone(T, CallResult.OK)) == [] or True
+    m.handle(CallDone(T, CallResult.OK))
+    assert calls(m.handle(Identified(T, up()))) == []
     effects = m.handle(Recorded(T, True))
     assert effects.count(Settle("sleep", True)) == 1  # both callers: one answer, success
 

@@ -758,6 +758,8 @@ class SleepManager:
                 await asyncio.sleep(job.after)
             return LoadReported(self.clock(), await adapter.load())
         if isinstance(job, Identify):
+            if job.after:
+                await asyncio.sleep(job.after)
             return Identified(self.clock(), await adapter.observe(slot.state))
         if isinstance(job, WriteRecord):
             error = await self.writer.write_now()
@@ -889,14 +891,16 @@ class SleepManager:
     def reconcile_took(self, seconds: float) -> None:
         self.metrics.reconcile_duration.observe(seconds)
 
-    def adopt_state(self, model_name: str, state: ModelState) -> None:
-        """An operator's word on an engine kvsleep cannot read (`kvsleep adopt`)."""
+    async def adopt_state(self, model_name: str, state: ModelState) -> None:
+        """An operator's word on an engine kvsleep cannot read (`kvsleep adopt`), about the
+        engine process that answers now."""
         slot = self.slots[model_name]
+        observed = await slot.adapter.observe(slot.state)
         if slot.busy:
             raise NotAllowed(
                 f"model `{model_name}` is {slot.state.value}: an engine call is under way"
             )
-        self._feed(slot, Adopted(self.clock(), state))
+        self._feed(slot, Adopted(self.clock(), state, observed.incarnation))
 
     def engine_unreachable(self, model_name: str, detail: str) -> None:
         """The router could not connect: report the model down until a probe says otherwise."""

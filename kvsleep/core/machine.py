@@ -38,6 +38,8 @@ from kvsleep.core.states import ModelState
 
 WAKE_HISTORY = 10  # measured wakes the ETA is the median of
 LOAD_RECHECK_SECONDS = 0.5  # how often a drain re-asks a busy engine
+IDENTIFY_RETRY_SECONDS = 0.5  # how often a silent engine is asked again which process it is
+VERIFY_SECONDS = 30.0  # how long it may stay silent right after a release or resume
 
 
 @dataclass(frozen=True)
@@ -154,10 +156,12 @@ class CallDone:
 
 @dataclass(frozen=True)
 class Adopted:
-    """An operator's word (`kvsleep adopt`): the engine is in this state."""
+    """An operator's word (`kvsleep adopt`): the engine is in this state. `incarnation`: the
+    process a probe found answering when the word was given (the word is about it)."""
 
     now: float
     state: ModelState
+    incarnation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -319,7 +323,7 @@ class CheckLoad:
 
 @dataclass(frozen=True)
 class Identify:
-    pass
+    after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -473,6 +477,9 @@ class EngineMachine:
     pending: Pending | None = None
     load_waited: float = 0.0
     load_checked: bool = False
+    verifying: bool = False  # identifying the process after a call that must reach one only
+    verify_waited: float = 0.0
+    step_took: float | None = None
     # The released process was found gone (nothing listening): whatever answers next is a fresh
     # one. Only needed for engines that do not name their process.
     gone: bool = False
@@ -652,6 +659,8 @@ class EngineMachine:
         if self.job is not None:
             return
         was, pending = self.state, self.pending
+        # The word is about the process that answers now (unnamed: the next probe names it).
+        self.incarnation = ev.incarnation
         self.unknown_reason = None
         self.pending = None
         self.resume_from = 0
@@ -1021,6 +1030,9 @@ class EngineMachine:
     def _on_Identified(self, ev: Identified, out: list[Effect]) -> None:
         self._done()
         obs = ev.obs
+        if self.verifying:
+            self._verified(ev.now, obs, out)
+            return
         if not obs.up:
             self.engine_up = False
             self.gone = self.op == "wake" or self.gone
@@ -1114,14 +1126,15 @@ class EngineMachine:
         step = steps[self.step]
         if ev.result is CallResult.OK:
             self.pending = Pending(op or "", step.name, "done")
-            if self.step + 1 < len(steps):
-                self.step += 1
-                out.append(Persist())
-                self._begin_step(ev.now, out)
-            elif op == "sleep":
-                self._slept(ev.now, out, ev.took)
-            else:
-                self._woken(ev.now, out, ev.took)
+            self.step_took = ev.took
+            if not step.idempotent:
+                # Which process did it reach? One restarted between the identification and the
+                # call got it instead: then nobody can tell which holds its memory.
+                self.verifying = True
+                self.verify_waited = 0.0
+                self._run(Identify(), out)
+                return
+            self._step_done(ev.now, out)
             return
         if ev.result is CallResult.UNKNOWN and not step.idempotent:
             self._become_unknown(
@@ -1144,6 +1157,44 @@ class EngineMachine:
                 )
             self.resume_from = self.step
             self._wake_failed(ev.now, out, ev.error)
+
+    def _step_done(self, now: float, out: list[Effect]) -> None:
+        if self.step + 1 < len(self._current_steps()):
+            self.step += 1
+            out.append(Persist())
+            self._begin_step(now, out)
+        elif self.op == "sleep":
+            self._slept(now, out, self.step_took)
+        else:
+            self._woken(now, out, self.step_took)
+
+    def _verified(self, now: float, obs: Observation, out: list[Effect]) -> None:
+        step = self._current_steps()[self.step].name
+        if not obs.up:
+            # Silent right after the call: ask again; whoever answers next must be the same
+            # process, or nobody can tell which one got the call.
+            if self.verify_waited < VERIFY_SECONDS:
+                self.verify_waited += IDENTIFY_RETRY_SECONDS
+                self._run(Identify(IDENTIFY_RETRY_SECONDS), out)
+                return
+            self.verifying = False
+            self._become_unknown(
+                now,
+                out,
+                f"the engine stopped answering right after the {step} call; which process "
+                "got it cannot be told",
+            )
+            return
+        self.verifying = False
+        if obs.up and obs.incarnation and self.incarnation and obs.incarnation != self.incarnation:
+            self._become_unknown(
+                now,
+                out,
+                f"the engine process changed around the {step} call ({self.incarnation} "
+                f"before, {obs.incarnation} after): either may have received it",
+            )
+            return
+        self._step_done(now, out)
 
     def _op_failed(self, now: float, out: list[Effect], error: str) -> None:
         if self.op == "sleep":

@@ -412,7 +412,7 @@ class KvsleepServer:
                 code="missing_value",
             )
         try:
-            self.manager.adopt_state(name, ModelState(state))
+            await self.manager.adopt_state(name, ModelState(state))
         except NotAllowed as exc:
             return _action(name, False, str(exc), 409)
         now = self.manager.slots[name].state.value
