@@ -3,10 +3,11 @@
 `python -m bench.bareproxy --upstream URL [--port 0]`: forwards every request's method, path,
 query, headers (less the hop-by-hop ones) and body to the upstream through one
 `ClientSession` (`TCPConnector(limit=0)`, as kvsleep's router), and streams the answer back
-chunk by chunk as it arrives. No routing, no body parsing, no metrics, no middleware: what is
-left is the cost of aiohttp itself (server, client, event loop), which kvsleep cannot go below.
-It runs on the same event loop as `kvsleep serve` (uvloop where installed, through
-`kvsleep.eventloop`) with the same listen backlog and no access log, so the two compare fairly.
+chunk by chunk as it arrives (a small answer of known length, as kvsleep does, in one write).
+No routing, no body parsing, no metrics, no middleware: what is left is the cost of aiohttp
+itself (server, client, event loop), which kvsleep cannot go below. It runs on the same event
+loop as `kvsleep serve` (uvloop where installed, through `kvsleep.eventloop`) with the same
+listen backlog and no access log, so the two compare fairly.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _HOP_BY_HOP = frozenset(
 )
 _NOT_RELAYED = _HOP_BY_HOP | {"content-length", "date", "server"}
 BACKLOG = 1024  # kvsleep's default `router.listen_backlog`
+_WHOLE_BODY_MAX = 1024 * 1024  # larger answers are streamed even when their length is known
 
 
 class BareProxy:
@@ -73,16 +75,31 @@ class BareProxy:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return web.Response(status=502, text=f"upstream unreachable: {exc}\n")
         try:
+            headers = CIMultiDict(
+                (k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_RELAYED
+            )
+            length = upstream.content_length
+            if (
+                length is not None
+                and length <= _WHOLE_BODY_MAX
+                and upstream.content_type != "text/event-stream"
+            ):
+                # A small answer of known length leaves in one write with its head, as
+                # kvsleep's router sends it: a StreamResponse sends its head at once, which
+                # would cost this floor a second send per answer that a router need not pay.
+                try:
+                    payload = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    return web.Response(status=502, text=f"upstream failed mid-answer: {exc}\n")
+                return web.Response(
+                    body=payload, status=upstream.status, reason=upstream.reason, headers=headers
+                )
             response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=CIMultiDict(
-                    (k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_RELAYED
-                ),
+                status=upstream.status, reason=upstream.reason, headers=headers
             )
             # A known length is kept (no chunked framing added); otherwise aiohttp chunks.
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
+            if length is not None:
+                response.content_length = length
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
