@@ -265,7 +265,7 @@ def render(results: dict[str, Any]) -> str:
                 verdict = "-" if p["pass"] is None else ("PASS" if p["pass"] else "FAIL")
             out.append(
                 f"| {p['scenario']} | {p['point']} | {_fmt(p['kvsleep_cpu_us_per_2xx'], 1)} | "
-                f"{_fmt(p['bare_proxy_cpu_us_per_2xx'], 1)} | {_fmt(p['ratio'])} | "
+                f"{_fmt(p['bare_proxy_cpu_us_per_2xx'], 1)} | {_fmt(p['ratio'], 3)} | "
                 f"{_fmt(p.get('answers_per_run'), 0)} | {verdict} |"
             )
         out += [
@@ -358,7 +358,10 @@ def render(results: dict[str, Any]) -> str:
     ]
     for row in results["acceptance"]:
         verdict = "not run" if row["pass"] is None else ("PASS" if row["pass"] else "FAIL")
-        out.append(f"| {row['check']} | {row['target']} | {_fmt(row['value'])} | {verdict} |")
+        digits = 3 if row["check"].startswith("CPU µs per 2xx") else 2
+        out.append(
+            f"| {row['check']} | {row['target']} | {_fmt(row['value'], digits)} | {verdict} |"
+        )
     notes = meta.get("notes") or []
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
