@@ -82,6 +82,7 @@ class BareProxy:
             if (
                 length is not None
                 and length <= _WHOLE_BODY_MAX
+                and request.method != "HEAD"  # its Content-Length describes a body not sent
                 and upstream.content_type != "text/event-stream"
             ):
                 # A small answer of known length leaves in one write with its head, as
