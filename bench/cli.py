@@ -15,12 +15,13 @@ from typing import Any
 
 from bench import procs as P
 from bench.profile import profile_kvsleep
-from bench.report import acceptance, render
-from bench.scenarios import Plan, say, scale_variant, wake_scenario, wrk_scenario
+from bench.report import acceptance, data_path_cost, render
+from bench.scenarios import BARE_PROXY, Plan, say, scale_variant, wake_scenario, wrk_scenario
 from bench.targets import (
     Target,
     find_peer,
     kvsleep_config,
+    start_bare_proxy,
     start_kvsleep,
     start_litellm,
     start_sim,
@@ -165,8 +166,13 @@ async def run(
         "note": "kvsleep sim-engine (vLLM flavor), tokens-per-second 0",
     }
     meta["targets"]["kvsleep"] = {"available": True, "note": "kvsleep serve, one process"}
+    bare = start_bare_proxy(procs, fast.url)
+    meta["targets"]["aiohttp-proxy"] = {
+        "available": True,
+        "note": "bench/bareproxy.py, a bare aiohttp streaming proxy (the floor)",
+    }
     peers, skipped = _peers(args, procs, fast, workdir, meta)
-    targets = [direct, kv, *peers]
+    targets = [direct, kv, bare, *peers]
 
     if "nonstream" in wanted:
         scenarios["nonstream"] = await wrk_scenario(
@@ -184,7 +190,7 @@ async def run(
         )
     if "wake" in wanted:
         scenarios["wake"] = await wake_scenario(kv, wake_sim, WAKE_MODEL, plan)
-    for target in (*peers, kv, wake_sim, fast):
+    for target in (*peers, bare, kv, wake_sim, fast):
         if target.child is not None:
             procs.stop(target.child)
 
@@ -210,6 +216,21 @@ async def run(
             f"load average {meta['loadavg_start'][0]} at start on "
             f"{os.cpu_count()} CPUs: other work shared the machine; treat the "
             "numbers as noisy."
+        )
+    results["data_path_cost"] = cost = data_path_cost(results)
+    for point in cost["points"]:
+        say(
+            f"CPU µs/2xx {point['scenario']} {point['point']}: kvsleep "
+            f"{point['kvsleep_cpu_us_per_2xx']}, {BARE_PROXY} {point['bare_proxy_cpu_us_per_2xx']}"
+            f", ratio {point['ratio']}"
+            + ("" if point["judged"] else " (not judged: runs too short)")
+        )
+    if cost["worst"] is not None:
+        worst = cost["worst"]
+        say(
+            f"data path cost: worst kvsleep / {BARE_PROXY} CPU ratio {worst['ratio']} "
+            f"({worst['scenario']} {worst['point']}), limit {cost['limit']:g}: "
+            + ("PASS" if cost["pass"] else "FAIL")
         )
     results["acceptance"] = acceptance(results)
     return results

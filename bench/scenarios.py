@@ -19,6 +19,7 @@ from bench.targets import Target, kvsleep_config, start_kvsleep
 from bench.wrk import Load, WrkError, run_wrk
 
 ENDPOINT = "/v1/chat/completions"
+BARE_PROXY = "aiohttp-proxy"  # bench/bareproxy.py: the CPU floor an aiohttp router can reach
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -235,9 +236,12 @@ async def wrk_scenario(
                 )
         summary = {name: _summarize(r, stream) for name, r in runs.items()}
         direct = summary.get("direct", {})
+        floor = summary.get(BARE_PROXY, {}).get("proxy_cpu_us_per_2xx")
         for name, s in summary.items():
             if name == "direct":
                 continue
+            if name != BARE_PROXY:
+                s["cpu_ratio_to_bare_proxy"] = rnd(ratio(s["proxy_cpu_us_per_2xx"], floor))
             if stream:
                 s["ratio_to_direct"] = rnd(ratio(s["chunks_per_s"], direct.get("chunks_per_s")))
                 s["ttfb_added_ms"] = rnd(diff(s["ttfb_p50_ms"], direct.get("ttfb_p50_ms")))
@@ -387,7 +391,7 @@ async def wake_scenario(kv: Target, sim: Target, model: str, plan: Plan) -> dict
     n, wake = plan.wake_requests, plan.wake_latency
     body = chat_body(model, 4, False)
     quoted = urllib.parse.quote(model, safe="")
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     timeout = aiohttp.ClientTimeout(total=120)
     for rnd_no in range(plan.wake_rounds):
         r: dict[str, Any] = {}

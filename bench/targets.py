@@ -102,6 +102,18 @@ def start_kvsleep(
     return Target(name, url, child), ready
 
 
+def start_bare_proxy(procs: Processes, upstream: str, timeout: float = 30.0) -> Target:
+    """`bench/bareproxy.py` in front of `upstream`: the floor of an aiohttp router's cost."""
+    child = procs.spawn(
+        "aiohttp-proxy",
+        [PYTHON, "-m", "bench.bareproxy", "--upstream", upstream, "--host", HOST, "--port", "0"],
+    )
+    match = wait_log(child, r"bare proxy on http://127\.0\.0\.1:(\d+)", timeout)
+    url = f"http://{HOST}:{match.group(1)}"
+    wait_http(child, url + "/health", timeout)
+    return Target("aiohttp-proxy", url, child)
+
+
 # ---- peers ---------------------------------------------------------------------------------
 
 

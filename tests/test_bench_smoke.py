@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     reason="wrk is not installed (apt-get install wrk; scripts/test installs it as root)",
 )
 
-TARGETS = {"direct", "kvsleep", "vllm-router", "litellm"}
+TARGETS = {"direct", "kvsleep", "aiohttp-proxy", "vllm-router", "litellm"}
 
 
 @pytest.mark.timeout(170)
@@ -57,11 +57,14 @@ def test_quick_benchmark_writes_every_scenario(tmp_path: Path) -> None:
             assert set(targets) == TARGETS
             for peer in ("vllm-router", "litellm"):
                 assert "skipped" in targets[peer]
-            for measured in ("direct", "kvsleep"):
+            for measured in ("direct", "kvsleep", "aiohttp-proxy"):
                 t = targets[measured]
                 assert metric in t and "p50_ms" in t and "p99_ms" in t and "rounds" in t
                 assert len(t["rounds"]) == results["meta"]["rounds"]
             assert "ratio_to_direct" in targets["kvsleep"]
+            assert targets["kvsleep"]["proxy_cpu_us_per_2xx"] > 0
+            assert targets["aiohttp-proxy"]["proxy_cpu_us_per_2xx"] > 0
+            assert "cpu_ratio_to_bare_proxy" in targets["kvsleep"]
             key = "ttfb_added_ms" if name == "stream" else "added_p50_ms"
             assert key in targets["kvsleep"]
 
@@ -86,5 +89,21 @@ def test_quick_benchmark_writes_every_scenario(tmp_path: Path) -> None:
         assert key in up
     assert up["models"] == 1000
     assert up["engines_up_seen"] == 1000
+
+    # The data path's cost against the bare aiohttp proxy, at every wrk point (the verdict is
+    # speed, so not asserted: only that it was measured and judged where runs are long enough).
+    cost = results["data_path_cost"]
+    assert cost["limit"] == 1.15
+    assert [(p["scenario"], p["point"]) for p in cost["points"]] == [
+        ("nonstream", "c1"),
+        ("nonstream", "c16"),
+        ("nonstream", "c256"),
+        ("stream", "c64"),
+        ("stream", "c512"),
+    ]
+    assert all(p["ratio"] > 0 for p in cost["points"])
+    assert cost["worst"] is not None and cost["pass"] in (True, False)
+    assert any(row["check"].startswith("CPU µs per 2xx") for row in results["acceptance"])
+    assert "## Data path cost" in (tmp_path / "latest.md").read_text()
 
     assert {row["check"] for row in results["acceptance"]}
