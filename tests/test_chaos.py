@@ -67,7 +67,8 @@ class Order:
             return await hold(request, model, *args, **kwargs)
 
         async def tracked_forward(request: Any, slot: Any, *args: Any, **kwargs: Any) -> Any:
-            self.forwarded[slot.cfg.name].append(ticket.get())
+            # A request for an awake model is admitted without `_hold`: numbered here.
+            self.forwarded[slot.cfg.name].append(ticket.get(next(numbers)))
             return await forward(request, slot, *args, **kwargs)
 
         router._hold, router._forward = tracked_hold, tracked_forward

@@ -193,7 +193,8 @@ class Tracker:
             return await hold(request, model, *args, **kwargs)
 
         async def tracked_forward(request, slot, body, early):
-            self.forwarded.append(ticket.get())
+            # A request for an awake model is admitted without `_hold`: numbered here.
+            self.forwarded.append(ticket.get((slot.cfg.name, next(numbers), False)))
             return await forward(request, slot, body, early)
 
         router._hold = tracked_hold

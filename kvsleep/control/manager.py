@@ -205,16 +205,13 @@ class ModelSlot:
     cfg: ModelConfig
     adapter: EngineAdapter
     machine: EngineMachine
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    drained: asyncio.Future[None] | None = None  # a drain waits for the last request's end
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     worker: asyncio.Task[None] | None = None
     next_job: Job | None = None
     sleep_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
     wake_outcomes: list[asyncio.Future[bool]] = field(default_factory=list)
     waiting_for_memory: str | None = None
-
-    def __post_init__(self) -> None:
-        self.drained.set()
 
     # Read-only views of the machine, for routes, metrics and tests.
     state = property(lambda self: self.machine.state)
@@ -577,7 +574,6 @@ class SleepManager:
         """
         slot = self.slots[model_name]
         if slot.machine.admit_awake():
-            slot.drained.clear()
             return slot
         effects = slot.machine.handle(
             Arrived(self.clock(), size, self.max_held_bytes - self.held_bytes, deadline)
@@ -585,7 +581,6 @@ class SleepManager:
         verdict = effects[0]
         self._carry_out(slot, effects[1:])
         if isinstance(verdict, Admit):
-            slot.drained.clear()
             return slot
         if isinstance(verdict, Reject):
             self.metrics.rejected_requests.labels(model_name, verdict.reason).inc()
@@ -645,12 +640,19 @@ class SleepManager:
             if on_hold is not None and time.monotonic() < until:
                 await on_hold()
 
+    @staticmethod
+    def admit_now(slot: ModelSlot) -> bool:
+        """The data path's fast case: an awake model takes the request at once (the caller must
+        `release` it)."""
+        return slot.machine.admit_awake()
+
     def release(self, slot: ModelSlot) -> None:
         """A forwarded request is over (its upstream connection closed)."""
         machine = slot.machine
         machine.handle(Finished())
         if machine.in_engine == 0:
-            slot.drained.set()
+            if slot.drained is not None and not slot.drained.done():
+                slot.drained.set_result(None)
             if self.gpu_budgets:
                 self._signal_change()
 
@@ -689,7 +691,6 @@ class SleepManager:
                     fut = slot.waiters.popleft()
                     if not fut.done():
                         fut.set_result(None)
-                slot.drained.clear()
             elif isinstance(effect, RejectHeld):
                 while slot.waiters:
                     fut = slot.waiters.popleft()
@@ -748,10 +749,14 @@ class SleepManager:
     async def _perform(self, slot: ModelSlot, job: Job) -> Event:
         adapter = slot.adapter
         if isinstance(job, WaitDrained):
-            try:
-                await asyncio.wait_for(slot.drained.wait(), job.timeout)
-            except asyncio.TimeoutError:
-                return Drained(self.clock(), False)
+            if slot.machine.in_engine:
+                slot.drained = asyncio.get_running_loop().create_future()
+                try:
+                    await asyncio.wait_for(slot.drained, job.timeout)
+                except asyncio.TimeoutError:
+                    return Drained(self.clock(), False)
+                finally:
+                    slot.drained = None
             return Drained(self.clock(), True)
         if isinstance(job, CheckLoad):
             if job.after:

@@ -218,7 +218,11 @@ class Router:
         stats = traffic.record_request_start(model, endpoint)
         code = CLIENT_GONE
         try:
-            lease, early = await self._hold(request, model, stream, deadline, len(body))
+            if self.manager.admit_now(configured):  # awake: no waiting, no coroutine for it
+                lease: ModelSlot | Rejected = configured
+                early: web.StreamResponse | None = None
+            else:
+                lease, early = await self._hold(request, model, stream, deadline, len(body))
             if isinstance(lease, Rejected):
                 code = lease.status
                 rejected = OpenAIError(
@@ -247,10 +251,7 @@ class Router:
         finally:
             traffic.record_request_end(stats, success=code < 400)
             if self.manager.slots.get(model) is configured:  # a removed model leaves no series
-                self.metrics.requests.labels(model, endpoint, str(code)).inc()
-                self.metrics.request_duration.labels(model, endpoint).observe(
-                    time.perf_counter() - started
-                )
+                self.metrics.count_request(model, endpoint, code, time.perf_counter() - started)
 
     async def _hold(
         self, request: web.Request, model: str, stream: bool, deadline: float | None, size: int

@@ -221,23 +221,23 @@ class KvsleepServer:
         if guard is not None:
             self.connections.enter(guard, Phase.REQUEST)
         try:
-            response = await self._errors(request, handler)
+            if request.body_exists:
+                request = await self._read_body(request)
+            response = await handler(request)
+        except (_Answered, OpenAIError, RequestPayloadError, web.HTTPException) as exc:
+            response = self._error_response(request, exc)
         finally:
             if guard is not None:
                 self.connections.enter(guard, Phase.IDLE)
         return self.kvcached.plain(request, response)
 
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def _error_response(self, request: web.Request, exc: Exception) -> web.StreamResponse:
         """Every error leaves in the OpenAI shape, including aiohttp's own (413, 404, 405)."""
-        try:
-            if request.body_exists:
-                request = await self._read_body(request)
-            return await handler(request)
-        except _Answered as answered:
-            return answered.response
-        except OpenAIError as exc:
+        if isinstance(exc, _Answered):
+            return exc.response
+        if isinstance(exc, OpenAIError):
             return exc.response()
-        except RequestPayloadError:
+        if isinstance(exc, RequestPayloadError):
             # A body aiohttp cannot decode (e.g. bad gzip): its parser has given up on this
             # connection, so answer and close it; nothing is left to read (no lingering read).
             request.content.feed_eof()
@@ -249,23 +249,21 @@ class KvsleepServer:
             ).response()
             response.force_close()
             return response
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        assert isinstance(exc, web.HTTPException)
+        if exc.status < 400:
+            raise exc
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        if exc.status == 413:
             message = (
-                exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+                f"The request body is larger than the limit of "
+                f"{self.config.router.max_body_bytes} bytes."
             )
-            if exc.status == 413:
-                message = (
-                    f"The request body is larger than the limit of "
-                    f"{self.config.router.max_body_bytes} bytes."
-                )
-            return web.json_response(
-                error_body(message, kind, code=exc.status),
-                status=exc.status,
-                headers=_kept_headers(exc),
-            )
+        return web.json_response(
+            error_body(message, kind, code=exc.status),
+            status=exc.status,
+            headers=_kept_headers(exc),
+        )
 
     async def _read_body(self, request: web.Request) -> web.Request:
         """The whole body, read now, within `body_timeout_seconds` plus its size at
