@@ -41,11 +41,12 @@ def free_port() -> int:
 
 
 def registered_routes(server: KvsleepServer) -> set[tuple[str, str]]:
-    """(method, path template) of every route; HEAD comes free with each GET in aiohttp."""
+    """(method, path template) of every route; HEAD comes free with each GET in aiohttp. The
+    fallback that answers unrouted requests' 404/405 in the OpenAI shape is no route of the API."""
     return {
         (route.method.lower(), route.resource.canonical)
         for route in server.app.router.routes()
-        if route.method != "HEAD"
+        if route.method != "HEAD" and route.resource is not server.unrouted
     }
 
 

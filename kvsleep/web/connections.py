@@ -123,6 +123,8 @@ class ConnectionPool:
         return True
 
     def enter(self, guard: _Guard, phase: Phase) -> None:
+        if phase is Phase.REQUEST is guard.phase:
+            return  # the head's end was seen: the server's wrapper finds it already inside
         waiting = self._waiting.get(guard.phase)
         if waiting is not None:
             waiting.pop(guard, None)

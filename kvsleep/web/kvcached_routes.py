@@ -19,7 +19,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from kvsleep.core.states import ModelState
 
 if TYPE_CHECKING:
-    from kvsleep.web.server import KvsleepServer
+    from kvsleep.web.server import GuardedRoutes, KvsleepServer
 
 
 # Response headers an error keeps when its body is rewritten to kvcached's shape.
@@ -37,7 +37,7 @@ class KvcachedRoutes:
         self.server = server
         self.routes: set[AbstractRoute] = set()
 
-    def register(self, router: web.UrlDispatcher) -> None:
+    def register(self, router: GuardedRoutes) -> None:
         control = self.server._control
         for method, path, handler in (
             ("GET", "/health", self.health),

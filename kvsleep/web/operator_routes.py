@@ -24,7 +24,7 @@ from kvsleep.web.kvcached_routes import status_document
 from kvsleep.web.router import OpenAIError
 
 if TYPE_CHECKING:
-    from kvsleep.web.server import KvsleepServer
+    from kvsleep.web.server import GuardedRoutes, KvsleepServer
 
 LOG_LINES_DEFAULT = 100
 LOG_LINES_MAX = 10_000
@@ -43,8 +43,7 @@ ASSETS = {"status.js": "text/javascript", "status.css": "text/css"}
 _STOPPING = web.AppKey("kvsleep_operator_stopping", asyncio.Event)
 
 
-def install(server: KvsleepServer, app: web.Application) -> None:
-    add = app.router
+def install(server: KvsleepServer, app: web.Application, add: GuardedRoutes) -> None:
     add.add_get("/", partial(page, server))
     add.add_get("/static/{name}", asset)
     add.add_get("/openapi.json", openapi)
