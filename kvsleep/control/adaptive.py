@@ -55,20 +55,40 @@ def _bin(gap: float) -> int:
 
 @dataclass
 class GapHistogram:
-    """Decayed counts and sums of idle gaps per bin (fixed size: N_BINS of each)."""
+    """Decayed counts and sums of idle gaps per bin (fixed size: N_BINS of each).
 
-    counts: list[float] = field(default_factory=lambda: [0.0] * N_BINS)
-    sums: list[float] = field(default_factory=lambda: [0.0] * N_BINS)
-    total: float = 0.0
+    Decay is lazy: rather than shrink every bin at each gap (a loop per request when requests
+    come one at a time, each after an idle gap), a new gap weighs `1 / DECAY` more than the
+    one before, and readers divide by the current weight."""
+
+    _counts: list[float] = field(default_factory=lambda: [0.0] * N_BINS)
+    _sums: list[float] = field(default_factory=lambda: [0.0] * N_BINS)
+    _total: float = 0.0
+    _unit: float = 1.0  # the weight of the newest gap, in stored units
 
     def add(self, gap: float) -> None:
-        for i in range(N_BINS):
-            self.counts[i] *= DECAY
-            self.sums[i] *= DECAY
+        self._unit /= DECAY
         i = _bin(gap)
-        self.counts[i] += 1.0
-        self.sums[i] += gap
-        self.total = self.total * DECAY + 1.0
+        self._counts[i] += self._unit
+        self._sums[i] += gap * self._unit
+        self._total += self._unit
+        if self._unit > 1e100:  # rescale long before floats overflow
+            self._counts = [c / self._unit for c in self._counts]
+            self._sums = [x / self._unit for x in self._sums]
+            self._total /= self._unit
+            self._unit = 1.0
+
+    @property
+    def counts(self) -> list[float]:
+        return [c / self._unit for c in self._counts]
+
+    @property
+    def sums(self) -> list[float]:
+        return [x / self._unit for x in self._sums]
+
+    @property
+    def total(self) -> float:
+        return self._total / self._unit
 
 
 def expected_cost(hist: GapHistogram, threshold: float, wake_cost: float) -> float:
