@@ -31,8 +31,8 @@ restartable = test_sleep_manager.restartable  # the fixture: engines stopped and
 
 M = "org/m"
 Q = "org%2Fm"
-SLOW = {"tokens_per_second": 20.0}  # 20 tokens take about 1 s: a request that stays inside
-LONG = {"max_tokens": 20, "ignore_eos": True}
+SLOW = {"tokens_per_second": 20.0}  # 40 tokens take about 2 s: a request that stays inside
+LONG = {"max_tokens": 40, "ignore_eos": True}
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 

@@ -99,23 +99,30 @@ def test_2_a_launched_sglang_asleep_at_sigterm_is_fresh_and_awake_after_a_restar
 
 RELEASE, RESUME = "/release_memory_occupation", "/resume_memory_occupation"
 ATTEMPTS = RetryPolicy().attempts  # of an engine call the engine answered with an error
+
+
+def crash(flavor: str, written: str, believed: str, engine_calls: dict[str, int]) -> Any:
+    return pytest.param(flavor, written, believed, engine_calls, id=f"{flavor}-{written}")
+
+
 # (engine flavor, the record written just before the kill, what kvsleep believes after a
 # restart, the sleep and wake calls the engine has received at the end). SGLang's release and
 # resume are written before the call (intent) and after it; vLLM's calls may be repeated, so
 # their record is written beside the call, and its engine's word decides after a restart.
+SG, VL = {RELEASE: 1, RESUME: 1}, {"/sleep": 1, "/wake_up": 1}
 CRASHES = [
-    pytest.param("sglang", "sleep:release:intent", "unknown", {RELEASE: 0, RESUME: 0}),
-    pytest.param("sglang", "state:asleep", "asleep", {RELEASE: 1, RESUME: 1}),
-    pytest.param("sglang", "wake:resume:intent", "unknown", {RELEASE: 1, RESUME: 1}),
-    pytest.param("sglang", "wake:reload_weights:intent", "awake", {RELEASE: 1, RESUME: 1}),
-    pytest.param("sglang", "wake:resume:done", "failed", {RELEASE: 1, RESUME: 1}),
+    crash("sglang", "sleep:release:intent", "unknown", {RELEASE: 0, RESUME: 0}),
+    crash("sglang", "state:asleep", "asleep", SG),
+    crash("sglang", "wake:resume:intent", "unknown", SG),
+    crash("sglang", "wake:reload_weights:intent", "awake", SG),
+    crash("sglang", "wake:resume:done", "failed", SG),
     # Every attempt of the resume refused by the engine, then the next wake's.
-    pytest.param("sglang", "state:failed", "failed", {RELEASE: 1, RESUME: ATTEMPTS + 1}),
-    pytest.param("sglang", "state:awake", "awake", {RELEASE: 1, RESUME: 1}),
-    pytest.param("vllm", "sleep:sleep:intent", "asleep", {"/sleep": 1, "/wake_up": 1}),
-    pytest.param("vllm", "state:asleep", "asleep", {"/sleep": 1, "/wake_up": 1}),
-    pytest.param("vllm", "wake:wake_up:intent", "awake", {"/sleep": 1, "/wake_up": 1}),
-    pytest.param("vllm", "state:awake", "awake", {"/sleep": 1, "/wake_up": 1}),
+    crash("sglang", "state:failed", "failed", {RELEASE: 1, RESUME: ATTEMPTS + 1}),
+    crash("sglang", "state:awake", "awake", SG),
+    crash("vllm", "sleep:sleep:intent", "asleep", VL),
+    crash("vllm", "state:asleep", "asleep", VL),
+    crash("vllm", "wake:wake_up:intent", "awake", VL),
+    crash("vllm", "state:awake", "awake", VL),
 ]
 # Long enough for a record written beside an idempotent call (after a 50 ms delay).
 SLOW_CALL = "0.5"
