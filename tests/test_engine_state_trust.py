@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import test_sleep_manager
 from tests.conftest import sim_process
@@ -86,8 +87,15 @@ def released_answered(stats: dict[str, Any]) -> bool:
     return events[-1:] == ["control_done"]
 
 
-def metric(kv: Any, name: str, **labels: str) -> float:
-    return kv.server.metrics.registry.get_sample_value(name, labels) or 0.0
+async def scrape(session: aiohttp.ClientSession, kv: Any, name: str) -> float:
+    """An unlabelled sample from kvsleep's /metrics, as Prometheus reads it."""
+    async with session.get(kv.url + "/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} is not exported")
 
 
 def free_port() -> int:
@@ -228,7 +236,7 @@ async def test_4_an_unwritable_state_file_refuses_the_sleep_and_a_restart_is_rig
             status, body = await control(session, kv.url, f"/models/{Q}/sleep")
             assert status == 400 and not body["success"], body
             assert "cannot be written" in body["message"]
-            assert metric(kv, "kvsleep_state_write_errors_total") > 0
+            assert await scrape(session, kv, "kvsleep_state_write_errors_total") > 0
             assert calls(sim.sim.stats(), "/release_memory_occupation") == 0
             assert kv.state(M) == "awake"
     finally:
