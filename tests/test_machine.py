@@ -442,3 +442,19 @@ def test_an_engine_that_reports_its_state_resolves_unknown_itself():
     assert m.state is ModelState.UNKNOWN
     m.handle(Observed(T + 1, Observation(up=True, asleep=True)))
     assert m.state is ModelState.ASLEEP
+
+
+@pytest.mark.parametrize(
+    ("asleep", "then"),
+    [(True, MakeRoom("request")), (False, ReleaseHeld())],
+    ids=["asleep", "awake"],
+)
+def test_3_requests_held_while_a_new_engine_is_looked_at_get_their_answer(asleep, then):
+    """A model added by a reload is held (STARTING) until its first probe: what the probe
+    finds lets the held requests through, at once or after a wake."""
+    m = machine(VLLM)
+    m.state = ModelState.STARTING
+    assert isinstance(m.handle(Arrived(T))[0], Hold)
+    effects = m.restore(T + 1, up(None, asleep=asleep), None)
+    assert then in effects
+    assert m.held == 0 and m.in_engine == 1 if not asleep else m.want_awake

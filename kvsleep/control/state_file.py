@@ -41,10 +41,17 @@ class StoredModel:
         """What a record is about: an engine (flavor and address), not a config entry."""
         return (self.engine, self.url.rstrip("/"))
 
+    @property
+    def label(self) -> str:
+        """The kind of record, for the crash hook: `op:step:phase` for a call in progress
+        (`sleep:release:intent`, `wake:resume:done`), `state:STATE` for a settled one."""
+        return ":".join(self.pending) if self.pending else f"state:{self.state.value}"
 
-# Fault injection for the crash tests: `KVSLEEP_CRASH_AFTER_WRITE=intent` (or `done`, `any`)
-# makes kvsleep SIGKILL itself right after writing a record whose pending call is in that phase,
-# so a test can show what a restart makes of every kind of record. Unset in production.
+
+# Fault injection for the crash tests: `KVSLEEP_CRASH_AFTER_WRITE=LABEL` (a `StoredModel.label`)
+# makes kvsleep SIGKILL itself right after a write that gives a model a record of that kind it
+# did not have before (in the file it loaded or last wrote), so a test can show what a restart
+# makes of every kind of record. Unset in production.
 CRASH_AFTER_WRITE = os.environ.get("KVSLEEP_CRASH_AFTER_WRITE")
 
 
@@ -54,6 +61,7 @@ class StateStore:
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.path = Path(state_dir) / "state.json"
+        self._labels: dict[str, str] = {}  # the kind of each model's record on disk
 
     def load(self) -> dict[str, StoredModel]:
         """The current models' records, by model name."""
@@ -67,6 +75,7 @@ class StateStore:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             models = {str(name): _record(rec) for name, rec in raw["models"].items()}
             retired = [(str(rec["model"]), _record(rec)) for rec in raw.get("retired", [])]
+            self._labels = {name: rec.label for name, rec in models.items()}
             return models, retired
         except FileNotFoundError:
             return {}, []
@@ -101,10 +110,12 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if CRASH_AFTER_WRITE:
-            phases = {rec.pending[2] for rec in models.values() if rec.pending}
-            if CRASH_AFTER_WRITE in phases or (CRASH_AFTER_WRITE == "any" and phases):
-                os.kill(os.getpid(), signal.SIGKILL)
+        labels, self._labels = self._labels, {name: rec.label for name, rec in models.items()}
+        if CRASH_AFTER_WRITE and any(
+            label == CRASH_AFTER_WRITE and labels.get(name) != label
+            for name, label in self._labels.items()
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _record(rec: dict[str, object]) -> StoredModel:
