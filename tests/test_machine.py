@@ -222,7 +222,8 @@ def test_5a_resume_ok_reload_failed_then_restart_reloads_only():
     m.handle(Identified(T, up()))
     assert calls(m.handle(Recorded(T, True))) == ["resume"]
     m.handle(CallDone(T, CallResult.OK))
-    assert calls(m.handle(Identified(T, up()))) == ["reload_weights"]
+    assert m.handle(Identified(T, up())) == [WriteRecord()]  # "resumed" on disk first
+    assert calls(m.handle(Recorded(T, True))) == ["reload_weights"]
     effects = m.handle(CallDone(T, CallResult.FAILED, "update_weights_from_disk failed"))
     assert RejectHeld in {type(e) for e in effects}
     record = m.record()
@@ -245,6 +246,7 @@ def test_5a_without_a_restart_the_retry_reloads_only_too():
     m.handle(Recorded(T, True))
     m.handle(CallDone(T, CallResult.OK))
     m.handle(Identified(T, up()))
+    m.handle(Recorded(T, True))
     m.handle(CallDone(T, CallResult.FAILED, "reload failed"))
     m.handle(Arrived(T + 1))
     assert calls(m.handle(RoomReady(T + 1, True))) == ["reload_weights"]

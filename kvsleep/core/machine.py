@@ -479,6 +479,7 @@ class EngineMachine:
     load_checked: bool = False
     verifying: bool = False  # identifying the process after a call that must reach one only
     verify_waited: float = 0.0
+    recording_outcome: bool = False
     step_took: float | None = None
     # The released process was found gone (nothing listening): whatever answers next is a fresh
     # one. Only needed for engines that do not name their process.
@@ -1081,6 +1082,12 @@ class EngineMachine:
 
     def _on_Recorded(self, ev: Recorded, out: list[Effect]) -> None:
         self._done()
+        if self.recording_outcome:
+            self.recording_outcome = False
+            if not ev.ok:
+                out.append(StateWriteFailed(ev.error))  # the call happened: carry on
+            self._step_done(ev.now, out)
+            return
         if self.op == "slept":
             self.op = None
             if not ev.ok:
@@ -1193,6 +1200,11 @@ class EngineMachine:
                 f"the engine process changed around the {step} call ({self.incarnation} "
                 f"before, {obs.incarnation} after): either may have received it",
             )
+            return
+        if self.op == "wake" and self.step + 1 < len(self.steps.wake):
+            # The outcome is on disk before the next step: a crash now must find "resumed".
+            self.recording_outcome = True
+            self._run(WriteRecord(), out)
             return
         self._step_done(now, out)
 
