@@ -46,7 +46,6 @@ from kvsleep.core.machine import (
     Effect,
     EngineMachine,
     Event,
-    Finished,
     Healed,
     HeldLeft,
     Hold,
@@ -649,7 +648,7 @@ class SleepManager:
     def release(self, slot: ModelSlot) -> None:
         """A forwarded request is over (its upstream connection closed)."""
         machine = slot.machine
-        machine.handle(Finished())
+        machine.finished()
         if machine.in_engine == 0:
             if slot.drained is not None and not slot.drained.done():
                 slot.drained.set_result(None)

@@ -528,6 +528,10 @@ class EngineMachine:
 
     # ---- the one entry point ------------------------------------------------------------
 
+    def finished(self) -> None:
+        """The data path's other half: a forwarded request is over (no event object for it)."""
+        self.in_engine = max(0, self.in_engine - 1)
+
     def admit_awake(self) -> bool:
         """The data path's fast case: an awake engine takes the request at once."""
         if self.state is ModelState.AWAKE:
@@ -609,7 +613,7 @@ class EngineMachine:
         out.append(Hold(timeout))
 
     def _on_Finished(self, ev: Finished, out: list[Effect]) -> None:
-        self.in_engine = max(0, self.in_engine - 1)
+        self.finished()
 
     def _on_HeldLeft(self, ev: HeldLeft, out: list[Effect]) -> None:
         self.held = max(0, self.held - 1)
