@@ -256,7 +256,7 @@ class _Guard(asyncio.Protocol):
         self._line = None
         if data[end - 1 : end] == b"\r":
             end -= 1
-        if not _HTTP09.fullmatch(data, 0, end):
+        if data[end - 9 : end - 1] == b" HTTP/1." or not _HTTP09.fullmatch(data, 0, end):
             return True  # HTTP/1.x, or garbage that aiohttp answers with a 400
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(
