@@ -1,4 +1,4 @@
-"""kvsleep/openapi.yaml describes exactly the routes the app registers, is served at
+"""kvsleep/web/openapi.yaml describes exactly the routes the app registers, is served at
 /openapi.json, and holds against a live kvsleep: schemathesis fuzzes a real `kvsleep serve`
 with launched simulated engines behind it (no 5xx, every answer as described)."""
 
@@ -62,9 +62,9 @@ def test_every_registered_route_is_described_and_nothing_else(tmp_path):
     }
     assert spec["openapi"] == "3.1.0"
     registered = registered_routes(server)
-    assert registered - described == set(), "routes missing from kvsleep/openapi.yaml"
+    assert registered - described == set(), "routes missing from kvsleep/web/openapi.yaml"
     assert described - registered == set(), (
-        "kvsleep/openapi.yaml describes routes that do not exist"
+        "kvsleep/web/openapi.yaml describes routes that do not exist"
     )
     operation_ids = [
         item[m]["operationId"] for item in spec["paths"].values() for m in item if m in METHODS

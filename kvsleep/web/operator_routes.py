@@ -96,7 +96,7 @@ def _asset_bytes(name: str) -> bytes:
 
 @cache
 def openapi_document() -> dict[str, Any]:
-    """kvsleep/openapi.yaml (kept in YAML for its comments), served as JSON."""
+    """kvsleep/web/openapi.yaml (kept in YAML for its comments), served as JSON."""
     doc = yaml.safe_load((resources.files("kvsleep.web") / "openapi.yaml").read_text("utf-8"))
     doc["info"]["version"] = __version__
     return doc
