@@ -35,7 +35,7 @@ CLEANUP_INTERVAL_SECONDS = 300.0
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestStats:
     """One request, from `record_request_start` to `record_request_end`."""
 
