@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import json
 import random
@@ -22,6 +23,7 @@ from aiohttp import web
 from kvsleep.cli import main
 from kvsleep.config import parse_config
 from kvsleep.core import policy
+from kvsleep.core.machine import EngineMachine
 from kvsleep.lab import simulate, traces
 from kvsleep.lab.simulate import Request, Trace
 from kvsleep.sim.engine import SimEngine, SimSettings, build_app
@@ -124,6 +126,55 @@ def test_the_replay_decides_through_the_live_policy_functions(monkeypatch) -> No
     assert simulate.replay(trace, [model], simulate.as_is(), 10.0).models["m"].sleeps == 1
     monkeypatch.setattr(policy, "sleep_candidate", lambda view, now: False)
     assert simulate.replay(trace, [model], simulate.as_is(), 10.0).models["m"].sleeps == 0
+
+
+def test_the_replay_runs_the_live_state_machine(monkeypatch) -> None:
+    """Every model is the live EngineMachine, fed on the virtual clock as the manager feeds it:
+    an SGLang's sleep drains, asks the engine's load, identifies the process and records the
+    intent before its release call; its wake (resume, then the weight reload) likewise."""
+    seen: list[tuple[str, float | None, str]] = []
+    handle = EngineMachine.handle
+
+    def spy(self: EngineMachine, event: Any) -> Any:
+        effects = handle(self, event)
+        seen.append((type(event).__name__, getattr(event, "now", None), self.state.value))
+        return effects
+
+    monkeypatch.setattr(EngineMachine, "handle", spy)
+    model, _ = one_model()
+    model = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, engine="sglang"))
+    trace = Trace.of([Request(T0 + 5, "m", 5.0), Request(T0 + 200, "m", 2.0)], T0, T0 + 230)
+    run = simulate.replay(trace, [model], simulate.as_is(), 10.0, sleep_seconds=2.0)
+    assert run.log == [(T0 + 70, "m", "sleep"), (T0 + 200, "m", "wake")]
+    assert seen == [
+        ("Finished", None, "awake"),
+        ("WantSleep", T0 + 70, "draining"),
+        ("Drained", T0 + 70, "draining"),
+        ("LoadReported", T0 + 70, "sleeping"),
+        ("Identified", T0 + 70, "sleeping"),
+        ("Recorded", T0 + 70, "sleeping"),  # the intent, before the release call
+        ("CallDone", T0 + 72, "asleep"),  # the release took sleep_seconds
+        ("Recorded", T0 + 72, "asleep"),
+        ("Arrived", T0 + 200, "asleep"),  # held; the wake begins
+        ("RoomReady", T0 + 200, "asleep"),
+        ("Identified", T0 + 200, "waking"),
+        ("Recorded", T0 + 200, "waking"),
+        ("CallDone", T0 + 200, "waking"),  # resume
+        ("CallDone", T0 + 205, "awake"),  # the weight reload ends the 5 s wake
+        ("Finished", None, "awake"),
+    ]
+    assert run.models["m"].waits == pytest.approx([5.0])
+
+
+def test_a_held_request_times_out_as_it_does_live() -> None:
+    """The machine's hold timeout applies: a request arriving during a 3 s sleep expects the
+    5 s wake (within its 6 s wake_timeout) but waits 7 s, so it gets its 504 at +77."""
+    model, _ = one_model(wake_timeout_seconds=6)
+    trace = Trace.of([Request(T0 + 5, "m", 5.0), Request(T0 + 71, "m", 0.0)], T0, T0 + 100)
+    run = simulate.replay(trace, [model], simulate.as_is(), 10.0, sleep_seconds=3.0)
+    m = run.models["m"]
+    assert (m.requests, m.waited, m.rejected) == (2, 0, 1)
+    assert run.log == [(T0 + 70, "m", "sleep"), (T0 + 73, "m", "wake")]  # the wake goes on
 
 
 def test_variants_rewrite_only_what_they_compare() -> None:

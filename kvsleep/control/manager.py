@@ -82,6 +82,7 @@ from kvsleep.core.machine import (
     WriteRecord,
 )
 from kvsleep.core.states import ModelState
+from kvsleep.core.view import model_view
 from kvsleep.engines import (
     EngineAdapter,
     EngineError,
@@ -1077,26 +1078,14 @@ class SleepManager:
         if fleet is not None:
             in_flight = max(in_flight, fleet.in_flight)
             last_activity = max(last_activity, fleet.last_activity)
-        machine = slot.machine
-        return policy.ModelView(
-            name=slot.cfg.name,
-            state=machine.state,
-            state_since=machine.state_since,
-            version=machine.version,
-            busy=machine.busy,
-            in_flight=in_flight,
-            held=machine.held,
-            last_activity=last_activity,
-            policy=self.thresholds.policy_for(slot.cfg),
-            always_on=slot.cfg.always_on,
-            engine_up=machine.engine_up,
+        return model_view(
+            slot.machine,
+            self.thresholds.policy_for(slot.cfg),
+            in_flight,
+            last_activity,
             observation=observation,
-            slept_at=machine.slept_at,
-            deferred_wake=machine.deferred_wake,
             owned=self.owns(slot.cfg.name),
             sleep_allowed=fleet is not None or not fleet_mode,
-            sleep_retry_at=machine.sleep_retry_at,
-            cannot_sleep=machine.cannot_sleep is not None,
         )
 
     def model_snapshots(self) -> Iterator[ModelSnapshot]:

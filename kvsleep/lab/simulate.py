@@ -1,8 +1,9 @@
 """`kvsleep simulate`: replay request arrivals through the live sleep policy on a virtual clock.
 
-Nothing here decides anything: every reconcile tick builds `policy.ModelView`s the way
-`SleepManager.view` does and calls `policy.decide`, admission goes through `policy.admission`,
-idle time through the real `TrafficMonitor` and adaptive thresholds through the real
+Nothing here decides anything: each model is the live per-engine state machine
+(`core/machine.py`: admission, holding, draining, every state change), every reconcile tick
+builds the policy's views with the manager's `core.view.model_view` and calls `policy.decide`,
+idle time comes from the real `TrafficMonitor` and adaptive thresholds from the real
 `adaptive.Thresholds`. What the replay adds is time: requests arrive and end on a virtual clock,
 a wake takes the model's wake latency (requests arriving meanwhile wait for it), a sleep is
 instant or takes `sleep_seconds`, and a reconcile tick runs every check interval.
@@ -25,7 +26,7 @@ import math
 import re
 import urllib.parse
 import urllib.request
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,39 @@ from kvsleep.config import Config, ModelConfig
 from kvsleep.control.adaptive import Thresholds
 from kvsleep.control.traffic import RequestStats, TrafficMonitor
 from kvsleep.core import policy
+from kvsleep.core.engine_facts import EngineSteps, Observation
+from kvsleep.core.machine import (
+    JOBS,
+    Admit,
+    Arrived,
+    Call,
+    CallDone,
+    CallResult,
+    CheckLoad,
+    Drained,
+    Effect,
+    EngineMachine,
+    Event,
+    Finished,
+    HeldLeft,
+    Hold,
+    Identified,
+    Identify,
+    Job,
+    LoadReported,
+    MakeRoom,
+    Recorded,
+    RejectHeld,
+    ReleaseHeld,
+    RoomReady,
+    WaitDrained,
+    WantSleep,
+    WantWake,
+    WriteRecord,
+)
 from kvsleep.core.states import ModelState
+from kvsleep.core.view import model_view
+from kvsleep.engines import adapter_for
 
 # Events at the same instant run in this order (the live equivalence test follows it too).
 OP_DONE, END, ARRIVAL, TICK = range(4)
@@ -389,23 +422,42 @@ class RunResult:
     thresholds: list[tuple[float, str, float]] = field(default_factory=list)  # at each tick
 
 
+_FINISHED = Finished()  # a request's end: the same event every time
+
+
+def _no_session() -> Any:
+    raise AssertionError("the replay calls no engine")
+
+
+def engine_steps(cfg: ModelConfig) -> EngineSteps:
+    """The calls a sleep and a wake of the model's engine flavor are made of (its adapter's)."""
+    return adapter_for(cfg, _no_session).steps
+
+
 @dataclass(eq=False)
 class _Model:
     spec: SimModel
-    cfg: ModelConfig
+    machine: EngineMachine
     result: ModelResult
-    state: ModelState = ModelState.AWAKE
-    state_since: float = 0.0
-    version: int = 0
-    busy: bool = False
-    want_awake: bool = True
-    slept_at: float | None = None
-    waiters: deque[tuple[Request, RequestStats]] = field(default_factory=deque)
+    state: ModelState = ModelState.AWAKE  # the machine's state when last looked at
+    # Held requests by arrival (a key for each, so a hold timeout finds its own).
+    waiters: dict[int, tuple[Request, RequestStats]] = field(default_factory=dict)
     held_since: float | None = None  # memory held since (None: asleep)
 
 
 class Replay:
-    """One policy over one trace. `run()` returns its RunResult."""
+    """One policy over one trace. `run()` returns its RunResult.
+
+    Each model is the live state machine (`core/machine.py`), executed here as the manager
+    executes it, on the virtual clock: a request arriving is `Arrived` (or the awake fast path),
+    its end `Finished`; a reconcile tick builds the policy's views as the manager does and feeds
+    its decisions in; every job the machine asks for comes back as the event the manager would
+    feed, at the virtual time it would: engine calls succeed after the configured latency (a
+    wake's `wake_seconds`, a sleep's `sleep_seconds`, on the operation's last step), a drain
+    when the engine's last request ends, the rest at once (the engine's load unknown, the
+    process the same one, records written, GPU room available). Admission, holding, draining and
+    every state change are the machine's.
+    """
 
     def __init__(
         self,
@@ -432,13 +484,8 @@ class Replay:
         self.models: dict[str, _Model] = {}
         for spec, cfg in zip(models, configs, strict=True):
             self.traffic.add_model(cfg.name)
-            m = _Model(
-                spec,
-                cfg,
-                ModelResult(cfg.name, spec.memory_gb),
-                state_since=trace.start,
-                held_since=trace.start,
-            )
+            machine = EngineMachine(cfg, engine_steps(cfg), ModelState.AWAKE, trace.start)
+            m = _Model(spec, machine, ModelResult(cfg.name, spec.memory_gb), held_since=trace.start)
             if timeline:
                 m.result.timeline.append((trace.start, spec.memory_gb))
             self.models[cfg.name] = m
@@ -468,119 +515,150 @@ class Replay:
             elif kind == ARRIVAL:
                 self._arrive(payload)
             elif kind == END:
-                self.traffic.record_request_end(payload)
+                self._end(*payload)
             else:
                 payload()
         for m in self.models.values():
             self._hold(m, False, self.trace.end)
         return self.result
 
-    # -- what the live request path does -----------------------------------------------------
+    # -- what the live request path does (SleepManager.acquire and release) ---------------------
 
     def _arrive(self, r: Request) -> None:
         m = self.models[r.model]
         m.result.requests += 1
         stats = self.traffic.record_request_start(r.model, ENDPOINT)
-        if m.state is ModelState.AWAKE:
-            self._at(self.now + r.duration, END, stats)
+        machine = m.machine
+        if machine.admit_awake():
+            self._at(self.now + r.duration, END, (m, stats))
             return
-        decision = policy.admission(m.state, len(m.waiters), m.cfg.policy)
-        if decision is not policy.Admission.HOLD:
+        effects = machine.handle(Arrived(self.now))
+        self._track(m)
+        verdict = effects[0]
+        if isinstance(verdict, Admit):
+            self._at(self.now + r.duration, END, (m, stats))
+        elif isinstance(verdict, Hold):
+            key = self._seq
+            m.waiters[key] = (r, stats)
+            self._at(self.now + verdict.timeout, OP_DONE, lambda: self._hold_timeout(m, key))
+        else:
             self._reject(m, stats)
-            return
-        if not m.want_awake or not m.busy:
-            self._request_wake(m)
-        wait = policy.eta_remaining(m.state, m.state_since, m.spec.wake_seconds, self.now)
-        if wait is not None and wait > m.cfg.policy.wake_timeout_seconds:
-            self._reject(m, stats)
-            return
-        m.waiters.append((r, stats))
+        self._carry_out(m, effects[1:])
+
+    def _end(self, m: _Model, stats: RequestStats) -> None:
+        self.traffic.record_request_end(stats)
+        machine = m.machine
+        self._carry_out(m, machine.handle(_FINISHED))
+        if not machine.in_engine and isinstance(machine.job, WaitDrained):
+            self._feed(m, Drained(self.now, True))
+
+    def _hold_timeout(self, m: _Model, key: int) -> None:
+        waiter = m.waiters.pop(key, None)
+        if waiter is not None:
+            self._feed(m, HeldLeft(0))
+            self._reject(m, waiter[1])
 
     def _reject(self, m: _Model, stats: RequestStats) -> None:
         m.result.rejected += 1
         self.traffic.record_request_end(stats, success=False)
 
-    def _request_wake(self, m: _Model) -> None:
-        m.want_awake = True
-        if not m.busy:
-            self._start_wake(m)
-
-    def _start_wake(self, m: _Model) -> None:
-        m.busy = True
-        m.result.wakes += 1
-        m.result.wake_times.append(self.now)
-        self.result.log.append((self.now, m.cfg.name, "wake"))
-        self._set_state(m, ModelState.WAKING)
-        self._at(self.now + m.spec.wake_seconds, OP_DONE, lambda: self._woken(m))
-
-    def _woken(self, m: _Model) -> None:
-        m.busy = False
-        self._set_state(m, ModelState.AWAKE)
-        while m.waiters:
-            r, stats = m.waiters.popleft()
-            m.result.waited += 1
-            m.result.waits.append(self.now - r.t)
-            self._at(self.now + r.duration, END, stats)
-
-    # -- what the live reconciler does ---------------------------------------------------------
-
-    def _view(self, m: _Model) -> policy.ModelView:
-        """As SleepManager.view builds it (local traffic, this replica owns the model)."""
-        stats = self.traffic.model_stats[m.cfg.name]
-        return policy.ModelView(
-            name=m.cfg.name,
-            state=m.state,
-            state_since=m.state_since,
-            version=m.version,
-            busy=m.busy,
-            in_flight=stats.in_flight,
-            held=len(m.waiters),
-            last_activity=stats.last_activity_time,
-            policy=self.thresholds.policy_for(m.cfg),
-            always_on=m.cfg.always_on,
-            engine_up=True,
-            observation=None,
-            slept_at=m.slept_at,
-            deferred_wake=None,
-            owned=True,
-            sleep_allowed=True,
-        )
+    # -- what the live reconciler does -----------------------------------------------------------
 
     def _tick(self) -> None:
         now = self.now
         if self.keep_thresholds:
             self.result.thresholds.extend(
-                (now, m.cfg.name, self.thresholds.threshold_for(m.cfg))
-                for m in self.models.values()
+                (now, name, self.thresholds.threshold_for(m.machine.cfg))
+                for name, m in self.models.items()
             )
-        views = [self._view(m) for m in self.models.values() if not m.busy]
+        stats = self.traffic.model_stats
+        policy_for = self.thresholds.policy_for
+        views = []
+        for name, m in self.models.items():
+            if not m.machine.busy:
+                s = stats[name]
+                machine = m.machine
+                views.append(
+                    model_view(machine, policy_for(machine.cfg), s.in_flight, s.last_activity_time)
+                )
         for action in policy.decide(views, now):
+            m = self.models[action.model]
             if isinstance(action, policy.Sleep):
                 self.thresholds.note_sleep(action.model, now)
-                self._sleep(self.models[action.model])
+                m.result.sleeps += 1
+                self.result.log.append((now, action.model, "sleep"))
+                self._feed(m, WantSleep(now, action.reason))
+            elif isinstance(action, policy.Wake):
+                self._feed(m, WantWake(now, action.reason))
 
-    def _sleep(self, m: _Model) -> None:
-        m.want_awake = False
-        m.result.sleeps += 1
-        self.result.log.append((self.now, m.cfg.name, "sleep"))
-        if self.sleep_seconds <= 0:
-            self._slept(m)
+    # -- carrying out the machine's effects (SleepManager._carry_out and _perform) ---------------
+
+    def _feed(self, m: _Model, event: Event) -> None:
+        effects = m.machine.handle(event)
+        self._track(m)
+        self._carry_out(m, effects)
+
+    def _carry_out(self, m: _Model, effects: list[Effect]) -> None:
+        # Records, logs, metrics and control calls have no bearing on what a replay measures.
+        for effect in effects:
+            if isinstance(effect, JOBS):
+                self._perform(m, effect)
+            elif isinstance(effect, ReleaseHeld):
+                for r, stats in m.waiters.values():
+                    m.result.waited += 1
+                    m.result.waits.append(self.now - r.t)
+                    self._at(self.now + r.duration, END, (m, stats))
+                m.waiters.clear()
+            elif isinstance(effect, RejectHeld):
+                for _, stats in m.waiters.values():
+                    self._reject(m, stats)
+                m.waiters.clear()
+
+    def _perform(self, m: _Model, job: Job) -> None:
+        """The job's result, now or at the virtual time it would come."""
+        now = self.now
+        if isinstance(job, WaitDrained):
+            if m.machine.in_engine:  # else drained when the last request ends (`_end`)
+                self._later(m, job, job.timeout, lambda: Drained(self.now, False))
+            else:
+                self._feed(m, Drained(now, True))
+        elif isinstance(job, CheckLoad):
+            self._later(m, job, job.after, lambda: LoadReported(self.now, None))
+        elif isinstance(job, Identify):
+            self._feed(m, Identified(now, Observation(up=True)))
+        elif isinstance(job, WriteRecord):
+            self._feed(m, Recorded(now, True))
+        elif isinstance(job, MakeRoom):
+            self._feed(m, RoomReady(now, True))
+        elif isinstance(job, Call):
+            steps = m.machine.steps.sleep if job.op == "sleep" else m.machine.steps.wake
+            took = self.sleep_seconds if job.op == "sleep" else m.spec.wake_seconds
+            took = took if job.step == steps[-1] else 0.0
+            self._later(m, job, took, lambda: CallDone(self.now, CallResult.OK, took=took))
+        else:
+            raise AssertionError(f"the replay starts no engine processes: {job}")
+
+    def _later(self, m: _Model, job: Job, delay: float, event: Callable[[], Event]) -> None:
+        if delay <= 0:
+            self._feed(m, event())
             return
-        m.busy = True
-        self._set_state(m, ModelState.SLEEPING)
-        self._at(self.now + self.sleep_seconds, OP_DONE, lambda: self._slept(m))
 
-    def _slept(self, m: _Model) -> None:
-        m.busy = False
-        m.slept_at = self.now
-        self._set_state(m, ModelState.ASLEEP)
-        if m.waiters or m.want_awake:
-            self._request_wake(m)
+        def done() -> None:
+            if m.machine.job is job:  # not settled meanwhile (a drain by the last request)
+                self._feed(m, event())
 
-    def _set_state(self, m: _Model, state: ModelState) -> None:
+        self._at(self.now + delay, OP_DONE, done)
+
+    def _track(self, m: _Model) -> None:
+        """Follow the machine's state: memory is held unless asleep; a wake begins on WAKING."""
+        state = m.machine.state
+        if state is m.state:
+            return
         m.state = state
-        m.state_since = self.now
-        m.version += 1
+        if state is ModelState.WAKING:
+            m.result.wakes += 1
+            m.result.wake_times.append(self.now)
+            self.result.log.append((self.now, m.machine.name, "wake"))
         self._hold(m, state is not ModelState.ASLEEP, self.now)
 
     def _hold(self, m: _Model, held: bool, now: float) -> None:
