@@ -5,8 +5,9 @@ Nothing here decides anything: each model is the live per-engine state machine
 builds the policy's views with the manager's `core.view.model_view` and calls `policy.decide`,
 idle time comes from the real `TrafficMonitor` and adaptive thresholds from the real
 `adaptive.Thresholds`. What the replay adds is time: requests arrive and end on a virtual clock,
-a wake takes the model's wake latency (requests arriving meanwhile wait for it), a sleep is
-instant or takes `sleep_seconds`, and a reconcile tick runs every check interval.
+a wake takes the model's wake latency (requests arriving meanwhile wait for it, up to their
+wake timeout), a sleep is instant or takes `sleep_seconds`, and a reconcile tick runs every
+check interval.
 
 Inputs: a CSV trace (`timestamp,model,duration`), kvsleep's own request counters in Prometheus,
 or a seeded synthetic trace (`kvsleep.lab.traces`). Outputs, per model and in total and for every
