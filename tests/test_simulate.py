@@ -131,7 +131,8 @@ def test_the_replay_decides_through_the_live_policy_functions(monkeypatch) -> No
 def test_the_replay_runs_the_live_state_machine(monkeypatch) -> None:
     """Every model is the live EngineMachine, fed on the virtual clock as the manager feeds it:
     an SGLang's sleep drains, asks the engine's load, identifies the process and records the
-    intent before its release call; its wake (resume, then the weight reload) likewise."""
+    intent before its release call and checks the process after it; its wake (resume, then the
+    weight reload) likewise."""
     seen: list[tuple[str, float | None, str]] = []
     handle = EngineMachine.handle
 
@@ -153,13 +154,15 @@ def test_the_replay_runs_the_live_state_machine(monkeypatch) -> None:
         ("LoadReported", T0 + 70, "sleeping"),
         ("Identified", T0 + 70, "sleeping"),
         ("Recorded", T0 + 70, "sleeping"),  # the intent, before the release call
-        ("CallDone", T0 + 72, "asleep"),  # the release took sleep_seconds
+        ("CallDone", T0 + 72, "sleeping"),  # the release took sleep_seconds
+        ("Identified", T0 + 72, "asleep"),  # it reached the process identified before it
         ("Recorded", T0 + 72, "asleep"),
         ("Arrived", T0 + 200, "asleep"),  # held; the wake begins
         ("RoomReady", T0 + 200, "asleep"),
         ("Identified", T0 + 200, "waking"),
         ("Recorded", T0 + 200, "waking"),
         ("CallDone", T0 + 200, "waking"),  # resume
+        ("Identified", T0 + 200, "waking"),
         ("CallDone", T0 + 205, "awake"),  # the weight reload ends the 5 s wake
         ("Finished", None, "awake"),
     ]

@@ -626,7 +626,7 @@ class Replay:
         elif isinstance(job, CheckLoad):
             self._later(m, job, job.after, lambda: LoadReported(self.now, None))
         elif isinstance(job, Identify):
-            self._feed(m, Identified(now, Observation(up=True)))
+            self._later(m, job, job.after, lambda: Identified(self.now, Observation(up=True)))
         elif isinstance(job, WriteRecord):
             self._feed(m, Recorded(now, True))
         elif isinstance(job, MakeRoom):
@@ -636,8 +636,8 @@ class Replay:
             took = self.sleep_seconds if job.op == "sleep" else m.spec.wake_seconds
             took = took if job.step == steps[-1] else 0.0
             self._later(m, job, took, lambda: CallDone(self.now, CallResult.OK, took=took))
-        else:
-            raise AssertionError(f"the replay starts no engine processes: {job}")
+        else:  # Start, MeasureMemory
+            raise AssertionError(f"the replay launches no engine and has no NVML: {job}")
 
     def _later(self, m: _Model, job: Job, delay: float, event: Callable[[], Event]) -> None:
         if delay <= 0:
