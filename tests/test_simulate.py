@@ -148,7 +148,6 @@ def test_the_replay_runs_the_live_state_machine(monkeypatch) -> None:
     run = simulate.replay(trace, [model], simulate.as_is(), 10.0, sleep_seconds=2.0)
     assert run.log == [(T0 + 70, "m", "sleep"), (T0 + 200, "m", "wake")]
     assert seen == [
-        ("Finished", None, "awake"),
         ("WantSleep", T0 + 70, "draining"),
         ("Drained", T0 + 70, "draining"),
         ("LoadReported", T0 + 70, "sleeping"),
@@ -163,8 +162,8 @@ def test_the_replay_runs_the_live_state_machine(monkeypatch) -> None:
         ("Recorded", T0 + 200, "waking"),
         ("CallDone", T0 + 200, "waking"),  # resume
         ("Identified", T0 + 200, "waking"),
+        ("Recorded", T0 + 200, "waking"),  # its outcome, before the weight reload
         ("CallDone", T0 + 205, "awake"),  # the weight reload ends the 5 s wake
-        ("Finished", None, "awake"),
     ]
     assert run.models["m"].waits == pytest.approx([5.0])
 

@@ -49,7 +49,6 @@ from kvsleep.core.machine import (
     Effect,
     EngineMachine,
     Event,
-    Finished,
     HeldLeft,
     Hold,
     Identified,
@@ -423,9 +422,6 @@ class RunResult:
     thresholds: list[tuple[float, str, float]] = field(default_factory=list)  # at each tick
 
 
-_FINISHED = Finished()  # a request's end: the same event every time
-
-
 def _no_session() -> Any:
     raise AssertionError("the replay calls no engine")
 
@@ -451,10 +447,10 @@ class Replay:
 
     Each model is the live state machine (`core/machine.py`), executed here as the manager
     executes it, on the virtual clock: a request arriving is `Arrived` (or the awake fast path),
-    its end `Finished`; a reconcile tick builds the policy's views as the manager does and feeds
-    its decisions in; every job the machine asks for comes back as the event the manager would
-    feed, at the virtual time it would: engine calls succeed after the configured latency (a
-    wake's `wake_seconds`, a sleep's `sleep_seconds`, on the operation's last step), a drain
+    its end `finished()`; a reconcile tick builds the policy's views as the manager does and
+    feeds its decisions in; every job the machine asks for comes back as the event the manager
+    would feed, at the virtual time it would: engine calls succeed after the configured latency
+    (a wake's `wake_seconds`, a sleep's `sleep_seconds`, on the operation's last step), a drain
     when the engine's last request ends, the rest at once (the engine's load unknown, the
     process the same one, records written, GPU room available). Admission, holding, draining and
     every state change are the machine's.
@@ -549,7 +545,7 @@ class Replay:
     def _end(self, m: _Model, stats: RequestStats) -> None:
         self.traffic.record_request_end(stats)
         machine = m.machine
-        self._carry_out(m, machine.handle(_FINISHED))
+        machine.finished()
         if not machine.in_engine and isinstance(machine.job, WaitDrained):
             self._feed(m, Drained(self.now, True))
 
