@@ -58,6 +58,11 @@ RESUME = Step("resume", idempotent=False)
 RELOAD = Step("reload_weights", idempotent=True)
 SGLANG = EngineSteps((RELEASE,), (RESUME, RELOAD), observable=False)
 VLLM = EngineSteps((Step("sleep", True),), (Step("wake_up", True),), observable=True)
+VLLM_LEVEL2 = EngineSteps(
+    (Step("sleep", True),),
+    (Step("wake_up_weights", True), Step("reload_weights", True), Step("wake_up_kv_cache", True)),
+    observable=True,
+)
 T = 1000.0
 INC = "sglang:1700000000.0"
 
@@ -460,3 +465,13 @@ def test_3_requests_held_while_a_new_engine_is_looked_at_get_their_answer(asleep
     effects = m.restore(T + 1, up(None, asleep=asleep), None)
     assert then in effects
     assert m.held == 0 and m.in_engine == 1 if not asleep else m.want_awake
+
+
+def test_a_wake_is_timed_from_its_start_and_over_all_its_steps():
+    m = machine(VLLM_LEVEL2, ModelState.ASLEEP)
+    m.handle(Arrived(T + 100))
+    m.handle(RoomReady(T + 100, True))
+    assert m.state is ModelState.WAKING and m.state_since == T + 100  # the ETA counts from here
+    for took in (1.0, 3.0, 0.5):
+        m.handle(CallDone(T + 105, CallResult.OK, took=took))
+    assert m.state is ModelState.AWAKE and list(m.wake_history) == [4.5]

@@ -480,7 +480,7 @@ class EngineMachine:
     verifying: bool = False  # identifying the process after a call that must reach one only
     verify_waited: float = 0.0
     recording_outcome: bool = False
-    step_took: float | None = None
+    op_took: float = 0.0  # the engine calls' time in the current operation (all its steps)
     # The released process was found gone (nothing listening): whatever answers next is a fresh
     # one. Only needed for engines that do not name their process.
     gone: bool = False
@@ -964,12 +964,14 @@ class EngineMachine:
             self.want_awake = True
         if not self.want_awake and state is ModelState.AWAKE:
             self.op = "sleep"
+            self.op_took = 0.0
             self.step = 0
             self._set(ModelState.DRAINING, now, out)
             self.load_waited = 0.0
             self._run(WaitDrained(self.cfg.policy.drain_timeout_seconds), out)
         elif self.want_awake and state in (ModelState.ASLEEP, ModelState.FAILED):
             self.op = "wake"
+            self.op_took = 0.0
             self._run(MakeRoom(self.wake_reason), out)
         else:
             self._settle(out, "sleep", state is ModelState.ASLEEP)
@@ -1030,7 +1032,7 @@ class EngineMachine:
         if not step.idempotent:
             self._run(Identify(), out)
         else:
-            self._write_intent(step, out)
+            self._write_intent(now, step, out)
 
     def _on_Identified(self, ev: Identified, out: list[Effect]) -> None:
         self._done()
@@ -1069,13 +1071,14 @@ class EngineMachine:
             self.want_awake = False  # still wanted: drain and sleep the fresh process
             return
         self.incarnation = obs.incarnation or self.incarnation
-        self._write_intent(self._current_steps()[self.step], out)
+        self._write_intent(ev.now, self._current_steps()[self.step], out)
 
-    def _write_intent(self, step: Step, out: list[Effect]) -> None:
+    def _write_intent(self, now: float, step: Step, out: list[Effect]) -> None:
         assert self.op is not None
         self.pending = Pending(self.op, step.name, "intent")
-        if self.op == "wake":
-            self._set_quiet(ModelState.WAKING)
+        if self.op == "wake" and self.state is not ModelState.WAKING:
+            # From here a request waits for a wake under way: its ETA counts from now.
+            self._set(ModelState.WAKING, now, out)
         if not step.idempotent:
             self._run(WriteRecord(), out)
         else:
@@ -1137,7 +1140,7 @@ class EngineMachine:
         step = steps[self.step]
         if ev.result is CallResult.OK:
             self.pending = Pending(op or "", step.name, "done")
-            self.step_took = ev.took
+            self.op_took += ev.took
             if not step.idempotent:
                 # Which process did it reach? One restarted between the identification and the
                 # call got it instead: then nobody can tell which holds its memory.
@@ -1175,9 +1178,9 @@ class EngineMachine:
             out.append(Persist())
             self._begin_step(now, out)
         elif self.op == "sleep":
-            self._slept(now, out, self.step_took)
+            self._slept(now, out, self.op_took)
         else:
-            self._woken(now, out, self.step_took)
+            self._woken(now, out, self.op_took)
 
     def _verified(self, now: float, obs: Observation, out: list[Effect]) -> None:
         step = self._current_steps()[self.step].name
@@ -1311,11 +1314,6 @@ class EngineMachine:
             self.measured = False
         self.state = state
         self.state_since = now
-        self.version += 1
-
-    def _set_quiet(self, state: ModelState) -> None:
-        """A state change inside one operation (sleeping -> waking phases) keeps its clock."""
-        self.state = state
         self.version += 1
 
     def _settle(self, out: list[Effect], op: str, ok: bool) -> None:
