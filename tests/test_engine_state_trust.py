@@ -37,11 +37,16 @@ LONG = {"max_tokens": 40, "ignore_eos": True}
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
-def safe(stats: dict[str, Any]) -> None:
-    """The engine suffered nothing: no hazard, no inference while not awake, still alive."""
+def safe(stats: dict[str, Any], release: int | None = None, resume: int | None = None) -> None:
+    """The engine suffered nothing: no hazard, no inference while not awake, still alive; and
+    it got exactly `release` releases and `resume` resumes, where given."""
     assert stats["hazards"] == {}, stats["hazards"]
     assert stats["requests"]["served_while_not_awake"] == 0
     assert stats["exit_code"] is None, "the engine died"
+    if release is not None:
+        assert calls(stats, "/release_memory_occupation") == release
+    if resume is not None:
+        assert calls(stats, "/resume_memory_occupation") == resume
 
 
 def calls(stats: dict[str, Any], route: str) -> int:
@@ -417,9 +422,7 @@ async def test_9_a_release_that_outlasts_its_timeout_is_unknown_and_not_repeated
     finally:
         await kv.close()
     stats = sim.sim.stats()
-    safe(stats)
-    assert calls(stats, "/release_memory_occupation") == 1
-    assert calls(stats, "/resume_memory_occupation") == 1
+    safe(stats, release=1, resume=1)
     assert stats["requests"]["completed"] == 1
 
 

@@ -75,14 +75,12 @@ from kvsleep.core.machine import (
     RoomReady,
     Settle,
     Start,
-    StateWriteFailed,
     WaitDrained,
     WantSleep,
     WantWake,
     WriteRecord,
 )
 from kvsleep.core.states import ModelState
-from kvsleep.core.view import model_view
 from kvsleep.engines import (
     EngineAdapter,
     EngineError,
@@ -721,8 +719,6 @@ class SleepManager:
                             else self.metrics.wake_duration
                         )
                         duration.labels(name).observe(effect.took)
-            elif isinstance(effect, StateWriteFailed):
-                pass  # counted by the writer, for every failed write
         if self.gpu_budgets:
             self._signal_change()
 
@@ -1078,8 +1074,7 @@ class SleepManager:
         if fleet is not None:
             in_flight = max(in_flight, fleet.in_flight)
             last_activity = max(last_activity, fleet.last_activity)
-        return model_view(
-            slot.machine,
+        return slot.machine.view(
             self.thresholds.policy_for(slot.cfg),
             in_flight,
             last_activity,

@@ -25,13 +25,14 @@ Safety rules the transitions keep (see shared/engine-contracts.md):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-from kvsleep.config import ModelConfig
+from kvsleep.config import ModelConfig, SleepPolicy
 from kvsleep.core import policy
 from kvsleep.core.engine_facts import EngineSteps, Observation, Step
 from kvsleep.core.states import ModelState
@@ -307,11 +308,6 @@ class Healed:
 
 
 @dataclass(frozen=True)
-class StateWriteFailed:
-    error: str
-
-
-@dataclass(frozen=True)
 class WaitDrained:
     timeout: float
 
@@ -354,18 +350,7 @@ class MeasureMemory:
 
 Job = WaitDrained | CheckLoad | Identify | WriteRecord | MakeRoom | Call | Start | MeasureMemory
 Effect = (
-    Admit
-    | Hold
-    | Reject
-    | ReleaseHeld
-    | RejectHeld
-    | Settle
-    | Persist
-    | Log
-    | Count
-    | Healed
-    | StateWriteFailed
-    | Job
+    Admit | Hold | Reject | ReleaseHeld | RejectHeld | Settle | Persist | Log | Count | Healed | Job
 )
 JOBS = (WaitDrained, CheckLoad, Identify, WriteRecord, MakeRoom, Call, Start, MeasureMemory)
 
@@ -458,7 +443,6 @@ class EngineMachine:
     slept_at: float | None = None
     last_error: str | None = None
     unknown_reason: str | None = None
-    waiting_for_memory: str | None = None
     # A launched engine with no process: `queued` waits for its turn to start, `stopped` is
     # started by its first request. Neither holds GPU memory.
     queued: bool = False
@@ -501,6 +485,42 @@ class EngineMachine:
 
     def record(self) -> Record:
         return Record(self.state, self.state_since, self.incarnation, self.pending)
+
+    def view(
+        self,
+        in_force: SleepPolicy,
+        in_flight: int,
+        last_activity: float,
+        *,
+        observation: Observation | None = None,
+        owned: bool = True,
+        sleep_allowed: bool = True,
+    ) -> policy.ModelView:
+        """The policy's view of this engine, for the live manager and the replay alike, so the
+        reconciler decides on the same facts in both. `in_force` is the policy in force (an adaptive
+        threshold filled in); traffic (`in_flight`, `last_activity`) is what the caller counts:
+        the machine knows only what reached its engine."""
+        cfg = self.cfg
+        return policy.ModelView(
+            name=cfg.name,
+            state=self.state,
+            state_since=self.state_since,
+            version=self.version,
+            busy=self.busy,
+            in_flight=in_flight,
+            held=self.held,
+            last_activity=last_activity,
+            policy=in_force,
+            always_on=cfg.always_on,
+            engine_up=self.engine_up,
+            observation=observation,
+            slept_at=self.slept_at,
+            deferred_wake=self.deferred_wake,
+            owned=owned,
+            sleep_allowed=sleep_allowed,
+            sleep_retry_at=self.sleep_retry_at,
+            cannot_sleep=self.cannot_sleep is not None,
+        )
 
     def reported_state(self) -> ModelState:
         """The state shown to operators: `down` for a settled model whose engine does not
@@ -796,20 +816,10 @@ class EngineMachine:
         owned: bool,
         out: list[Effect],
     ) -> None:
-        view = policy.ModelView(
-            name=self.name,
-            state=self.state,
-            state_since=self.state_since,
-            version=self.version,
-            busy=False,
-            in_flight=self.in_engine,
-            held=self.held,
-            last_activity=0.0,
-            policy=self.cfg.policy,
-            always_on=self.cfg.always_on,
+        # Judged against what was known before this probe (`engine_up` is already its answer).
+        view = dataclasses.replace(
+            self.view(self.cfg.policy, self.in_engine, 0.0, observation=obs, owned=owned),
             engine_up=previous_up,
-            observation=obs,
-            owned=owned,
         )
         adopt = policy.heal(view)
         if adopt is None:
@@ -1091,14 +1101,14 @@ class EngineMachine:
         self._done()
         if self.recording_outcome:
             self.recording_outcome = False
-            if not ev.ok:
-                out.append(StateWriteFailed(ev.error))  # the call happened: carry on
+            if not ev.ok:  # the call happened: carry on
+                out.append(Log("error", f"its record cannot be written: {ev.error}"))
             self._step_done(ev.now, out)
             return
         if self.op == "slept":
             self.op = None
             if not ev.ok:
-                out.append(StateWriteFailed(ev.error))
+                out.append(Log("error", f"asleep, but its record cannot be written: {ev.error}"))
             self._settle(out, "sleep", True)
             return
         if ev.ok:
@@ -1106,7 +1116,6 @@ class EngineMachine:
             self._run(Call(self.op, self._current_steps()[self.step]), out)
             return
         self.pending = None
-        out.append(StateWriteFailed(ev.error))
         error = f"the state file cannot be written ({ev.error}); no engine call made"
         if self.op == "sleep":
             self._sleep_failed(ev.now, out, error)
@@ -1115,7 +1124,6 @@ class EngineMachine:
 
     def _on_RoomReady(self, ev: RoomReady, out: list[Effect]) -> None:
         self._done()
-        self.waiting_for_memory = None
         if not ev.ok:
             self.op = None
             self.want_awake = False

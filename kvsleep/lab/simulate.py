@@ -2,7 +2,7 @@
 
 Nothing here decides anything: each model is the live per-engine state machine
 (`core/machine.py`: admission, holding, draining, every state change), every reconcile tick
-builds the policy's views with the manager's `core.view.model_view` and calls `policy.decide`,
+builds the policy's views with the manager's `EngineMachine.view` and calls `policy.decide`,
 idle time comes from the real `TrafficMonitor` and adaptive thresholds from the real
 `adaptive.Thresholds`. What the replay adds is time: requests arrive and end on a virtual clock,
 a wake takes the model's wake latency (requests arriving meanwhile wait for it, up to their
@@ -66,7 +66,6 @@ from kvsleep.core.machine import (
     WriteRecord,
 )
 from kvsleep.core.states import ModelState
-from kvsleep.core.view import model_view
 from kvsleep.engines import adapter_for
 
 # Events at the same instant run in this order (the live equivalence test follows it too).
@@ -576,7 +575,7 @@ class Replay:
                 s = stats[name]
                 machine = m.machine
                 views.append(
-                    model_view(machine, policy_for(machine.cfg), s.in_flight, s.last_activity_time)
+                    machine.view(policy_for(machine.cfg), s.in_flight, s.last_activity_time)
                 )
         for action in policy.decide(views, now):
             m = self.models[action.model]

@@ -1299,44 +1299,32 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=kind, default=_default(name), help=text)
     parser.add_argument("--vllm-version", choices=VLLM_VERSIONS, default=_default("vllm_version"))
-    parser.add_argument(
-        "--dev-mode",
-        action=argparse.BooleanOptionalAction,
-        default=_default("dev_mode"),
-        help="vLLM: register the sleep routes (VLLM_SERVER_DEV_MODE=1)",
-    )
-    parser.add_argument(
-        "--memory-saver",
-        action=argparse.BooleanOptionalAction,
-        default=_default("memory_saver"),
-        help="SGLang: --enable-memory-saver (without it release/resume free nothing)",
-    )
-    parser.add_argument(
-        "--weights-cpu-backup",
-        action=argparse.BooleanOptionalAction,
-        default=_default("weights_cpu_backup"),
-        help="SGLang: keep weights across release (no reload needed after resume)",
-    )
+    switches = [
+        ("dev_mode", "vLLM: register the sleep routes (VLLM_SERVER_DEV_MODE=1)"),
+        ("memory_saver", "SGLang: --enable-memory-saver (without it release/resume free nothing)"),
+        (
+            "weights_cpu_backup",
+            "SGLang: keep weights across release (no reload needed after resume)",
+        ),
+        ("enable_metrics", "SGLang: serve /metrics (without it /metrics is 404)"),
+        (
+            "legacy_server_info",
+            "SGLang: only the older /get_server_info route (404 on /server_info)",
+        ),
+        (
+            "incarnation",
+            "report which process answers (SGLang startup_time, vLLM "
+            "process_start_time_seconds); --no-incarnation plays an engine that cannot tell",
+        ),
+    ]
+    for name, text in switches:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            action=argparse.BooleanOptionalAction,
+            default=_default(name),
+            help=text,
+        )
     parser.add_argument("--weights-path", help="SGLang: path update_weights_from_disk expects")
-    parser.add_argument(
-        "--enable-metrics",
-        action=argparse.BooleanOptionalAction,
-        default=_default("enable_metrics"),
-        help="SGLang: serve /metrics (without it /metrics is 404)",
-    )
-    parser.add_argument(
-        "--legacy-server-info",
-        action=argparse.BooleanOptionalAction,
-        default=_default("legacy_server_info"),
-        help="SGLang: only the older /get_server_info route (404 on /server_info)",
-    )
-    parser.add_argument(
-        "--incarnation",
-        action=argparse.BooleanOptionalAction,
-        default=_default("incarnation"),
-        help="report which process answers (SGLang startup_time, vLLM "
-        "process_start_time_seconds); --no-incarnation plays an engine that cannot tell",
-    )
     parser.add_argument(
         "--cuda-device",
         type=int,
