@@ -280,8 +280,10 @@ async def test_kvsleep_serve_process_sleeps_idle_and_wakes_on_request(vllm_dev, 
     finally:
         proc.terminate()
         assert proc.wait(30) == 0, (tmp_path / "kvsleep.log").read_text()
-        async with session.post(vllm_dev.url + "/wake_up"):
-            pass
+        # Leave the engine awake for the next test, whatever kvsleep last did to it.
+        async with session.post(vllm_dev.url + "/wake_up") as resp:
+            assert resp.status == 200
+        assert not await is_sleeping(session, vllm_dev)
 
 
 async def test_the_adapter_names_the_process_and_counts_requests_it_never_saw(vllm_dev, session):
@@ -297,12 +299,19 @@ async def test_the_adapter_names_the_process_and_counts_requests_it_never_saw(vl
     assert awake.up and awake.asleep is False
     assert awake.incarnation is not None and awake.incarnation.startswith("vllm:")
     assert await engine.load() == 0
+    # A paused (dev-mode slept) vLLM publishes no gauges, so the engine must be generating. Each
+    # request takes about a second here; watch the gauges without pause while they run, so a
+    # fast engine on a slow machine cannot finish between two looks.
     long = {**COMPLETION, "max_tokens": 480, "ignore_eos": True}
-    request = asyncio.create_task(post(session, vllm_dev.url + "/v1/completions", long))
-    await until(lambda: load_is(1), 30, "the engine to count the request")
-    code, _, _ = await request
-    assert code == 200
-    await until(lambda: load_is(0), 30, "the engine to count the request done")
+    requests = [
+        asyncio.create_task(post(session, vllm_dev.url + "/v1/completions", long)) for _ in range(3)
+    ]
+    seen: set[int | None] = set()
+    while not all(r.done() for r in requests):
+        seen.add(await engine.load())
+    assert [(await r)[0] for r in requests] == [200, 200, 200]
+    assert seen & {1, 2, 3}, f"the engine never counted the requests: {seen}"
+    await until(lambda: load_is(0), 30, "the engine to count the requests done")
 
     async with session.post(vllm_dev.url + "/sleep", params={"level": "1"}) as resp:
         assert resp.status == 200
