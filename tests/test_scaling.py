@@ -107,7 +107,7 @@ def test_demand_in_replicas(replicas, policy, expected):
         (0.0, pol(min_awake=0), 3, 0),
         (1.0, POLICY, 3, 1),
         (1.01, POLICY, 3, 2),
-        (3.0000000000000004, POLICY, 3, 3),  # float noise asks for no extra replica
+        (3 * 0.1 / 0.1, pol(max_awake=None), 5, 3),  # float noise asks for no extra replica
         (7.0, POLICY, 5, 3),  # max_awake
         (7.0, pol(max_awake=None), 5, 5),  # all replicas
         (7.0, pol(max_awake=None), 2, 2),
@@ -400,13 +400,15 @@ def test_no_trend_without_a_wake_eta():
 
 
 def test_a_falling_demand_does_not_scale_down_early():
-    # The trend only adds: a fall is not extrapolated below what is in flight now.
+    # The trend only adds: a fall is not extrapolated below what is in flight now. In flight
+    # falls from 16 to 9 (two replicas' worth all along), one every 4 s.
     policy = pol(trend_window_seconds=30)
     mem = ScaleMemory()
-    for t in range(100):
-        replicas = [rv(0, A, 8), rv(1, A, max(0, 8 - t), wake_eta=10.0), rv(2, S, wake_eta=10.0)]
+    for t in range(60):
+        n = max(9, 16 - t // 4)
+        replicas = [rv(0, A, n // 2), rv(1, A, n - n // 2), rv(2, S, wake_eta=10.0)]
         decision, mem = decide_scale(replicas, policy, mem, float(t))
-        assert decision.action is None, t
+        assert (decision.action, decision.desired, mem.below_since) == (None, 2, None), t
 
 
 def test_samples_stay_within_the_window_and_restart_at_each_action():
