@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import shlex
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,6 +25,8 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
+
+from kvsleep.core.scaling import ScalingPolicy
 
 ENGINES = ("vllm", "sglang")
 IDLE_POLICIES = ("fixed", "adaptive")
@@ -101,7 +104,11 @@ def _section(
     needed = list(required)
     defaults: dict[str, Any] = {}
     for item in dataclasses.fields(cls):
-        if "inline" in item.metadata:  # their defaults are the section's, not the dataclass's
+        inline_forms = item.metadata.get("forms")
+        if "inline" in item.metadata and (
+            form is None or inline_forms is None or form in inline_forms
+        ):
+            # their defaults are the section's, not the dataclass's
             for name, inner in _section(item.metadata["inline"]).keys.items():
                 inlined[name] = dataclasses.replace(
                     inner, doc=f"{item.metadata['note']} {inner.doc}"
@@ -388,6 +395,21 @@ def _replica_urls(check: _Checker, path: str, value: object) -> Any:
     return tuple(url for url in urls if url is not _INVALID)
 
 
+def _affinity(check: _Checker, path: str, value: object) -> Any:
+    if value == "user" or (
+        isinstance(value, str) and value.startswith("header:") and _HEADER.match(value[7:])
+    ):
+        return value
+    return check.wrong_type(path, "user or header:NAME (an HTTP header name)", value)
+
+
+def _replica_entries(check: _Checker, path: str, value: object) -> Any:
+    """The raw replica mappings; _parse_models reads each as a model's engine keys."""
+    if not isinstance(value, list) or not value:
+        return check.wrong_type(path, "a non-empty list of replicas", value)
+    return value
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -511,6 +533,18 @@ _ENGINE_URL = _Kind(_engine_url, {"type": "string", "pattern": r"^https?://[^/?#
 _PROMETHEUS_URL = _Kind(_prometheus_url, {"type": "string", "pattern": _URL})
 _REPLICA_URL = _Kind(_replica_url, {"type": "string", "pattern": _URL})
 _REPLICA_URLS = _Kind(_replica_urls, {"type": "array", "items": _REPLICA_URL.schema})
+_HEADER_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HEADER = re.compile(_HEADER_NAME + r"\Z")
+_AFFINITY = _Kind(_affinity, {"type": "string", "pattern": rf"^(?:user|header:{_HEADER_NAME})$"})
+_FRACTION = _Kind(
+    lambda check, path, value: (
+        check.report(path, f"must be at most 1, got {value:g}")
+        if (number := _number("a fraction").convert(check, path, value)) is not _INVALID
+        and number > 1
+        else number
+    ),
+    {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+)
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -647,17 +681,21 @@ class ModelConfig:
         metadata=_key(_TEXT, 'What clients put in "model" (unique).', forms=("models",))
     )
     engine: str = field(metadata=_key(_ENGINE, "vllm or sglang."))
-    url: str = field(
-        metadata=_key(
-            _ENGINE_URL,
-            "Where the engine listens: http://host:port.",
-            forms=("models",),
-            restart=True,
-        )
+    # Required unless `replicas` are given (checked in _parse_models).
+    url: str = _setting(
+        "",
+        _ENGINE_URL,
+        "Where the engine listens: http://host:port.",
+        forms=("models", "replicas"),
+        restart=True,
     )
     policy: SleepPolicy = field(
         default_factory=SleepPolicy,
-        metadata={"inline": SleepPolicy, "note": "Per model (default: the sleep_manager value)."},
+        metadata={
+            "inline": SleepPolicy,
+            "note": "Per model (default: the sleep_manager value).",
+            "forms": ("models", "instances"),
+        },
     )
     sleep_level: int = _setting(
         1,
@@ -672,7 +710,7 @@ class ModelConfig:
         None,
         _optional(_COMMAND),
         "kvsleep launches and supervises the engine with this command (list or string).",
-        forms=("models",),
+        forms=("models", "replicas"),
         restart=True,
     )
     engine_args: tuple[str, ...] = _setting(
@@ -688,7 +726,7 @@ class ModelConfig:
         metadata=_key(
             _ENV_MAPPING,
             "Extra environment for the launched command.",
-            forms=("models",),
+            forms=("models", "replicas"),
             restart=True,
         ),
     )
@@ -703,6 +741,7 @@ class ModelConfig:
         None,
         _optional(_TEXT),
         "The launched engine's output (default: under log_dir).",
+        forms=("models", "instances", "replicas"),
         restart=True,
     )
     ready_timeout_seconds: float = _setting(
@@ -712,11 +751,22 @@ class ModelConfig:
         restart=True,
     )
     memory_gb: float | None = _setting(
-        None, _optional(_GB), "GPU memory the engine takes when awake."
+        None,
+        _optional(_GB),
+        "GPU memory the engine takes when awake.",
+        forms=("models", "instances", "replicas"),
     )
-    gpus: tuple[int, ...] = _setting((), _GPU_IDS, "GPU ids it runs on (listed under gpus).")
+    gpus: tuple[int, ...] = _setting(
+        (),
+        _GPU_IDS,
+        "GPU ids it runs on (listed under gpus).",
+        forms=("models", "instances", "replicas"),
+    )
     wake_eta_seconds: float | None = _setting(
-        None, _optional(_SECONDS), "Expected wake time, for Retry-After."
+        None,
+        _optional(_SECONDS),
+        "Expected wake time, for Retry-After and the scaler.",
+        forms=("models", "instances", "replicas"),
     )
     engine_flags: str = _setting(
         "auto",
@@ -726,6 +776,31 @@ class ModelConfig:
     stop_grace_seconds: float = _setting(
         10.0, _SECONDS, "Stopping the engine: SIGTERM, then SIGKILL after this long."
     )
+    scaling: ScalingPolicy | None = field(
+        default=None,
+        metadata=_key(
+            _Kind(lambda check, path, value: _parse_scaling(check, path, value), _ref("scaling")),
+            "Warm autoscaling of the model's replicas by sleep and wake (default with replicas:"
+            " scale to zero, 8 requests in flight per awake replica).",
+            forms=("models",),
+        ),
+    )
+    affinity: str | None = _setting(
+        None,
+        _optional(_AFFINITY),
+        "With replicas: keep a client on one replica (its prefix cache) by the request's"
+        " `user` field (user) or a header (header:NAME); default: least outstanding requests.",
+        forms=("models",),
+    )
+    # Set for each engine of a model given `replicas` (the config entry's name is then `model`
+    # and each engine's name is `model@replica`); a one-engine model is its own replica "0".
+    model: str = ""
+    replica: str = "0"
+
+    @property
+    def served_name(self) -> str:
+        """What clients put in "model": one name for all of a model's replicas."""
+        return self.model or self.name
 
     @property
     def host(self) -> str:
@@ -796,7 +871,61 @@ _SGLANG_HAS_NO_SLEEP_LEVELS = {
     "if": {"properties": {"engine": {"pattern": "^[Ss][Gg][Ll]"}}, "required": ["engine"]},
     "then": {"properties": {"sleep_level": {"const": 1}}},
 }
-_MODEL = _section(ModelConfig, form="models", rules=[_SGLANG_HAS_NO_SLEEP_LEVELS])
+# The `scaling:` keys, one per field of core's ScalingPolicy (whose defaults they take).
+_SCALING = _Section(
+    {
+        "min_awake": _Key(
+            _integer(0), "Replicas kept awake whatever the demand; 0: scale to zero when idle."
+        ),
+        "max_awake": _Key(_optional(_integer(1)), "Most replicas awake at once (default: all)."),
+        "target_in_flight": _Key(
+            _optional(_number("requests", positive=True)),
+            "Requests in flight (held included) one awake replica should carry.",
+        ),
+        "target_queue": _Key(
+            _optional(_number("requests", positive=True)),
+            "Requests the engines report waiting, per awake replica.",
+        ),
+        "target_kv_cache_usage": _Key(
+            _optional(_FRACTION), "Mean KV cache usage (0 to 1) of the awake replicas."
+        ),
+        "scale_up_after_seconds": _Key(
+            _SECONDS, "Demand above what the awake replicas carry this long: wake one more."
+        ),
+        "scale_down_after_seconds": _Key(
+            _SECONDS,
+            "Demand that fits in one fewer replica this long: drain and sleep one (and no"
+            " scale-down sooner than this after a scale-up).",
+        ),
+        "trend_window_seconds": _Key(
+            _SECONDS,
+            "Demand this far back sets the trend carried over the wake ETA, so a wake starts"
+            " before the awake replicas saturate; 0: off.",
+        ),
+    },
+    (),
+    {item.name: item.default for item in dataclasses.fields(ScalingPolicy)},
+)
+assert _SCALING.keys.keys() == _SCALING.defaults.keys(), "scaling keys and ScalingPolicy differ"
+_REPLICA = _section(ModelConfig, form="replicas", required=("url",))
+_MODEL = _section(
+    ModelConfig,
+    form="models",
+    extra={
+        "replicas": _Key(
+            _Kind(_replica_entries, {"type": "array", "minItems": 1, "items": _ref("replica")}),
+            "Several engines serving the model, instead of url/command: each is one replica.",
+        )
+    },
+    rules=[
+        _SGLANG_HAS_NO_SLEEP_LEVELS,
+        {"oneOf": [{"required": ["url"]}, {"required": ["replicas"]}]},
+        {
+            "if": {"required": ["replicas"]},
+            "then": {"not": {"anyOf": [{"required": ["command"]}, {"required": ["env"]}]}},
+        },
+    ],
+)
 _INSTANCE = _section(
     ModelConfig,
     form="instances",
@@ -852,6 +981,16 @@ def _parse_router(check: _Checker, path: str, value: object) -> RouterConfig:
                 _join(path, "admin_token_env"), f"environment variable {env_name} is {state}"
             )
     return RouterConfig(**values)
+
+
+def _parse_scaling(check: _Checker, path: str, value: object) -> ScalingPolicy:
+    scaling = ScalingPolicy(**check.fields(path, check.mapping(path, value), _SCALING))
+    if scaling.max_awake is not None and scaling.max_awake < scaling.min_awake:
+        check.report(
+            _join(path, "max_awake"),
+            f"must be at least min_awake ({scaling.min_awake}), got {scaling.max_awake}",
+        )
+    return scaling
 
 
 def _parse_policy(check: _Checker, path: str, value: object) -> SleepPolicy:
@@ -1018,6 +1157,8 @@ _DEFS = {
     "router": _ROUTER,
     "sleep_manager": _POLICY,
     "model": _MODEL,
+    "replica": _REPLICA,
+    "scaling": _SCALING,
     "instance": _INSTANCE,
     "gpu": _GPU,
     "policy_source": _POLICY_SOURCE,
@@ -1178,12 +1319,14 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 
 
 def summary(config: Config) -> str:
-    """One line for `check-config`: models per engine, router address, auto sleep on/off."""
-    engines = Counter(model.engine for model in config.models)
+    """One line for `check-config`: models per engine, replicas, router address, auto sleep."""
+    models = {model.served_name: model for model in config.models}
+    engines = Counter(model.engine for model in models.values())
     per_engine = ", ".join(f"{engines[name]} {name}" for name in ENGINES if engines[name])
-    count = len(config.models)
+    count = len(models)
     plural = "" if count == 1 else "s"
-    sleepy = sum(model.policy.auto_sleep_enabled for model in config.models)
+    replicas = "" if len(config.models) == count else f", {len(config.models)} engines"
+    sleepy = sum(model.policy.auto_sleep_enabled for model in models.values())
     if sleepy == 0:
         auto = "auto sleep off"
     elif sleepy == count:
@@ -1191,7 +1334,7 @@ def summary(config: Config) -> str:
     else:
         auto = f"auto sleep on for {sleepy} of {count} models"
     router = f"{_url_host(config.router.host)}:{config.router.port}"
-    return f"OK: {count} model{plural} ({per_engine}), router on {router}, {auto}"
+    return f"OK: {count} model{plural} ({per_engine}){replicas}, router on {router}, {auto}"
 
 
 class _Entry(NamedTuple):
@@ -1233,6 +1376,10 @@ def _parse_document(check: _Checker, data: object) -> Config | None:
         entries = _parse_models(check, data.get("models"), policy, gpu_ids)
         _check_names(check, "models", "name", data.get("models"))
     _check_addresses(check, entries, router)
+    served = {entry.model.served_name for entry in entries}
+    for path, _, model in entries:
+        if model.model and model.name in served:
+            check.report(path, f"its engine name {model.name!r} is another model's name")
 
     dirs = {key: _text(check, key, data[key]) for key in ("state_dir", "log_dir") if key in data}
     attach = _boolean(check, "attach", data.get("attach", False))
@@ -1259,9 +1406,42 @@ def _parse_models(
             check.wrong_type(path, "a mapping", item)
             continue
         values = check.fields(path, item, _MODEL)
-        if values.keys() >= set(_MODEL.required):
-            model = _finish_model(check, path, values, policy, gpu_ids)
-            entries.append(_Entry(path, "url", model))
+        if "url" not in item and "replicas" not in item:  # one or the other is required
+            check.report(f"{path}.url", "missing required key 'url'")
+        replicas = values.pop("replicas", None)
+        engine_keys = ("url",) if replicas is None else ()
+        if not values.keys() >= {*_MODEL.required, *engine_keys}:
+            continue
+        if replicas is None:
+            entries.append(_Entry(path, "url", _finish_model(check, path, values, policy, gpu_ids)))
+            continue
+        for key in ("url", "command", "env"):
+            if key in values:
+                check.report(f"{path}.{key}", "give it per replica (under replicas), not here")
+        top = values["scaling"].max_awake if "scaling" in values else None
+        if top is not None and top > len(replicas):
+            check.report(
+                f"{path}.scaling.max_awake",
+                f"must be at most the {len(replicas)} replicas, got {top}",
+            )
+        scaling = values.pop("scaling", None) or ScalingPolicy()
+        if scaling.min_awake > len(replicas):
+            check.report(
+                f"{path}.scaling.min_awake",
+                f"must be at most the {len(replicas)} replicas, got {scaling.min_awake}",
+            )
+        name = values["name"]
+        for r, raw in enumerate(replicas):
+            where = f"{path}.replicas[{r}]"
+            if not isinstance(raw, dict):
+                check.wrong_type(where, "a mapping", raw)
+                continue
+            own = check.fields(where, raw, _REPLICA)
+            if "url" not in own:
+                continue
+            engine = {**values, **own, "name": f"{name}@{r}", "model": name, "replica": str(r)}
+            model = _finish_model(check, where, engine, policy, gpu_ids)
+            entries.append(_Entry(where, "url", dataclasses.replace(model, scaling=scaling)))
     return entries
 
 

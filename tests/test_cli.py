@@ -22,10 +22,14 @@ def kvsleep(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_config_accepts_the_documented_examples():
-    for path in ("example-config.yaml", "tests/data/kvcached-config.yaml", "examples/demo.yaml"):
+    for path, models in (
+        ("example-config.yaml", "3 models (2 vllm, 1 sglang), 5 engines"),
+        ("tests/data/kvcached-config.yaml", "2 models (1 vllm, 1 sglang),"),
+        ("examples/demo.yaml", "2 models (1 vllm, 1 sglang),"),
+    ):
         result = kvsleep("check-config", path)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith("OK: 2 models (1 vllm, 1 sglang)")
+        assert result.stdout.startswith(f"OK: {models}")
 
 
 def test_check_config_reports_every_problem_with_its_key_path():

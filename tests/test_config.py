@@ -23,6 +23,7 @@ from kvsleep.config import (
     parse_config,
     summary,
 )
+from kvsleep.core.scaling import ScalingPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -50,18 +51,25 @@ def problems_of(data: object) -> list[str]:
 
 def test_example_config_loads_without_problems() -> None:
     config = load_config(str(EXAMPLE))
-    assert [(m.name, m.engine) for m in config.models] == [
-        ("meta-llama/Llama-3.2-1B", "vllm"),
-        ("Qwen/Qwen3-0.6B", "sglang"),
+    assert [(m.name, m.served_name, m.replica, m.engine) for m in config.models] == [
+        ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B", "0", "vllm"),
+        ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B", "0", "sglang"),
+        ("org/chat-8B@0", "org/chat-8B", "0", "vllm"),
+        ("org/chat-8B@1", "org/chat-8B", "1", "vllm"),
+        ("org/chat-8B@2", "org/chat-8B", "2", "vllm"),
     ]
-    llama, qwen = config.models
+    llama, qwen, *chat = config.models
+    assert {m.scaling for m in chat} == {ScalingPolicy(max_awake=3)}
+    assert [(m.url, m.gpus, m.memory_gb, m.affinity) for m in chat] == [
+        (f"http://127.0.0.1:800{i + 1}", (i + 1,), 20, "user") for i in range(3)
+    ]
     assert llama.policy.idle_threshold_seconds == 120
     assert llama.launched and not qwen.launched
     assert qwen.weights_path == "Qwen/Qwen3-0.6B"
     assert config.gpus[0].memory_gb == 80
     assert qwen.policy.wake_timeout_seconds == 120
     assert summary(config) == (
-        "OK: 2 models (1 vllm, 1 sglang), router on 127.0.0.1:8080, auto sleep off"
+        "OK: 3 models (2 vllm, 1 sglang), 5 engines, router on 127.0.0.1:8080, auto sleep off"
     )
 
 
@@ -73,9 +81,12 @@ def test_example_config_documents_every_key() -> None:
         *(f.name for f in dataclasses.fields(PolicySource)),
         *(f.name for f in dataclasses.fields(ModelConfig)),
         *(f.name for f in dataclasses.fields(Config)),
+        *(f.name for f in dataclasses.fields(ScalingPolicy)),
+        "replicas",
     }
-    # Not keys of the canonical form: derived (policy, source, warnings) or kvcached-only.
-    documented -= {"policy", "engine_args", "venv_path", "source", "warnings"}
+    # Not keys of the canonical form: derived (policy, source, warnings, a replica's model and
+    # index) or kvcached-only.
+    documented -= {"policy", "engine_args", "venv_path", "source", "warnings", "model", "replica"}
     missing = sorted(key for key in documented if f"{key}:" not in text)
     assert missing == []
 
@@ -656,3 +667,79 @@ def test_a_missing_admin_token_only_warns_where_the_config_is_checked(
         "(needed by kvsleep serve)",
     )
     assert parse_config(minimal(), "cfg.yaml", secrets=False).warnings == ()
+
+
+# --- Replicas and scaling -----------------------------------------------------------------------
+
+
+def replicated(**model: Any) -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "name": "m",
+                "engine": "vllm",
+                "replicas": [{"url": f"http://127.0.0.1:800{i}"} for i in range(3)],
+                **model,
+            }
+        ]
+    }
+
+
+def test_a_model_with_replicas_is_one_engine_per_replica_sharing_its_keys() -> None:
+    config = parse_config(
+        replicated(
+            idle_threshold_seconds=30,
+            sleep_level=2,
+            scaling={"min_awake": 1, "target_in_flight": 4},
+            affinity="header:X-Session-Id",
+        ),
+        "cfg.yaml",
+    )
+    assert [(m.name, m.served_name, m.replica) for m in config.models] == [
+        (f"m@{i}", "m", str(i)) for i in range(3)
+    ]
+    assert {
+        (m.sleep_level, m.policy.idle_threshold_seconds, m.affinity) for m in config.models
+    } == {(2, 30, "header:X-Session-Id")}
+    assert {m.scaling for m in config.models} == {ScalingPolicy(min_awake=1, target_in_flight=4)}
+    assert summary(config).startswith("OK: 1 model (1 vllm), 3 engines,")
+
+
+def test_replicas_without_scaling_scale_to_zero_and_one_engine_has_no_scaler() -> None:
+    (first, *_) = parse_config(replicated(), "cfg.yaml").models
+    assert first.scaling == ScalingPolicy()
+    (one,) = parse_config(minimal(), "cfg.yaml").models
+    assert (one.name, one.served_name, one.replica, one.scaling) == ("m", "m", "0", None)
+
+
+def test_replica_and_scaling_mistakes_are_named_by_path() -> None:
+    doc = replicated(
+        url="http://127.0.0.1:9000",
+        scaling={"min_awake": 4, "max_awake": 2, "target_kv_cache_usage": 1.5, "bogus": 1},
+        affinity="cookie",
+    )
+    doc["models"][0]["replicas"][1] = {"url": "http://127.0.0.1:8000", "idle_threshold_seconds": 3}
+    doc["models"][0]["replicas"].append(5)
+    assert sorted(problems_of(doc)) == sorted(
+        [
+            "cfg.yaml: models[0].scaling.bogus: unknown key 'bogus'",
+            "cfg.yaml: models[0].scaling.target_kv_cache_usage: must be at most 1, got 1.5",
+            "cfg.yaml: models[0].scaling.max_awake: must be at least min_awake (4), got 2",
+            "cfg.yaml: models[0].affinity: expected user or header:NAME (an HTTP header name),"
+            " got string 'cookie'",
+            "cfg.yaml: models[0].url: give it per replica (under replicas), not here",
+            "cfg.yaml: models[0].replicas[1].idle_threshold_seconds: unknown key"
+            " 'idle_threshold_seconds'",
+            "cfg.yaml: models[0].replicas[3]: expected a mapping, got integer 5",
+            "cfg.yaml: models[0].replicas[1].url: http://127.0.0.1:8000 is the same host:port as"
+            " models[0].replicas[0]",
+        ]
+    )
+
+
+def test_an_engine_name_may_not_be_another_models_name() -> None:
+    doc = replicated()
+    doc["models"].append({"name": "m@1", "engine": "vllm", "url": "http://127.0.0.1:9000"})
+    assert problems_of(doc) == [
+        "cfg.yaml: models[0].replicas[1]: its engine name 'm@1' is another model's name"
+    ]

@@ -33,6 +33,7 @@ from kvsleep.config import (
     config_schema,
     parse_config,
 )
+from kvsleep.core.scaling import ScalingPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -171,6 +172,12 @@ def place(section: str, key: str, value: object) -> dict[str, Any]:
     elif section == "instance":
         document = {"instances": [dict(INSTANCE)]}
         target = document["instances"][0]
+    elif section == "replica":
+        model = document["models"][0]
+        target = {"url": model.pop("url")}
+        model["replicas"] = [target]
+    elif section == "scaling":
+        target = document["models"][0].setdefault("scaling", {})
     elif section == "gpu":
         target = {"id": 0, "memory_gb": 1}
         document["gpus"] = [target]
@@ -197,10 +204,19 @@ FIELDS = {
     "": field_names(Config, leave_out=("source", "warnings")),
     "router": field_names(RouterConfig, leave_out=("admin_token",)),
     "sleep_manager": POLICY_KEYS,
-    "model": field_names(ModelConfig, leave_out=("policy", "engine_args", "venv_path"))
+    "model": field_names(
+        ModelConfig, leave_out=("policy", "engine_args", "venv_path", "model", "replica")
+    )
+    | POLICY_KEYS
+    | {"replicas"},
+    "instance": field_names(
+        ModelConfig,
+        leave_out=("policy", "name", "url", "command", "env", "scaling", "affinity", "replica"),
+    )
     | POLICY_KEYS,
-    "instance": field_names(ModelConfig, leave_out=("policy", "name", "url", "command", "env"))
-    | POLICY_KEYS,
+    # What differs between the engines of one model; the rest is the model's.
+    "replica": {"url", "command", "env", "log_file", "memory_gb", "gpus", "wake_eta_seconds"},
+    "scaling": field_names(ScalingPolicy),
     "gpu": field_names(GpuConfig),
     "policy_source": field_names(PolicySource),
     "fleet": field_names(FleetConfig),
