@@ -588,3 +588,15 @@ def test_affinity_with_a_bound_skips_loaded_replicas():
     assert other not in (None, home)
     full = [rv(n, A, 9 if str(n) == home else 8) for n in range(3)]
     assert pick_replica(full, "user-1", 0.0, bound=8) != home  # all full: the least loaded
+
+
+def test_a_model_is_awake_when_any_replica_is_else_as_close_to_serving_as_its_best() -> None:
+    from kvsleep.core.scaling import model_state
+
+    S = ModelState
+    assert model_state([S.ASLEEP, S.AWAKE, S.FAILED]) is S.AWAKE
+    assert model_state([S.ASLEEP, S.WAKING, S.DRAINING]) is S.WAKING
+    assert model_state([S.ASLEEP, S.SLEEPING]) is S.SLEEPING
+    assert model_state([S.ASLEEP, S.FAILED]) is S.ASLEEP
+    assert model_state([S.DOWN]) is S.DOWN
+    assert all(model_state([state]) is state for state in S)

@@ -187,10 +187,10 @@ class Tracker:
         ticket: contextvars.ContextVar[tuple[str, int, bool]] = contextvars.ContextVar("ticket")
         hold, forward = router._hold, router._forward
 
-        async def tracked_hold(request, model: str, *args, **kwargs):
-            held = model in manager.slots and manager.slots[model].state is not ModelState.AWAKE
-            ticket.set((model, next(numbers), held))
-            return await hold(request, model, *args, **kwargs)
+        async def tracked_hold(request, slot, *args, **kwargs):
+            held = slot.state is not ModelState.AWAKE
+            ticket.set((slot.cfg.name, next(numbers), held))
+            return await hold(request, slot, *args, **kwargs)
 
         async def tracked_forward(request, slot, body, early):
             # A request for an awake model is admitted without `_hold`: numbered here.

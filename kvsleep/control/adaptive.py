@@ -255,7 +255,7 @@ class Thresholds:
         """The model's policy with the threshold in force (unchanged when fixed)."""
         if cfg.policy.idle_policy != "adaptive":
             return cfg.policy
-        return self.learner(cfg.name).policy(cfg.policy, cfg.wake_eta_seconds)
+        return self.learner(cfg.served_name).policy(cfg.policy, cfg.wake_eta_seconds)
 
     def threshold_for(self, cfg: ModelConfig) -> float:
         """The idle threshold in force for this model now."""

@@ -29,9 +29,10 @@ from kvsleep.config import ModelConfig, SleepPolicy
 from kvsleep.control.adaptive import Thresholds
 from kvsleep.control.policy_source import FleetTraffic
 from kvsleep.control.reconciler import Reconciler
+from kvsleep.control.replicas import ModelGroup
 from kvsleep.control.state_file import StateStore, StateWriter, StoredModel
 from kvsleep.control.traffic import TrafficMonitor
-from kvsleep.core import policy
+from kvsleep.core import policy, scaling
 from kvsleep.core.machine import (
     JOBS,
     Admit,
@@ -90,7 +91,7 @@ from kvsleep.engines import (
     SleepUnsupported,
     adapter_for,
 )
-from kvsleep.web.metrics import Metrics, ModelSnapshot
+from kvsleep.web.metrics import Metrics, ModelSnapshot, ReplicaSnapshot, ScalingSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,19 @@ class ModelSlot:
         return await self.adapter.observe(self.state)
 
 
+def _all(outcomes: list[asyncio.Future[bool]]) -> asyncio.Future[bool]:
+    """One outcome for several: true when every one is."""
+    joined: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def settle(_: object) -> None:
+        if not joined.done() and all(o.done() for o in outcomes):
+            joined.set_result(all(not o.cancelled() and o.result() for o in outcomes))
+
+    for outcome in outcomes:
+        outcome.add_done_callback(settle)
+    return joined
+
+
 class SleepManager:
     """Owns model state; see the module docstring."""
 
@@ -267,7 +281,8 @@ class SleepManager:
         owns: Callable[[str], bool] = lambda name: True,
     ) -> None:
         self.clock = clock
-        self.slots: dict[str, ModelSlot] = {}
+        self.slots: dict[str, ModelSlot] = {}  # by engine name (a replica is `model@i`)
+        self.groups: dict[str, ModelGroup] = {}  # by the name clients use: a model's replicas
         # Engines of models that left the configuration: re-added or renamed, they keep what is
         # known of them; records read at start-up for engines not configured (yet).
         self.retired: dict[EngineKey, tuple[str, EngineMachine]] = {}
@@ -352,12 +367,35 @@ class SleepManager:
         machine.can_measure = self.gpu_memory_of is not None
         slot = ModelSlot(cfg, adapter, machine)
         self.slots[cfg.name] = slot
-        self.traffic_monitor.add_model(cfg.name)
-        self.metrics.add_models([cfg.name])
+        self.traffic_monitor.add_model(cfg.served_name)
+        self.metrics.add_models([cfg.served_name])
         self._list_engine(cfg, {"host": cfg.host, "port": str(cfg.port)})
+        self._regroup()
         if known is None and self._reconciler_task is not None:
             self._first_look(slot)
         return slot
+
+    def _regroup(self) -> None:
+        """Gather the engines into the models clients name. A model keeps its group object
+        (and the scaler's memory) while it has any engine, so the router can tell a request
+        whose model left from one whose model merely changed."""
+        members: dict[str, list[ModelSlot]] = {}
+        for slot in self.slots.values():
+            members.setdefault(slot.cfg.served_name, []).append(slot)
+        groups: dict[str, ModelGroup] = {}
+        for name, slots in members.items():
+            slots.sort(key=lambda slot: int(slot.cfg.replica))
+            cfg = slots[0].cfg
+            group = self.groups.get(name)
+            if group is None:
+                group = ModelGroup(name, tuple(slots), cfg.scaling, cfg.affinity)
+            else:
+                group.set_slots(tuple(slots), cfg.scaling, cfg.affinity)
+            groups[name] = group
+        for name in self.groups.keys() - groups.keys():
+            self.traffic_monitor.remove_model(name)
+            self.metrics.remove_model(name)
+        self.groups = groups
 
     def _first_look(self, slot: ModelSlot) -> None:
         """An engine never seen: hold its requests until a probe (and any record) says how it
@@ -441,8 +479,7 @@ class SleepManager:
         if slot.worker is not None:
             slot.worker.cancel()
         self.retired[engine_key(slot.cfg)] = (model_name, slot.machine)
-        self.traffic_monitor.remove_model(model_name)
-        self.metrics.remove_model(model_name)
+        self._regroup()
         self.persist()
 
     def update_model(self, cfg: ModelConfig) -> None:
@@ -475,6 +512,7 @@ class SleepManager:
         slot.cfg = cfg
         slot.adapter.model = cfg
         self._list_engine(cfg, {"host": cfg.host, "port": str(cfg.port)})
+        self._regroup()
         self._carry_out(slot, slot.machine.handle(Reconfigured(self.clock(), cfg)))
 
     def update_config(self, **kwargs: object) -> None:
@@ -573,6 +611,7 @@ class SleepManager:
         slot = self.slots[model_name]
         if slot.machine.admit_awake():
             return slot
+        served = slot.cfg.served_name
         effects = slot.machine.handle(
             Arrived(self.clock(), size, self.max_held_bytes - self.held_bytes, deadline)
         )
@@ -581,7 +620,7 @@ class SleepManager:
         if isinstance(verdict, Admit):
             return slot
         if isinstance(verdict, Reject):
-            self.metrics.rejected_requests.labels(model_name, verdict.reason).inc()
+            self.metrics.rejected_requests.labels(served, verdict.reason).inc()
             raise Rejected(
                 model_name, verdict.reason, verdict.message, verdict.status, verdict.retry_after
             )
@@ -599,13 +638,13 @@ class SleepManager:
             message = f"model `{model_name}` did not wake within {timeout:g}s"
             if slot.waiting_for_memory:
                 message += f" ({slot.waiting_for_memory})"
-            self.metrics.rejected_requests.labels(model_name, "wake_timeout").inc()
+            self.metrics.rejected_requests.labels(served, "wake_timeout").inc()
             raise Rejected(
                 model_name, "wake_timeout", message, 504, max(1.0, wait or 1.0)
             ) from None
         except Rejected as exc:
             if self.slots.get(model_name) is slot:  # a removed model leaves no series behind
-                self.metrics.rejected_requests.labels(model_name, exc.reason).inc()
+                self.metrics.rejected_requests.labels(served, exc.reason).inc()
             raise
         except BaseException:  # cancelled, or on_hold found the client gone
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -616,7 +655,7 @@ class SleepManager:
         finally:
             self.held_bytes -= size
         if self.slots.get(model_name) is slot:
-            self.metrics.request_hold.labels(model_name).observe(time.monotonic() - started)
+            self.metrics.request_hold.labels(served).observe(time.monotonic() - started)
         return slot
 
     @staticmethod
@@ -711,14 +750,15 @@ class SleepManager:
             elif isinstance(effect, Count):
                 counter = self.metrics.sleeps if effect.op == "sleep" else self.metrics.wakes
                 if self.slots.get(name) is slot:
-                    counter.labels(name, effect.reason, "ok" if effect.ok else "error").inc()
+                    served = slot.cfg.served_name
+                    counter.labels(served, effect.reason, "ok" if effect.ok else "error").inc()
                     if effect.took is not None:
                         duration = (
                             self.metrics.sleep_duration
                             if effect.op == "sleep"
                             else self.metrics.wake_duration
                         )
-                        duration.labels(name).observe(effect.took)
+                        duration.labels(served).observe(effect.took)
         if self.gpu_budgets:
             self._signal_change()
 
@@ -809,7 +849,10 @@ class SleepManager:
 
     def request_sleep(self, model_name: str, reason: str) -> asyncio.Future[bool]:
         """Ask for the model to sleep (after draining); the future says whether it did (a
-        second call while one is under way joins it)."""
+        second call while one is under way joins it). A model with replicas: all of them."""
+        if model_name not in self.slots:
+            slots = self.groups[model_name].slots
+            return _all([self.request_sleep(slot.cfg.name, reason) for slot in slots])
         slot = self.slots[model_name]
         if slot.cfg.always_on:
             raise NotAllowed(f"model `{model_name}` is always_on and is never put to sleep")
@@ -819,7 +862,10 @@ class SleepManager:
         return outcome
 
     def request_wake(self, model_name: str, reason: str) -> asyncio.Future[bool]:
-        """Ask for the model to wake; the future says whether it did."""
+        """Ask for the model to wake; the future says whether it did. A model with replicas:
+        the one a request would go to (awake already, waking, or the first asleep)."""
+        if model_name not in self.slots:
+            return self.request_wake(self.groups[model_name].route(None).cfg.name, reason)
         slot = self.slots[model_name]
         outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if slot.state is ModelState.AWAKE and slot.want_awake and not slot.busy:
@@ -870,17 +916,75 @@ class SleepManager:
         fleet_mode: bool,
     ) -> list[policy.ModelView]:
         """What the policy decides on: the models just probed, as they stand after the probe."""
-        self.thresholds.keep_only(self.slots)
+        self.thresholds.keep_only(self.groups)
         return [
             self.view(slot, None, fleet.get(name), fleet_mode)
             for name, _ in probed
             if (slot := self.slots.get(name)) is not None and not slot.busy
         ]
 
+    async def scale(self, now: float) -> list[policy.Action]:
+        """The scaler's pass (core/scaling.py decides): for each model with a `scaling` policy,
+        at most one replica to wake or to drain and sleep."""
+        actions: list[policy.Action] = []
+        committed = self.gpu_committed() if self.gpu_budgets else {}
+        for group in self.groups.values():
+            rules = group.scaling
+            if rules is None or not all(self.owns(slot.cfg.name) for slot in group.slots):
+                continue
+            views = group.views(lambda slot: self._fits(slot, committed))
+            if rules.target_queue or rules.target_kv_cache_usage:
+                views = await self._with_pressure(group, views)
+            decision, group.memory = scaling.decide_scale(views, rules, group.memory, now)
+            group.decision = decision
+            if decision.action is None or decision.replica is None:
+                continue
+            slot = group.replica(decision.replica)
+            self.metrics.scale_events.labels(
+                group.name, decision.replica, decision.action, decision.reason
+            ).inc()
+            log.info(
+                "model %s: %s replica %s (%s; demand %.2f replicas)",
+                group.name,
+                "waking" if decision.action == "up" else "draining and sleeping",
+                decision.replica,
+                decision.reason,
+                decision.demand,
+            )
+            action = policy.Wake if decision.action == "up" else policy.Sleep
+            actions.append(action(slot.cfg.name, f"scale_{decision.action}"))
+        return actions
+
+    def _fits(self, slot: ModelSlot, committed: dict[int, float]) -> bool:
+        """Whether waking the replica keeps its GPUs within budget without evicting anyone."""
+        need = slot.cfg.memory_gb or 0.0
+        return all(
+            committed[gpu] + need <= self.gpu_budgets[gpu]
+            for gpu in slot.cfg.gpus
+            if gpu in self.gpu_budgets
+        )
+
+    async def _with_pressure(
+        self, group: ModelGroup, views: list[scaling.ReplicaView]
+    ) -> list[scaling.ReplicaView]:
+        """The awake replicas' own queue and KV cache gauges, asked concurrently."""
+        awake = [i for i, view in enumerate(views) if view.state is ModelState.AWAKE]
+        found = await asyncio.gather(
+            *(group.slots[i].adapter.pressure() for i in awake), return_exceptions=True
+        )
+        views = list(views)
+        for i, got in zip(awake, found, strict=True):
+            if isinstance(got, tuple):
+                views[i] = dataclasses.replace(views[i], queue=got[0], kv_cache_usage=got[1])
+        return views
+
     def apply(self, action: policy.Action, now: float) -> None:
         if isinstance(action, policy.Sleep):
+            if action.reason == "scale_down":
+                self.request_sleep(action.model, action.reason)
+                return
             # An adaptive threshold judges its sleeps by when the next request comes.
-            self.thresholds.note_sleep(action.model, now)
+            self.thresholds.note_sleep(self.slots[action.model].cfg.served_name, now)
             log.info("model %s is idle; putting it to sleep", action.model)
             self.request_sleep(action.model, action.reason)
         elif isinstance(action, policy.Wake):
@@ -911,6 +1015,10 @@ class SleepManager:
 
     def reported_state(self, slot: ModelSlot) -> ModelState:
         return slot.machine.reported_state()
+
+    def model_state(self, group: ModelGroup) -> ModelState:
+        """What a model shows as one: awake when any replica is."""
+        return scaling.model_state([slot.machine.reported_state() for slot in group.slots])
 
     def defer_wake(self, model_name: str, reason: str) -> float | None:
         """Schedule a wake nobody's request asked for once `min_sleep_duration` has passed.
@@ -945,7 +1053,7 @@ class SleepManager:
                     return True, ""
                 for victim in plan.evict:
                     log.info("model %s: sleeping %s to make room on its GPUs", name, victim)
-                    self.metrics.evictions.labels(victim).inc()
+                    self.metrics.evictions.labels(self.slots[victim].cfg.served_name).inc()
                     self.request_sleep(victim, "idle")
                 if plan.reason != slot.waiting_for_memory:
                     log.info("model %s waits for GPU memory: %s", name, plan.reason)
@@ -1069,38 +1177,64 @@ class SleepManager:
     ) -> policy.ModelView:
         """The policy's view of a model; in fleet mode traffic merges every replica's, and a
         model the fleet view lacks must not be slept."""
-        stats = self.traffic_monitor.add_model(slot.cfg.name)
+        stats = self.traffic_monitor.add_model(slot.cfg.served_name)
         in_flight, last_activity = stats.in_flight, stats.last_activity_time
         if fleet is not None:
             in_flight = max(in_flight, fleet.in_flight)
             last_activity = max(last_activity, fleet.last_activity)
+        # A replica is idle when its model is; with a floor of awake replicas, the scaler alone
+        # sleeps them (it never goes below the floor).
+        scaling = slot.cfg.scaling
+        floor = scaling is not None and scaling.min_awake > 0
         return slot.machine.view(
             self.thresholds.policy_for(slot.cfg),
             in_flight,
             last_activity,
             observation=observation,
             owned=self.owns(slot.cfg.name),
-            sleep_allowed=fleet is not None or not fleet_mode,
+            sleep_allowed=(fleet is not None or not fleet_mode) and not floor,
         )
 
     def model_snapshots(self) -> Iterator[ModelSnapshot]:
+        """One per model as clients name it; a model with replicas adds theirs up (awake when
+        any is, its engine up when any answers, its earliest wake)."""
         stats = self.traffic_monitor.model_stats
-        for name, slot in self.slots.items():
+        for name, group in self.groups.items():
             s = stats.get(name)
-            machine = slot.machine
+            machines = [slot.machine for slot in group.slots]
+            ups = [m.engine_up for m in machines if m.engine_up is not None]
+            etas = [eta for m in machines if (eta := m.wake_eta()) is not None]
             yield ModelSnapshot(
                 name=name,
-                state=machine.reported_state(),
+                state=self.model_state(group),
                 in_flight=s.in_flight if s else 0,
-                held=len(slot.waiters),
+                held=sum(len(slot.waiters) for slot in group.slots),
                 last_request_timestamp=s.last_activity_time if s else 0.0,
-                idle_threshold_seconds=self.thresholds.threshold_for(slot.cfg),
-                engine_up=machine.engine_up,
-                wake_eta_seconds=machine.wake_eta(),
-                waiting_for_memory=slot.waiting_for_memory is not None,
-                cannot_sleep=machine.cannot_sleep is not None,
-                sleep_failures=machine.sleep_failures,
+                idle_threshold_seconds=self.thresholds.threshold_for(group.slots[0].cfg),
+                engine_up=any(ups) if ups else None,
+                wake_eta_seconds=min(etas) if etas else None,
+                waiting_for_memory=any(slot.waiting_for_memory for slot in group.slots),
+                cannot_sleep=any(m.cannot_sleep is not None for m in machines),
+                sleep_failures=max(m.sleep_failures for m in machines),
+                replicas=tuple(
+                    ReplicaSnapshot(slot.cfg.replica, slot.machine.reported_state(), slot.in_engine)
+                    for slot in group.slots
+                ),
+                scaling=self._scaling_snapshot(group),
             )
+
+    @staticmethod
+    def _scaling_snapshot(group: ModelGroup) -> ScalingSnapshot | None:
+        rules, verdict = group.scaling, group.decision
+        if rules is None:
+            return None
+        return ScalingSnapshot(
+            min_awake=rules.min_awake,
+            max_awake=scaling.awake_ceiling(rules, len(group.slots)),
+            desired=verdict.desired if verdict else None,
+            demand=verdict.demand if verdict else None,
+            blocked=verdict.blocked if verdict else None,
+        )
 
     def gpu_snapshots(self) -> Iterator[tuple[int, float, float]]:
         committed = self.gpu_committed()

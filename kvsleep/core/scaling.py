@@ -83,7 +83,7 @@ class ReplicaView:
     state: ModelState
     in_flight: int  # requests inside it (kvsleep's count)
     held: int  # requests held for its wake
-    queue: int | None = None  # engine-reported waiting requests, where known
+    queue: float | None = None  # engine-reported waiting requests, where known
     kv_cache_usage: float | None = None
     wake_eta: float | None = None  # expected wake seconds (median of measured wakes)
     fits: bool = True  # its GPUs' budget has room for it without evicting anyone
@@ -310,3 +310,23 @@ def pick_replica(
 def _weight(key: str, replica: str) -> int:
     digest = hashlib.blake2b(f"{key}\0{replica}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+# A model's state is its most available replica's: awake when any replica is (the kvcached API
+# and kvsleep_model_state see one model), else the one closest to serving.
+_AVAILABILITY = (
+    ModelState.AWAKE,
+    ModelState.WAKING,
+    ModelState.STARTING,
+    ModelState.DRAINING,
+    ModelState.SLEEPING,
+    ModelState.ASLEEP,
+    ModelState.UNKNOWN,
+    ModelState.DOWN,
+    ModelState.FAILED,
+)
+
+
+def model_state(states: Sequence[ModelState]) -> ModelState:
+    """The state a model with these replicas shows as one model."""
+    return min(states, key=_AVAILABILITY.index)

@@ -108,6 +108,10 @@ class EngineAdapter(ABC):
     """Set by whoever launched the engine (its PID and start time): the incarnation observations
     report when the engine answers without naming one itself."""
 
+    pressure_metrics: tuple[str, str] | None = None
+    """The engine's own gauges of requests waiting and KV cache usage (0 to 1), which the
+    scaler's `target_queue` and `target_kv_cache_usage` weigh; None: it has none."""
+
     def __init__(self, model: ModelConfig, sessions: SessionSource, retry: RetryPolicy) -> None:
         self.model = model
         self.sessions = sessions
@@ -156,6 +160,15 @@ class EngineAdapter(ABC):
         traffic that bypassed kvsleep) is drained too. None where the engine cannot tell or does
         not answer: the caller then has only its own count."""
         return None
+
+    async def pressure(self) -> tuple[float | None, float | None]:
+        """(requests waiting, KV cache usage) as the awake engine reports them; None for what it
+        does not (asked only where the model's scaling targets them)."""
+        if self.pressure_metrics is None:
+            return None, None
+        queue, usage = self.pressure_metrics
+        sums = (await self.get("/metrics")).metric_sums(self.pressure_metrics)
+        return sums.get(queue), sums.get(usage)
 
     def identify(self, reported: str | None) -> str | None:
         """The incarnation of a process that answered: its own word, else the launcher's."""

@@ -24,6 +24,8 @@ class SGLangAdapter(EngineAdapter):
     `startup_time` (0.5.x) names the process: a fresh one is awake and holds its memory.
     """
 
+    pressure_metrics = ("sglang:num_queue_reqs", "sglang:token_usage")
+
     sleep_steps = (RELEASE,)
     # Without --enable-weights-cpu-backup the resumed weights are garbage; reloading is
     # idempotent and cheap enough to do always rather than guess the engine's flags.

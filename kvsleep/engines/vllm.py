@@ -39,6 +39,7 @@ class VLLMAdapter(EngineAdapter):
     """
 
     observable = True
+    pressure_metrics = (_WAITING, "vllm:kv_cache_usage_perc")  # usage is 0 to 1 despite its name
 
     @property
     def sleep_steps(self) -> tuple[Step, ...]:

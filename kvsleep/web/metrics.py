@@ -7,6 +7,7 @@ collector, so the data path never touches a gauge and the numbers can never drif
 
 from __future__ import annotations
 
+from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvsleep import __version__
+from kvsleep.core.scaling import BLOCKED
 from kvsleep.core.states import ModelState
 
 # The router adds well under a millisecond; engines take seconds to minutes.
@@ -43,6 +45,26 @@ ALERTED_REJECT_REASONS = ("queue_full", "wake_timeout", "wake_failed")
 
 
 @dataclass(frozen=True)
+class ReplicaSnapshot:
+    """One engine of a model (a one-engine model is replica "0")."""
+
+    replica: str
+    state: ModelState
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class ScalingSnapshot:
+    """A scaled model's bounds and the scaler's last verdict."""
+
+    min_awake: int
+    max_awake: int
+    desired: int | None  # None until the scaler's first pass
+    demand: float | None
+    blocked: str | None
+
+
+@dataclass(frozen=True)
 class ModelSnapshot:
     """What the state collector needs to know about one model at scrape time."""
 
@@ -57,6 +79,8 @@ class ModelSnapshot:
     waiting_for_memory: bool = False
     cannot_sleep: bool = False
     sleep_failures: int = 0
+    replicas: tuple[ReplicaSnapshot, ...] = ()
+    scaling: ScalingSnapshot | None = None
 
 
 class SnapshotSource(Protocol):
@@ -123,7 +147,65 @@ class _StateCollector(Collector):
             "Failed sleeps of the model in a row; idle sleeps back off exponentially meanwhile.",
             labels=["model"],
         )
+        replicas = GaugeMetricFamily(
+            "kvsleep_model_replicas",
+            "Replicas (engines) of the model in each state.",
+            labels=["model", "state"],
+        )
+        replica_state = GaugeMetricFamily(
+            "kvsleep_replica_state",
+            "State of each replica of the model (1 for the state it is in).",
+            labels=["model", "replica", "state"],
+        )
+        replica_in_flight = GaugeMetricFamily(
+            "kvsleep_replica_in_flight_requests",
+            "Requests inside the replica's engine (held ones are not yet in any).",
+            labels=["model", "replica"],
+        )
+        desired = GaugeMetricFamily(
+            "kvsleep_model_replicas_desired",
+            "Replicas the scaler wants awake: the demand within [min_awake, max_awake].",
+            labels=["model"],
+        )
+        demand = GaugeMetricFamily(
+            "kvsleep_model_replica_demand",
+            "The demand in replicas (in flight over target, engine gauges, trend included).",
+            labels=["model"],
+        )
+        min_awake = GaugeMetricFamily(
+            "kvsleep_model_replicas_min_awake",
+            "Replicas kept awake whatever the demand (scaling.min_awake).",
+            labels=["model"],
+        )
+        max_awake = GaugeMetricFamily(
+            "kvsleep_model_replicas_max_awake",
+            "Most replicas awake at once (scaling.max_awake, else all).",
+            labels=["model"],
+        )
+        scale_blocked = GaugeMetricFamily(
+            "kvsleep_model_scale_blocked",
+            "1 while the demand wants more awake replicas than it can have, by why.",
+            labels=["model", "reason"],
+        )
         for snap in self._source.model_snapshots():
+            counts = Tally(r.state for r in snap.replicas)
+            for candidate in ModelState:
+                replicas.add_metric([snap.name, candidate.value], counts[candidate])
+            for r in snap.replicas:
+                for candidate in ModelState:
+                    current = 1.0 if candidate is r.state else 0.0
+                    replica_state.add_metric([snap.name, r.replica, candidate.value], current)
+                replica_in_flight.add_metric([snap.name, r.replica], r.in_flight)
+            if (scaled := snap.scaling) is not None:
+                min_awake.add_metric([snap.name], scaled.min_awake)
+                max_awake.add_metric([snap.name], scaled.max_awake)
+                if scaled.desired is not None:
+                    desired.add_metric([snap.name], scaled.desired)
+                if scaled.demand is not None:
+                    demand.add_metric([snap.name], scaled.demand)
+                for reason in BLOCKED:
+                    current = 1.0 if reason == scaled.blocked else 0.0
+                    scale_blocked.add_metric([snap.name, reason], current)
             for candidate in ModelState:
                 current = 1.0 if candidate is snap.state else 0.0
                 state.add_metric([snap.name, candidate.value], current)
@@ -149,6 +231,14 @@ class _StateCollector(Collector):
             blocked,
             cannot_sleep,
             failures,
+            replicas,
+            replica_state,
+            replica_in_flight,
+            desired,
+            demand,
+            min_awake,
+            max_awake,
+            scale_blocked,
         )
         budget = GaugeMetricFamily(
             "kvsleep_gpu_memory_budget_bytes",
@@ -239,6 +329,12 @@ class Metrics:
             ["model"],
             registry=reg,
         )
+        self.scale_events = Counter(
+            "kvsleep_scale_events",
+            "Replicas the scaler woke (up) or drained and slept (down), by why.",
+            ["model", "replica", "direction", "reason"],
+            registry=reg,
+        )
         self.reconcile_duration = Histogram(
             "kvsleep_reconcile_duration_seconds",
             "Time one reconcile pass took (probes included).",
@@ -327,6 +423,7 @@ class Metrics:
             self.request_hold,
             self.rejected_requests,
             self.evictions,
+            self.scale_events,
         ):
             metric.remove_by_labels({"model": name})
 

@@ -86,8 +86,9 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def parse_model(body: bytes) -> tuple[str, bool]:
-    """The `model` and `stream` of a request body, or the 400 that explains what is wrong."""
+def parse_model(body: bytes) -> tuple[str, bool, str | None]:
+    """The `model`, `stream` and `user` of a request body, or the 400 that explains what is
+    wrong (`user` only keys replica affinity: any value that is no string is not a key)."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -127,7 +128,8 @@ def parse_model(body: bytes) -> tuple[str, bool]:
             param="stream",
             code="invalid_type",
         )
-    return model, bool(stream)
+    user = doc.get("user")
+    return model, bool(stream), user if isinstance(user, str) else None
 
 
 def parse_deadline(request: web.Request) -> float | None:
@@ -201,10 +203,10 @@ class Router:
         assert resource is not None  # only routed requests reach this handler
         endpoint = resource.canonical
         body = await request.read()
-        model, stream = parse_model(body)
+        model, stream, user = parse_model(body)
         deadline = parse_deadline(request)
-        configured = self.manager.slots.get(model)
-        if configured is None:
+        group = self.manager.groups.get(model)
+        if group is None:
             self.metrics.unknown_model_requests.labels(endpoint).inc()
             raise OpenAIError(
                 404,
@@ -217,12 +219,13 @@ class Router:
         traffic = self.manager.traffic_monitor
         stats = traffic.record_request_start(model, endpoint)
         code = CLIENT_GONE
+        slot = group.only or group.route(self._affinity_key(group.affinity, request, user))
         try:
-            if self.manager.admit_now(configured):  # awake: no waiting, no coroutine for it
-                lease: ModelSlot | Rejected = configured
+            if self.manager.admit_now(slot):  # awake: no waiting, no coroutine for it
+                lease: ModelSlot | Rejected = slot
                 early: web.StreamResponse | None = None
             else:
-                lease, early = await self._hold(request, model, stream, deadline, len(body))
+                lease, early = await self._hold(request, slot, stream, deadline, len(body))
             if isinstance(lease, Rejected):
                 code = lease.status
                 rejected = OpenAIError(
@@ -250,11 +253,20 @@ class Router:
             return response
         finally:
             traffic.record_request_end(stats, success=code < 400)
-            if self.manager.slots.get(model) is configured:  # a removed model leaves no series
+            if self.manager.groups.get(model) is group:  # a removed model leaves no series
                 self.metrics.count_request(model, endpoint, code, time.perf_counter() - started)
 
+    @staticmethod
+    def _affinity_key(affinity: str | None, request: web.Request, user: str | None) -> str | None:
+        """What keeps a client on one replica, where the model asks for it."""
+        if affinity is None:
+            return None
+        if affinity == "user":
+            return user
+        return request.headers.get(affinity.removeprefix("header:"))
+
     async def _hold(
-        self, request: web.Request, model: str, stream: bool, deadline: float | None, size: int
+        self, request: web.Request, slot: ModelSlot, stream: bool, deadline: float | None, size: int
     ) -> tuple[ModelSlot | Rejected, web.StreamResponse | None]:
         """Get the model's lease; a streaming request held for a wake gets SSE comment lines
         (`: waking MODEL, eta Ns`) meanwhile, which OpenAI clients ignore and which keep
@@ -267,13 +279,17 @@ class Router:
             if early is None:
                 early = web.StreamResponse(status=200, headers=SSE_HEADERS)
                 await early.prepare(request)
-            eta = self.manager.eta_remaining(self.manager.slots[model])
+            eta = self.manager.eta_remaining(slot)
             note = f", eta {eta:.0f}s" if eta is not None else ""
-            await early.write(f": waking {_one_line(model)}{note}\n\n".encode())
+            await early.write(f": waking {_one_line(slot.cfg.served_name)}{note}\n\n".encode())
 
         try:
             lease = await self.manager.acquire(
-                model, deadline, keepalive if stream and interval else None, interval or 5.0, size
+                slot.cfg.name,
+                deadline,
+                keepalive if stream and interval else None,
+                interval or 5.0,
+                size,
             )
         except Rejected as exc:
             return exc, early

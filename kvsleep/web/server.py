@@ -348,7 +348,7 @@ class KvsleepServer:
     # ---- OpenAI and operator read routes -------------------------------------------------
 
     async def v1_models(self, request: web.Request) -> web.Response:
-        data = [self.model_object(name) for name in self.manager.slots]
+        data = [self.model_object(name) for name in self.manager.groups]
         return web.json_response({"object": "list", "data": data})
 
     def engine_log_file(self, model: str) -> Path | None:
@@ -357,14 +357,15 @@ class KvsleepServer:
         return self.launcher.log_file(model) if self.launcher is not None else None
 
     def model_object(self, name: str) -> dict[str, Any]:
-        """The OpenAI model object of a configured model, with its sleep state."""
-        slot = self.manager.slots[name]
+        """The OpenAI model object of a configured model, with its sleep state (a model with
+        replicas is awake when any of them is)."""
+        group = self.manager.groups[name]
         return {
             "id": name,
             "object": "model",
             "created": int(self.clock()),
-            "owned_by": slot.cfg.engine,
-            "state": self.manager.reported_state(slot).value,
+            "owned_by": group.slots[0].cfg.engine,
+            "state": self.manager.model_state(group).value,
         }
 
     async def healthy(self, request: web.Request) -> web.Response:
@@ -443,7 +444,8 @@ class KvsleepServer:
         if not wait:
             return _action(name, True, f"Model {name} {verb} requested", 202)
         ok = await outcome
-        if name not in self.manager.slots:  # a reload removed it: the call is settled at once
+        if name not in self.manager.slots and name not in self.manager.groups:
+            # a reload removed it: the call is settled at once
             return _action(
                 name,
                 False,
@@ -555,7 +557,7 @@ class KvsleepServer:
         """The model named in the path, raw (`a/b`) or percent-encoded (`a%2Fb`, which aiohttp
         has already decoded)."""
         name = request.match_info["model"]
-        if name not in self.manager.slots:
+        if name not in self.manager.slots and name not in self.manager.groups:
             raise OpenAIError(
                 404,
                 f"The model `{name}` does not exist.",
