@@ -655,9 +655,9 @@ def replica_panels(lay: Layout) -> list[dict[str, Any]]:
             lay,
             "timeseries",
             "In-flight requests per replica",
-            "Requests inside each replica's engine. Requests go to the awake replica with the "
-            "fewest, so awake replicas should track each other; one at 0 while another is busy "
-            "is not taking traffic.",
+            "Requests inside each replica's engine. Without affinity, requests go to the awake "
+            "replica with the fewest, so awake replicas should track each other; one at 0 while "
+            "another is busy is not taking traffic.",
             [
                 (
                     f"sum by (model, replica) (kvsleep_replica_in_flight_requests{{{M}}})",
