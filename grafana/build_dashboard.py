@@ -45,11 +45,33 @@ STATES = (
 Target = tuple[str, str]  # (PromQL expression, legend format)
 
 
-def state_code_expr() -> str:
-    """One series per model whose value is its state's code (1 = awake ... 9 = unknown)."""
+def state_code_expr(metric: str = "kvsleep_model_state", by: str = "model") -> str:
+    """One series per model (or per `by`) whose value is its state's code (1 = awake ... 9 =
+    unknown)."""
     terms = [
-        f'kvsleep_model_state{{{M}, state="{state}"}} * {code}'
+        f'{metric}{{{M}, state="{state}"}} * {code}'
         for code, (state, _) in enumerate(STATES, start=1)
+    ]
+    return f"max by ({by}) (\n    " + "\n  or ".join(terms) + "\n)"
+
+
+STATE_MAPPINGS = {str(code): (state, color) for code, (state, color) in enumerate(STATES, start=1)}
+
+# kvsleep_model_scale_blocked's `reason` values (kvsleep.core.scaling.BLOCKED), with the code
+# the "Scale-up blocked" timeline shows; 0 is "not blocked" (a test keeps the two in step).
+BLOCKED = (
+    ("max_awake", "orange"),
+    ("budget", "red"),
+    ("unavailable", "dark-red"),
+)
+
+
+def blocked_code_expr() -> str:
+    """One series per model: 0 when its scaler gets what it wants, else the blocking reason's
+    code. The scaler reports one reason at a time; max() keeps one if two kvsleeps differ."""
+    terms = [
+        f'kvsleep_model_scale_blocked{{{M}, reason="{reason}"}} * {code}'
+        for code, (reason, _) in enumerate(BLOCKED, start=1)
     ]
     return "max by (model) (\n    " + "\n  or ".join(terms) + "\n)"
 
@@ -302,9 +324,7 @@ def panels() -> list[dict[str, Any]]:
             [(state_code_expr(), "{{model}}")],
             "none",
             w=24,
-            mappings=value_mappings(
-                {str(code): (state, color) for code, (state, color) in enumerate(STATES, start=1)}
-            ),
+            mappings=value_mappings(STATE_MAPPINGS),
             options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8},
             custom={"fillOpacity": 80, "lineWidth": 0},
         )
@@ -585,6 +605,146 @@ def panels() -> list[dict[str, Any]]:
             "s",
             w=4,
             options={"colorMode": "none", "graphMode": "none"},
+        )
+    )
+    out += replica_panels(lay)
+    return out
+
+
+def replica_panels(lay: Layout) -> list[dict[str, Any]]:
+    """Warm autoscaling: a model's engine replicas, woken and slept as its demand moves.
+
+    Counts of replicas are views of the engines, which every kvsleep in front of them shares,
+    so they are combined with max(); request counts are each kvsleep's own and are summed.
+    The row comes last so that the ids of the panels above it stay as they were.
+    """
+    out = [row(lay, "Replicas: awake vs demand")]
+    out.append(
+        panel(
+            lay,
+            "timeseries",
+            "Awake replicas vs demand",
+            "Replicas awake now, against what the scaler wants awake (desired: the demand "
+            "rounded up and kept within min_awake..max_awake) and the demand itself in "
+            "replicas (what is in use over what one replica should carry, trend included). "
+            "Demand above max_awake (dashed) is more than the model may have: see the "
+            "KvsleepModelSaturated alert.",
+            [
+                (
+                    f'max by (model) (kvsleep_model_replicas{{{M}, state="awake"}})',
+                    "{{model}} awake",
+                ),
+                (f"max by (model) (kvsleep_model_replicas_desired{{{M}}})", "{{model}} desired"),
+                (f"max by (model) (kvsleep_model_replica_demand{{{M}}})", "{{model}} demand"),
+                (
+                    f"max by (model) (kvsleep_model_replicas_max_awake{{{M}}})",
+                    "{{model}} max_awake",
+                ),
+                (
+                    f"max by (model) (kvsleep_model_replicas_min_awake{{{M}}})",
+                    "{{model}} min_awake",
+                ),
+            ],
+            "short",
+            min_value=0,
+            overrides=[dashed("(max|min)_awake$")],
+        )
+    )
+    out.append(
+        panel(
+            lay,
+            "timeseries",
+            "In-flight requests per replica",
+            "Requests inside each replica's engine. Without affinity, requests go to the awake "
+            "replica with the fewest, so awake replicas should track each other; one at 0 while "
+            "another is busy is not taking traffic.",
+            [
+                (
+                    f"sum by (model, replica) (kvsleep_replica_in_flight_requests{{{M}}})",
+                    "{{model}} #{{replica}}",
+                )
+            ],
+            "short",
+            min_value=0,
+        )
+    )
+    out.append(
+        panel(
+            lay,
+            "state-timeline",
+            "Replica state",
+            "Each replica's state over time (kvsleep_replica_state); replicas are numbered in "
+            "config order. A step up is a replica going asleep -> waking -> awake, a step down "
+            "awake -> draining -> sleeping -> asleep.",
+            [
+                (
+                    state_code_expr("kvsleep_replica_state", by="model, replica"),
+                    "{{model}} #{{replica}}",
+                )
+            ],
+            "none",
+            w=24,
+            mappings=value_mappings(STATE_MAPPINGS),
+            options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8},
+            custom={"fillOpacity": 80, "lineWidth": 0},
+        )
+    )
+    out.append(
+        panel(
+            lay,
+            "timeseries",
+            "Scale events",
+            "Replicas woken (up) and drained and slept (down) per minute, by reason: up for "
+            "min_awake, target (demand above the awake replicas) or trend (it will be by the "
+            "time a wake is done); down for max_awake or below_target.",
+            [
+                (
+                    f"60 * sum by (model, direction, reason) "
+                    f"(rate(kvsleep_scale_events_total{{{M}}}[{RI}]))",
+                    "{{model}} {{direction}} {{reason}}",
+                )
+            ],
+            "opm",
+            w=8,
+            min_value=0,
+        )
+    )
+    out.append(
+        panel(
+            lay,
+            "state-timeline",
+            "Scale-up blocked",
+            "Whether the demand wants more awake replicas than the model can have, and why: "
+            "max_awake (at its ceiling), budget (no asleep replica fits its GPUs' memory "
+            "budget) or unavailable (no replica asleep to wake: failed, down, draining). "
+            "Alerts: KvsleepModelSaturated, KvsleepCannotScaleUp.",
+            [(blocked_code_expr(), "{{model}}")],
+            "none",
+            w=8,
+            mappings=value_mappings(
+                {"0": ("ok", "green")}
+                | {str(code): (reason, color) for code, (reason, color) in enumerate(BLOCKED, 1)}
+            ),
+            options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8},
+            custom={"fillOpacity": 80, "lineWidth": 0},
+        )
+    )
+    out.append(
+        panel(
+            lay,
+            "bargauge",
+            "Replicas by state",
+            "How many replicas of the selected models are in each state now.",
+            [
+                (
+                    f"sum by (state) (max by (model, state) (kvsleep_model_replicas{{{M}}}))",
+                    "{{state}}",
+                )
+            ],
+            "short",
+            w=8,
+            min_value=0,
+            options={"orientation": "horizontal", "displayMode": "basic", "showUnfilled": True},
         )
     )
     return out

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from kvsleep.control.launcher import Launcher
+from kvsleep.core.scaling import BLOCKED
 from kvsleep.core.states import ModelState
 from kvsleep.web.metrics import Metrics
 
@@ -50,7 +51,11 @@ EXPECTED_ALERTS = {
     "KvsleepModelCannotSleep",
     "KvsleepEngineStateUnknown",
     "KvsleepStateFileNotWritable",
+    "KvsleepModelSaturated",
+    "KvsleepCannotScaleUp",
 }
+# docs/runbook.md sections that explain rather than answer an alert.
+RUNBOOK_GUIDES = {"replicas-and-warm-autoscaling"}
 # kvsleep metrics without a `model` label (every other one must honour the $model variable).
 NO_MODEL_LABEL = {
     "kvsleep_unknown_model_requests_total",
@@ -250,7 +255,9 @@ def test_every_runbook_url_has_a_runbook_section() -> None:
     for alert in alerts():
         anchor = alert["annotations"]["runbook_url"].removeprefix(RUNBOOK_URL)
         assert anchor in anchors, f"docs/runbook.md has no section for {alert['alert']}"
-    assert anchors == {a["alert"].lower() for a in alerts()}, "runbook sections without alerts"
+    alert_anchors = {a["alert"].lower() for a in alerts()}
+    assert anchors - RUNBOOK_GUIDES == alert_anchors, "runbook sections without alerts"
+    assert anchors >= RUNBOOK_GUIDES, "guide sections missing from docs/runbook.md"
 
 
 def test_model_idle_alert_is_an_informational_sleep_action() -> None:
@@ -287,6 +294,13 @@ def test_rules_and_dashboard_use_only_exported_metrics() -> None:
         "kvsleep_engine_restarts_total",
         "kvsleep_engine_crash_looping",
         "kvsleep_state_write_errors_total",
+        "kvsleep_model_replicas",
+        "kvsleep_model_replicas_desired",
+        "kvsleep_model_replica_demand",
+        "kvsleep_model_scale_blocked",
+        "kvsleep_scale_events_total",
+        "kvsleep_replica_state",
+        "kvsleep_replica_in_flight_requests",
     ):
         assert metric in used, metric
 
@@ -330,6 +344,10 @@ def test_generator_check_mode(tmp_path: Path) -> None:
 
 def test_dashboard_state_codes_cover_every_model_state() -> None:
     assert [state for state, _ in generator().STATES] == [s.value for s in ModelState]
+
+
+def test_dashboard_blocked_codes_cover_every_blocking_reason() -> None:
+    assert [reason for reason, _ in generator().BLOCKED] == list(BLOCKED)
 
 
 def test_dashboard_top_level_conventions() -> None:
@@ -405,6 +423,40 @@ def test_dashboard_has_the_required_panels() -> None:
     ):
         assert metric in exprs, metric
     assert any(p["type"] == "text" and "GPU memory" in p["title"] for p in dash["panels"])
+
+
+def test_dashboard_has_the_replica_row() -> None:
+    """Warm autoscaling: awake replicas against demand, per replica load and state, scale events
+    and what blocks a scale-up, in one row."""
+    dash = dashboard()
+    titles = [p["title"] for p in dash["panels"]]
+    start = titles.index("Replicas: awake vs demand")
+    assert dash["panels"][start]["type"] == "row"
+    in_row = {p["title"]: p for p in dash["panels"][start + 1 :]}
+    assert all(p["type"] != "row" for p in in_row.values()), "the replica row is the last"
+
+    def exprs(title: str) -> str:
+        return "\n".join(t["expr"] for t in in_row[title]["targets"])
+
+    vs = exprs("Awake replicas vs demand")
+    assert 'kvsleep_model_replicas{model=~"$model", state="awake"}' in vs
+    for metric in (
+        "kvsleep_model_replicas_desired",
+        "kvsleep_model_replica_demand",
+        "kvsleep_model_replicas_max_awake",
+    ):
+        assert metric in vs, metric
+    assert "by (model, replica)" in exprs("In-flight requests per replica")
+    state = in_row["Replica state"]
+    assert state["type"] == "state-timeline"
+    assert "by (model, replica)" in exprs("Replica state")
+    assert "{{replica}}" in state["targets"][0]["legendFormat"]
+    options = state["fieldConfig"]["defaults"]["mappings"][0]["options"]
+    assert [o["text"] for o in options.values()] == [s.value for s in ModelState]
+    assert "by (model, direction, reason)" in exprs("Scale events")
+    blocked = in_row["Scale-up blocked"]
+    options = blocked["fieldConfig"]["defaults"]["mappings"][0]["options"]
+    assert [o["text"] for o in options.values()] == ["ok", *BLOCKED]
 
 
 def test_dashboard_grid_has_no_overlaps() -> None:
