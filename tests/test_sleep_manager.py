@@ -182,7 +182,7 @@ class Tracker:
 
     def __init__(self, kv: Any) -> None:
         self.forwarded: list[tuple[str, int, bool]] = []
-        manager, router = kv.manager, kv.server.router
+        router = kv.server.router
         numbers = itertools.count()
         ticket: contextvars.ContextVar[tuple[str, int, bool]] = contextvars.ContextVar("ticket")
         hold, forward = router._hold, router._forward

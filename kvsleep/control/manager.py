@@ -864,9 +864,7 @@ class SleepManager:
     def request_wake(self, model_name: str, reason: str) -> asyncio.Future[bool]:
         """Ask for the model to wake; the future says whether it did. A model with replicas:
         the one a request would go to (awake already, waking, or the first asleep)."""
-        if model_name not in self.slots:
-            return self.request_wake(self.groups[model_name].route(None).cfg.name, reason)
-        slot = self.slots[model_name]
+        slot = self.slots[self.engine_to_wake(model_name)]
         outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if slot.state is ModelState.AWAKE and slot.want_awake and not slot.busy:
             # Awake only counts if its engine answers: waking an unreachable one fails.
@@ -877,6 +875,13 @@ class SleepManager:
         slot.wake_outcomes.append(outcome)
         self._feed(slot, WantWake(self.clock(), reason))
         return outcome
+
+    def engine_to_wake(self, model_name: str) -> str:
+        """The engine a wake of `model_name` is for: itself, or the replica a request for the
+        model would go to (awake already, waking, or the first asleep)."""
+        if model_name in self.slots:
+            return model_name
+        return self.groups[model_name].route(None).cfg.name
 
     async def _confirm_up(self, slot: ModelSlot, outcome: asyncio.Future[bool]) -> None:
         observed = await slot.adapter.observe(slot.state)
@@ -1025,7 +1030,7 @@ class SleepManager:
 
         Returns when it will happen, or None when it may happen now.
         """
-        return self.slots[model_name].machine.defer_wake(reason, self.clock())
+        return self.slots[self.engine_to_wake(model_name)].machine.defer_wake(reason, self.clock())
 
     def _event(self, name: str, text: str) -> None:
         if self.on_event is not None:

@@ -1,0 +1,213 @@
+"""Warm autoscaling end to end: one model served by three simulated engines, scaled by sleep
+and wake, routed over HTTP; time for the scaler is a fake clock, told, not waited for."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import RunningSim
+
+M = "chat"
+TARGET = 2  # requests in flight per awake replica
+CLIENTS = 6  # three replicas' worth at the target
+UP_AFTER, DOWN_AFTER = 5, 60
+
+
+async def until(predicate: Callable[[], bool], what: str, tries: int = 1000) -> None:
+    for _ in range(tries):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def replicated(sims: list[RunningSim], **scaling: Any) -> dict[str, Any]:
+    return {
+        "name": M,
+        "engine": "vllm",
+        "replicas": [{"url": sim.url} for sim in sims],
+        "scaling": {
+            "target_in_flight": TARGET,
+            "scale_up_after_seconds": UP_AFTER,
+            "scale_down_after_seconds": DOWN_AFTER,
+            "trend_window_seconds": 0,
+            **scaling,
+        },
+    }
+
+
+async def three(sim_factory: Any, **settings: Any) -> list[RunningSim]:
+    return [await sim_factory("vllm", model=M, **settings) for _ in range(3)]
+
+
+def states(kv: Any) -> list[str]:
+    return [kv.state(f"{M}@{i}") for i in range(3)]
+
+
+async def completion(session: aiohttp.ClientSession, kv: Any, **extra: Any) -> int:
+    body = {"model": M, "prompt": "hi", "max_tokens": 10, **extra.pop("body", {})}
+    async with session.post(kv.url + "/v1/completions", json=body, **extra) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def metrics(session: aiohttp.ClientSession, kv: Any) -> str:
+    async with session.get(kv.url + "/metrics") as resp:
+        return await resp.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the one series of `name` with these labels (among others)."""
+    values = [
+        float(value)
+        for found, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M)
+        if all(f'{k}="{v}"' in found for k, v in labels.items())
+    ]
+    assert len(values) == 1, (name, labels, values)
+    return values[0]
+
+
+class Load:
+    """CLIENTS closed-loop clients: each sends its next request when the last is answered."""
+
+    def __init__(self, session: aiohttp.ClientSession, kv: Any) -> None:
+        self.codes: list[int] = []
+        self.running = True
+        self.tasks = [asyncio.create_task(self._client(session, kv)) for _ in range(CLIENTS)]
+
+    async def _client(self, session: aiohttp.ClientSession, kv: Any) -> None:
+        while self.running:
+            self.codes.append(await completion(session, kv))
+
+    async def stop(self) -> None:
+        self.running = False
+        await asyncio.gather(*self.tasks)
+
+
+async def scale_step(kv: Any, wait_for: Callable[[], bool], what: str) -> None:
+    """A reconcile pass now and one after the scaler's delay; then the change it started."""
+    await kv.reconcile()
+    kv.clock.advance(max(UP_AFTER, DOWN_AFTER))
+    await kv.reconcile()
+    await until(wait_for, what)
+
+
+async def test_a_step_load_wakes_two_more_replicas_and_its_end_sleeps_them_after_drains(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    # 25 ms per request: long enough to stay in flight across a reconcile pass.
+    sims = await three(sim_factory, tokens_per_second=400.0)
+    kv = await kvsleep_factory([replicated(sims, min_awake=1)], idle_threshold_seconds=3600)
+    async with aiohttp.ClientSession() as session:
+        # Idle at start: two scale-downs leave replica 0 awake (min_awake).
+        await scale_step(kv, lambda: states(kv) == ["awake", "awake", "asleep"], "scale down")
+        await scale_step(kv, lambda: states(kv) == ["awake", "asleep", "asleep"], "scale down")
+        await kv.reconcile()
+        assert states(kv) == ["awake", "asleep", "asleep"]  # never below min_awake
+
+        load = Load(session, kv)
+        await until(lambda: kv.manager.slots[f"{M}@0"].in_engine > TARGET, "the step")
+        await scale_step(kv, lambda: states(kv)[1] == "awake", "replica 1 woken")
+        await scale_step(kv, lambda: states(kv) == ["awake"] * 3, "replica 2 woken")
+
+        # Three replicas awake, six clients: least outstanding puts two on each, never three.
+        served_before = [sim.sim.completed for sim in sims]
+        peaks = [0, 0, 0]
+        while min(s.sim.completed - b for s, b in zip(sims, served_before, strict=True)) < 20:
+            for i in range(3):
+                peaks[i] = max(peaks[i], kv.manager.slots[f"{M}@{i}"].in_engine)
+            await asyncio.sleep(0.002)
+        assert max(peaks) <= TARGET, peaks
+        text = await metrics(session, kv)
+        assert sample(text, "kvsleep_model_replicas", model=M, state="awake") == 3
+        assert sample(text, "kvsleep_model_replicas_desired", model=M) == 3
+        for i in range(3):
+            assert sample(text, "kvsleep_replica_state", model=M, replica=str(i), state="awake")
+        await load.stop()
+
+        # Load gone: one replica drained and slept per scale-down delay, down to min_awake.
+        await scale_step(kv, lambda: states(kv) == ["awake", "awake", "asleep"], "scale down")
+        await scale_step(kv, lambda: states(kv) == ["awake", "asleep", "asleep"], "scale down")
+        await kv.reconcile()
+        text = await metrics(session, kv)
+
+    assert load.codes and set(load.codes) == {200}, sorted(set(load.codes))
+    for sim in sims:
+        stats = await sim.stats()
+        assert stats["hazards"] == {}, stats["hazards"]
+        assert stats["requests"]["aborted"] == 0
+    # Two wakes, one for each extra replica, and four sleeps, each after its drain.
+    assert sample(text, "kvsleep_wakes_total", model=M, reason="scale_up", result="ok") == 2
+    assert sample(text, "kvsleep_sleeps_total", model=M, reason="scale_down", result="ok") == 4
+    for replica in ("1", "2"):
+        assert sample(
+            text, "kvsleep_scale_events_total", model=M, replica=replica, direction="up"
+        ) == 1
+    assert sample(text, "kvsleep_model_replicas", model=M, state="awake") == 1
+    assert sample(text, "kvsleep_model_replicas", model=M, state="asleep") == 2
+    assert sample(text, "kvsleep_model_replicas_desired", model=M) == 1
+    assert sample(text, "kvsleep_model_state", model=M, state="awake") == 1
+    assert sample(text, "kvsleep_model_scale_blocked", model=M, reason="max_awake") == 0
+
+
+async def test_min_awake_0_sleeps_every_replica_when_idle_and_a_request_wakes_one(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    sims = await three(sim_factory)
+    kv = await kvsleep_factory([replicated(sims, min_awake=0)], idle_threshold_seconds=60)
+    async with aiohttp.ClientSession() as session:
+        assert await completion(session, kv) == 200
+        kv.clock.advance(61)
+        await kv.reconcile()
+        await until(lambda: states(kv) == ["asleep"] * 3, "every replica asleep")
+        async with session.get(kv.url + "/v1/models") as resp:
+            (model,) = (await resp.json())["data"]
+        assert (model["id"], model["state"]) == (M, "asleep")
+
+        codes = await asyncio.gather(*(completion(session, kv) for _ in range(5)))
+        assert codes == [200] * 5
+        assert states(kv) == ["awake", "asleep", "asleep"]  # held requests shared one wake
+        text = await metrics(session, kv)
+    assert sample(text, "kvsleep_wakes_total", model=M, reason="request", result="ok") == 1
+    assert sample(text, "kvsleep_sleeps_total", model=M, reason="idle", result="ok") == 3
+    for sim in sims:
+        assert (await sim.stats())["hazards"] == {}
+
+
+async def test_affinity_keeps_a_client_on_one_replica_while_others_serve_the_rest(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    sims = await three(sim_factory)
+    doc = {**replicated(sims, min_awake=3), "affinity": "header:X-Session"}
+    kv = await kvsleep_factory([doc])
+    async with aiohttp.ClientSession() as session:
+        for _ in range(6):
+            headers = {"X-Session": "alice"}
+            assert await completion(session, kv, headers=headers) == 200
+        served = [sim.sim.completed for sim in sims]
+        assert sorted(served) == [0, 0, 6]
+        # Without the header, requests spread (ties at random, so any replica may take one).
+        await asyncio.gather(*(completion(session, kv) for _ in range(30)))
+        assert sum(sim.sim.completed for sim in sims) == 36
+
+
+async def test_the_kvcached_routes_see_one_model_awake_when_any_replica_is(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    sims = await three(sim_factory)
+    kv = await kvsleep_factory([replicated(sims, min_awake=0)])
+    async with aiohttp.ClientSession() as session:
+        async with session.post(kv.url + f"/models/{M}/sleep") as resp:
+            assert resp.status == 200, await resp.text()
+        assert states(kv) == ["asleep"] * 3
+        async with session.post(kv.url + f"/models/{M}/wake") as resp:
+            assert resp.status == 200, await resp.text()
+        assert states(kv) == ["awake", "asleep", "asleep"]
+        async with session.get(kv.url + "/v1/models") as resp:
+            (model,) = (await resp.json())["data"]
+        assert (model["id"], model["state"]) == (M, "awake")
