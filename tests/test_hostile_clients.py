@@ -21,6 +21,7 @@ import aiohttp
 import yaml
 from aiohttp import ClientConnectionResetError, web
 
+from kvsleep.web.router import _end
 from tests.conftest import REPO_ROOT, SimFactory
 from tests.kvsleep_harness import config_doc, sim_model, start_kvsleep
 from tests.prometheus_server import free_port
@@ -328,8 +329,9 @@ async def test_a_client_leaving_as_its_stream_ends_is_no_error(
         session.post(sim.url + "/v1/completions", json=body) as upstream,
     ):
         slot = kv.manager.slots["m"]
-        _, code = await kv.server.router._relay(None, slot, upstream, GoneAtTheEnd())
-    assert code == 499  # counted as "client gone", like any other departure
+        response, code = await kv.server.router._relay(None, slot, upstream, GoneAtTheEnd())
+    assert code == 200  # the engine's answer is relayed in full...
+    assert await _end(response, code) == 499  # ...and its end found the client gone
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 

@@ -138,6 +138,7 @@ async def test_prometheus_scrapes_kvsleep_evaluates_rules_and_dashboard_queries(
     llama = await sim_factory("vllm", "org/llama", wake_latency=0.2)
     qwen = await sim_factory("sglang", "org/qwen")
     flaky = await sim_factory("vllm", "org/flaky")
+    chat = [await sim_factory("vllm", "org/chat") for _ in range(2)]
     port = free_port()
     launched = {
         "name": "org/launched",
@@ -155,6 +156,12 @@ async def test_prometheus_scrapes_kvsleep_evaluates_rules_and_dashboard_queries(
             sim_model(qwen, idle_threshold_seconds=2, memory_gb=8, gpus=[0]),
             sim_model(flaky),
             launched,
+            {  # two replicas, both awake at start: the scaler drains and sleeps one
+                "name": "org/chat",
+                "engine": "vllm",
+                "replicas": [{"url": sim.url} for sim in chat],
+                "scaling": {"min_awake": 1, "scale_down_after_seconds": 1},
+            },
         ],
         clock=time.time,
         gpus=[{"id": 0, "memory_gb": 80}],
@@ -164,7 +171,8 @@ async def test_prometheus_scrapes_kvsleep_evaluates_rules_and_dashboard_queries(
     try:
         await launcher.start([m for m in kv.server.config.models if m.launched])
         await kv.reconcile()  # the launched engine was down at kvsleep's start: now it is up
-        engines = [hostport(s.url) for s in (llama, qwen, flaky)] + [f"127.0.0.1:{port}"]
+        engines = [hostport(s.url) for s in (llama, qwen, flaky, *chat)]
+        engines.append(f"127.0.0.1:{port}")
         prom = prometheus_factory({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
                        "evaluation_interval": "1s"},
@@ -201,7 +209,7 @@ async def drive_scenario(
 
     await eventually(ready, 20, "prometheus ready", prom)
     await eventually(lambda: has('up{job="kvsleep"} == 1'), 10, "kvsleep scraped", prom)
-    await eventually(lambda: has('up{job="engines"} == 1', 4), 10, "engines scraped", prom)
+    await eventually(lambda: has('up{job="engines"} == 1', 6), 10, "engines scraped", prom)
 
     # In the background: steady traffic with unknown-model requests, reconcile passes, and
     # requests for org/flaky whose every wake fails.
@@ -325,7 +333,7 @@ async def check_dashboard(session: aiohttp.ClientSession, prom: Prometheus) -> N
         f"{prom.url}/api/v1/label/model/values", params={"match[]": "kvsleep_model_state"}
     ) as resp:
         models = (await resp.json(content_type=None))["data"]
-    assert set(models) == {"org/llama", "org/qwen", "org/flaky", "org/launched"}
+    assert set(models) == {"org/llama", "org/qwen", "org/flaky", "org/launched", "org/chat"}
     panels = {promql: title for title, promql in dashboard_queries()}
     (state_query,) = [q for q, title in panels.items() if title == "Model state"]
     codes = {r["metric"]["model"]: float(r["value"][1])

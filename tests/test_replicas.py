@@ -89,19 +89,31 @@ class Load:
         await asyncio.gather(*self.tasks)
 
 
-async def scale_step(kv: Any, wait_for: Callable[[], bool], what: str) -> None:
-    """A reconcile pass now and one after the scaler's delay; then the change it started."""
-    await kv.reconcile()
-    kv.clock.advance(max(UP_AFTER, DOWN_AFTER))
-    await kv.reconcile()
+def in_flight(kv: Any) -> int:
+    return sum(slot.in_engine + len(slot.waiters) for slot in kv.manager.groups[M].slots)
+
+
+async def scale_step(
+    kv: Any, wait_for: Callable[[], bool], what: str, load: int | None = None
+) -> None:
+    """A reconcile pass now and one after the scaler's delay; then the change it started.
+
+    With `load`, each pass waits until that many requests are in: a closed-loop client is out
+    for a moment between two requests, and the scaler counts what is in flight when it looks.
+    """
+    for _ in range(2):
+        if load is not None:
+            await until(lambda: in_flight(kv) >= load, f"{load} requests in flight")
+        await kv.reconcile()
+        kv.clock.advance(max(UP_AFTER, DOWN_AFTER))
     await until(wait_for, what)
 
 
 async def test_a_step_load_wakes_two_more_replicas_and_its_end_sleeps_them_after_drains(
     sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
 ) -> None:
-    # 25 ms per request: long enough to stay in flight across a reconcile pass.
-    sims = await three(sim_factory, tokens_per_second=400.0)
+    # A quarter second per request: long enough to be in flight when the scaler looks.
+    sims = await three(sim_factory, tokens_per_second=40.0)
     kv = await kvsleep_factory([replicated(sims, min_awake=1)], idle_threshold_seconds=3600)
     async with aiohttp.ClientSession() as session:
         # Idle at start: two scale-downs leave replica 0 awake (min_awake).
@@ -112,13 +124,16 @@ async def test_a_step_load_wakes_two_more_replicas_and_its_end_sleeps_them_after
 
         load = Load(session, kv)
         await until(lambda: kv.manager.slots[f"{M}@0"].in_engine > TARGET, "the step")
-        await scale_step(kv, lambda: states(kv)[1] == "awake", "replica 1 woken")
-        await scale_step(kv, lambda: states(kv) == ["awake"] * 3, "replica 2 woken")
+        # 5 in flight: demand 2.5 replicas, 3 when rounded up; never more than three.
+        await scale_step(kv, lambda: states(kv)[1] == "awake", "replica 1 woken", load=5)
+        await scale_step(kv, lambda: states(kv) == ["awake"] * 3, "replica 2 woken", load=5)
 
-        # Three replicas awake, six clients: least outstanding puts two on each, never three.
+        # Three replicas awake, six clients: least outstanding puts two on each, never three
+        # (once what replica 0 took while alone is answered).
+        await until(lambda: kv.manager.slots[f"{M}@0"].in_engine <= TARGET, "replica 0 < 3")
         served_before = [sim.sim.completed for sim in sims]
         peaks = [0, 0, 0]
-        while min(s.sim.completed - b for s, b in zip(sims, served_before, strict=True)) < 20:
+        while min(s.sim.completed - b for s, b in zip(sims, served_before, strict=True)) < 5:
             for i in range(3):
                 peaks[i] = max(peaks[i], kv.manager.slots[f"{M}@{i}"].in_engine)
             await asyncio.sleep(0.002)
@@ -145,9 +160,10 @@ async def test_a_step_load_wakes_two_more_replicas_and_its_end_sleeps_them_after
     assert sample(text, "kvsleep_wakes_total", model=M, reason="scale_up", result="ok") == 2
     assert sample(text, "kvsleep_sleeps_total", model=M, reason="scale_down", result="ok") == 4
     for replica in ("1", "2"):
-        assert sample(
-            text, "kvsleep_scale_events_total", model=M, replica=replica, direction="up"
-        ) == 1
+        assert (
+            sample(text, "kvsleep_scale_events_total", model=M, replica=replica, direction="up")
+            == 1
+        )
     assert sample(text, "kvsleep_model_replicas", model=M, state="awake") == 1
     assert sample(text, "kvsleep_model_replicas", model=M, state="asleep") == 2
     assert sample(text, "kvsleep_model_replicas_desired", model=M) == 1

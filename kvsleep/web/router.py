@@ -250,6 +250,11 @@ class Router:
                 return early
             finally:
                 self.manager.release(lease)
+            # A relayed stream ends only now: the engine is done with the request once its
+            # answer has ended, and a client must not see the end before kvsleep does (its next
+            # request would find this one still counted, and be routed by a stale count).
+            if response.prepared and code != CLIENT_GONE:
+                code = await _end(response, code)
             return response
         finally:
             traffic.record_request_end(stats, success=code < 400)
@@ -407,11 +412,16 @@ class Router:
         except asyncio.CancelledError:
             upstream.close()
             raise
-        try:
-            await response.write_eof()
-        except ConnectionResetError:  # the client left as the stream ended
-            return response, CLIENT_GONE
-        return response, upstream.status
+        return response, upstream.status  # the caller ends the response (write_eof)
+
+
+async def _end(response: web.StreamResponse, code: int) -> int:
+    """End a relayed answer; a client that left as it ended is gone (499), not an error."""
+    try:
+        await response.write_eof()
+    except ConnectionResetError:
+        return CLIENT_GONE
+    return code
 
 
 async def _finish(response: web.StreamResponse, last: bytes) -> None:
