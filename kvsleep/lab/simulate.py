@@ -54,12 +54,14 @@ from kvsleep.core.machine import (
     Identified,
     Identify,
     Job,
+    LaunchStarted,
     LoadReported,
     MakeRoom,
     Recorded,
     RejectHeld,
     ReleaseHeld,
     RoomReady,
+    Start,
     WaitDrained,
     WantSleep,
     WantWake,
@@ -430,6 +432,41 @@ def engine_steps(cfg: ModelConfig) -> EngineSteps:
     return adapter_for(cfg, _no_session).steps
 
 
+def job_outcome(
+    machine: EngineMachine,
+    job: Job,
+    wake_seconds: float,
+    sleep_seconds: float,
+    start_seconds: float | None = None,
+) -> tuple[float, Callable[[float], Event]]:
+    """What a replay answers to a job the machine asks for: after how many virtual seconds, and
+    the event (made at that time). Engine calls succeed, a wake's `wake_seconds` and a sleep's
+    `sleep_seconds` on the operation's last step; a drain with requests inside the engine is
+    settled by the replay when the last one ends (else its timeout); the engine's load is
+    unknown, the process the same one, records written, GPU room available; a start (only with
+    `start_seconds`: a launched engine) is ready after `start_seconds`."""
+    if isinstance(job, WaitDrained):
+        if machine.in_engine:
+            return job.timeout, lambda now: Drained(now, False)
+        return 0.0, lambda now: Drained(now, True)
+    if isinstance(job, CheckLoad):
+        return job.after, lambda now: LoadReported(now, None)
+    if isinstance(job, Identify):
+        return job.after, lambda now: Identified(now, Observation(up=True))
+    if isinstance(job, WriteRecord):
+        return 0.0, lambda now: Recorded(now, True)
+    if isinstance(job, MakeRoom):
+        return 0.0, lambda now: RoomReady(now, True)
+    if isinstance(job, Call):
+        steps = machine.steps.sleep if job.op == "sleep" else machine.steps.wake
+        took = sleep_seconds if job.op == "sleep" else wake_seconds
+        took = took if job.step == steps[-1] else 0.0
+        return took, lambda now: CallDone(now, CallResult.OK, took=took)
+    if isinstance(job, Start) and start_seconds is not None:
+        return start_seconds, lambda now: LaunchStarted(now, took=start_seconds)
+    raise AssertionError(f"the replay launches no engine and has no NVML: {job}")
+
+
 @dataclass(eq=False)
 class _Model:
     spec: SimModel
@@ -612,27 +649,8 @@ class Replay:
 
     def _perform(self, m: _Model, job: Job) -> None:
         """The job's result, now or at the virtual time it would come."""
-        now = self.now
-        if isinstance(job, WaitDrained):
-            if m.machine.in_engine:  # else drained when the last request ends (`_end`)
-                self._later(m, job, job.timeout, lambda: Drained(self.now, False))
-            else:
-                self._feed(m, Drained(now, True))
-        elif isinstance(job, CheckLoad):
-            self._later(m, job, job.after, lambda: LoadReported(self.now, None))
-        elif isinstance(job, Identify):
-            self._later(m, job, job.after, lambda: Identified(self.now, Observation(up=True)))
-        elif isinstance(job, WriteRecord):
-            self._feed(m, Recorded(now, True))
-        elif isinstance(job, MakeRoom):
-            self._feed(m, RoomReady(now, True))
-        elif isinstance(job, Call):
-            steps = m.machine.steps.sleep if job.op == "sleep" else m.machine.steps.wake
-            took = self.sleep_seconds if job.op == "sleep" else m.spec.wake_seconds
-            took = took if job.step == steps[-1] else 0.0
-            self._later(m, job, took, lambda: CallDone(self.now, CallResult.OK, took=took))
-        else:  # Start, MeasureMemory
-            raise AssertionError(f"the replay launches no engine and has no NVML: {job}")
+        delay, outcome = job_outcome(m.machine, job, m.spec.wake_seconds, self.sleep_seconds)
+        self._later(m, job, delay, lambda: outcome(self.now))
 
     def _later(self, m: _Model, job: Job, delay: float, event: Callable[[], Event]) -> None:
         if delay <= 0:
