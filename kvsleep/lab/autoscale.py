@@ -546,11 +546,11 @@ def format_scaling(comparison: ScaleComparison) -> str:
     )
     lines = [
         f"trace: {c.trace.name}: {len(c.trace.requests)} requests over {c.hours:.1f} h",
-        f"{s.replicas} replicas per model, each serving {s.capacity} at once (more queue); "
+        f"{s.replicas} replicas per model, each serves {s.capacity} at once (more queue); "
+        f"cold start {s.cold_start_seconds:g} s; asleep holds {s.asleep_gb:g} GB",
         f"scaler every {s.check_seconds:g} s: min_awake {p.min_awake}, max_awake {top}, "
         f"{targets or 'no target'}, up after {p.scale_up_after_seconds:g} s, down after "
-        f"{p.scale_down_after_seconds:g} s; cold start {s.cold_start_seconds:g} s; "
-        f"asleep replica holds {s.asleep_gb:g} GB",
+        f"{p.scale_down_after_seconds:g} s",
     ]
     for scope in c.scopes():
         if scope is None:
@@ -562,8 +562,8 @@ def format_scaling(comparison: ScaleComparison) -> str:
         lines += [_row(c.summary(k, scope)) for k in c.runs]
     lines += [
         "",
-        "held: requests that waited for a wake or start; queued: for a free slot; p50/p99/max: "
-        "added latency (held + queued) over all served requests; lost: not served",
+        "held: requests that waited for a wake or start; queued: for a free slot in a replica;",
+        "p50/p99/max: added latency (held + queued) over all served requests; lost: not served",
     ]
     if c.notes:
         lines += ["", *(f"note: {n}" for n in c.notes)]
