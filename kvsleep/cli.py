@@ -288,8 +288,6 @@ def _simulate_replicas(
         if args.thresholds or args.plot:
             raise ValueError("--thresholds and --plot compare idle thresholds, not --replicas")
         strategies = autoscale.parse_strategies(args.strategies)
-        if args.max_awake is not None and args.min_awake > args.max_awake:
-            raise ValueError("--min-awake is more than --max-awake")
         names = trace.models
         if args.model is not None:
             if args.model not in names:
@@ -297,17 +295,32 @@ def _simulate_replicas(
             names = [args.model]
         if not names:
             raise ValueError("the trace has no requests")
-        models, notes = simulate.sim_models(config, names, wake_history)
+        models, configured, notes = autoscale.lab_models(config, names, wake_history)
         models = autoscale.with_wake(models, args.wake_seconds)
+        # The model's `scaling:` block (else the config's defaults), the options given on top.
+        given = {
+            key: value
+            for key in (
+                "min_awake",
+                "max_awake",
+                "target_in_flight",
+                "scale_up_after_seconds",
+                "scale_down_after_seconds",
+            )
+            if (value := getattr(args, key)) is not None
+        }
+        scaling = {
+            name: dataclasses.replace(policy, **given) for name, policy in configured.items()
+        }
+        default = dataclasses.replace(ScalingPolicy(), **given)
+        for policy in [default, *scaling.values()]:
+            if policy.max_awake is not None and policy.min_awake > policy.max_awake:
+                raise ValueError(
+                    f"min_awake {policy.min_awake} is more than max_awake {policy.max_awake}"
+                )
         settings = autoscale.LabSettings(
             replicas=args.replicas,
-            scaling=ScalingPolicy(
-                min_awake=args.min_awake,
-                max_awake=args.max_awake,
-                target_in_flight=args.target_in_flight,
-                scale_up_after_seconds=args.scale_up_after_seconds,
-                scale_down_after_seconds=args.scale_down_after_seconds,
-            ),
+            scaling=default,
             capacity=args.capacity,
             cold_start_seconds=args.cold_start_seconds,
             asleep_gb=args.asleep_gb,
@@ -318,7 +331,7 @@ def _simulate_replicas(
     except ValueError as exc:
         print(f"kvsleep simulate: {exc}", file=sys.stderr)
         return 2
-    comparison = autoscale.compare_scaling(trace, models, settings, strategies, notes)
+    comparison = autoscale.compare_scaling(trace, models, settings, strategies, notes, scaling)
     if args.json:
         print(json.dumps(comparison.as_dict(), indent=2))
     else:
@@ -539,16 +552,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         help="how often the scaler decides (default: the config's check_interval_seconds)",
     )
-    lab.add_argument("--min-awake", type=_non_negative_int, default=1, help="default 1")
-    lab.add_argument("--max-awake", type=_positive_int, help="default: all replicas")
+    # The scaler's keys: default the model's `scaling:` block, else the config's defaults.
+    lab.add_argument(
+        "--min-awake", type=_non_negative_int, help="replicas kept awake (default 0: scale to zero)"
+    )
+    lab.add_argument("--max-awake", type=_positive_int, help="(default: all replicas)")
     lab.add_argument(
         "--target-in-flight",
         type=_positive,
-        default=8.0,
-        help="requests in flight per awake replica the scaler aims at (default 8)",
+        help="requests in flight one awake replica should carry (default 8)",
     )
-    lab.add_argument("--scale-up-after-seconds", type=_non_negative, default=5.0)
-    lab.add_argument("--scale-down-after-seconds", type=_non_negative, default=120.0)
+    lab.add_argument("--scale-up-after-seconds", type=_non_negative, help="(default 5)")
+    lab.add_argument("--scale-down-after-seconds", type=_non_negative, help="(default 120)")
     simulate.set_defaults(func=cmd_simulate)
 
     for name, func, helptext in (

@@ -205,7 +205,7 @@ def test_cli_prints_a_row_per_strategy(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["simulate", "--synthetic", "step", "--replicas", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("trace: synthetic step (seed 0)")
-    assert "3 replicas per model" in out and "cold start 90 s" in out
+    assert "3 replicas per model" in out and "a cold start takes 90 s" in out
     header = next(line for line in out.splitlines() if line.startswith("strategy"))
     for column in ("GB-h held", "held", "p50 s", "p99 s", "wakes", "starts", "lost"):
         assert column in header
@@ -239,3 +239,40 @@ def test_cli_refuses_what_it_cannot_compare(
 ) -> None:
     assert main(["simulate", "--synthetic", "step", "--replicas", "3", *extra]) == 2
     assert "kvsleep simulate:" in capsys.readouterr().err
+
+
+def test_a_models_scaling_block_and_replicas_come_from_the_config(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model served by `replicas:` is replayed by its served name, with its replicas' memory
+    and wake time and its `scaling:` block; an option given on the command line wins."""
+    config = tmp_path / "kvsleep.yaml"
+    config.write_text(
+        """
+sleep_manager: {check_interval_seconds: 10}
+models:
+  - name: org/chat-8B
+    engine: vllm
+    replicas:
+      - {url: http://127.0.0.1:8001, memory_gb: 20, wake_eta_seconds: 3}
+      - {url: http://127.0.0.1:8002, memory_gb: 20, wake_eta_seconds: 3}
+    scaling: {min_awake: 1, target_in_flight: 4, scale_down_after_seconds: 60}
+""",
+        encoding="utf-8",
+    )
+    trace = tmp_path / "trace.csv"
+    rows = [f"{T0 + i},org/chat-8B,30" for i in range(12)]
+    trace.write_text("timestamp,model,duration\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    args = ["simulate", "--config", str(config), "--trace", str(trace), "--replicas", "2"]
+    assert main([*args, "--json", "--scale-up-after-seconds", "0"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    model = doc["models"]["org/chat-8B"]
+    assert (model["memory_gb"], model["wake_seconds"], doc["check_seconds"]) == (20, 3, 10)
+    assert model["scaling"]["min_awake"] == 1
+    assert model["scaling"]["target_in_flight"] == 4
+    assert model["scaling"]["scale_down_after_seconds"] == 60
+    assert model["scaling"]["scale_up_after_seconds"] == 0
+    warm = model["strategies"]["warm"]
+    assert (warm["wakes"], warm["served"], doc["notes"]) == (1, 12, [])
+    assert main(args) == 0
+    assert "scaling: min_awake 1, max_awake all, target_in_flight 4" in capsys.readouterr().out

@@ -22,9 +22,10 @@ wakes). A request's added latency is the time it was held for a wake or start pl
 queued. GPU memory: a replica holds its `memory_gb` in every state but asleep (waking, starting
 and draining included), `asleep_gb` asleep, nothing stopped.
 
-With `min_awake: 0` the scaler never sleeps the last awake replica: as live, the idle policy
-(`core/policy.decide`, the config's threshold) does, and the next request is held for a wake.
-Replicas start with `max(min_awake, 1)` awake (always-on: all of them).
+With `min_awake: 0`, as live, the idle policy (`core/policy.decide`, the config's threshold)
+also sleeps a replica once the model (all its replicas) is idle, since the scaler never sleeps
+the last awake one; the next request is held for a wake. Replicas start with
+`max(min_awake, 1)` awake (always-on: all of them).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import dataclasses
 import heapq
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvsleep.config import Config, ModelConfig
 from kvsleep.core import policy
 from kvsleep.core.machine import (
     JOBS,
@@ -75,6 +77,7 @@ from kvsleep.lab.simulate import (
     engine_steps,
     job_outcome,
     percentile,
+    sim_models,
 )
 
 STRATEGIES = ("warm", "cold", "always-on")
@@ -85,7 +88,7 @@ class LabSettings:
     """How the replicas are run and served (the CLI's `--replicas` options)."""
 
     replicas: int = 3
-    scaling: ScalingPolicy = field(default_factory=lambda: ScalingPolicy(min_awake=1))
+    scaling: ScalingPolicy = field(default_factory=ScalingPolicy)  # the config's defaults
     capacity: int = 12  # requests one replica serves at once; more queue in it
     cold_start_seconds: float = 90.0
     asleep_gb: float = 0.0  # what an asleep replica still holds (CUDA context, ...)
@@ -102,6 +105,7 @@ class ScaleResult:
     model: str
     replicas: int
     memory_gb: float
+    scaling: ScalingPolicy
     requests: int = 0
     served: int = 0
     rejected: int = 0
@@ -143,7 +147,9 @@ class ScaleReplay:
         self.rng = random.Random(f"pick/{settings.seed}")
         self.memory = ScaleMemory()
         self.last_activity = trace.start
-        self.result = ScaleResult(strategy, spec.cfg.name, settings.replicas, spec.memory_gb)
+        self.result = ScaleResult(
+            strategy, spec.cfg.name, settings.replicas, spec.memory_gb, settings.scaling
+        )
         awake = (
             settings.replicas
             if strategy == "always-on"
@@ -215,26 +221,24 @@ class ScaleReplay:
         decision, self.memory = decide_scale(self.views(), self.scaling, self.memory, now)
         if decision.action == "up":
             assert decision.replica is not None
-            self._feed(self.by_label[decision.replica], WantWake(now, decision.reason))
+            self._feed(self.by_label[decision.replica], WantWake(now, "scale_up"))
         elif decision.action == "down":
             assert decision.replica is not None
-            self._feed(self.by_label[decision.replica], WantSleep(now, decision.reason))
-        elif self.scaling.min_awake == 0:
+            self._feed(self.by_label[decision.replica], WantSleep(now, "scale_down"))
+        if self.scaling.min_awake == 0:
             self._idle_policy()
 
     def _idle_policy(self) -> None:
-        """Scale to zero: the last awake replica sleeps when the model is idle, by the idle
-        policy (the scaler never sleeps it)."""
-        states = [rep.machine.state for rep in self.replicas]
-        awake = [rep for rep in self.replicas if rep.machine.state is ModelState.AWAKE]
-        if len(awake) != 1 or any(s not in (ModelState.AWAKE, ModelState.ASLEEP) for s in states):
-            return
-        rep = awake[0]
+        """Scale to zero, as the live manager does: each replica's view carries the model's
+        traffic (a replica is idle when its model is), and the idle policy sleeps it."""
         in_flight = sum(r.machine.in_engine + r.machine.held for r in self.replicas)
-        view = rep.machine.view(rep.machine.cfg.policy, in_flight, self.last_activity)
-        for action in policy.decide([view], self.now):
-            if isinstance(action, policy.Sleep):
-                self._feed(rep, WantSleep(self.now, action.reason))
+        for rep in self.replicas:
+            machine = rep.machine
+            if machine.busy:
+                continue
+            view = machine.view(machine.cfg.policy, in_flight, self.last_activity)
+            if any(isinstance(a, policy.Sleep) for a in policy.decide([view], self.now)):
+                self._feed(rep, WantSleep(self.now, "idle"))
 
     # -- the request path ---------------------------------------------------------------------
 
@@ -474,7 +478,6 @@ class ScaleComparison:
 
     def as_dict(self) -> dict[str, Any]:
         s = self.settings
-        p = s.scaling
         return {
             "trace": {
                 "name": self.trace.name,
@@ -488,11 +491,13 @@ class ScaleComparison:
             "check_seconds": s.check_seconds,
             "cold_start_seconds": s.cold_start_seconds,
             "asleep_gb": s.asleep_gb,
-            "scaling": dataclasses.asdict(p),
             "models": {
                 m.cfg.name: {
                     "memory_gb": m.memory_gb,
                     "wake_seconds": m.wake_seconds,
+                    "scaling": dataclasses.asdict(
+                        next(iter(self.runs.values()))[m.cfg.name].scaling
+                    ),
                     "strategies": {k: self.summary(k, m.cfg.name).as_dict() for k in self.runs},
                 }
                 for m in self.models
@@ -508,12 +513,48 @@ def compare_scaling(
     settings: LabSettings,
     strategies: Sequence[str] = STRATEGIES,
     notes: Sequence[str] = (),
+    scaling: Mapping[str, ScalingPolicy] | None = None,
 ) -> ScaleComparison:
+    """Every strategy for every model; `scaling` gives a model its own policy (its config's
+    `scaling:` block), else `settings.scaling` applies."""
+    chosen = scaling or {}
+
+    def of(model: SimModel) -> LabSettings:
+        own = chosen.get(model.cfg.name)
+        return settings if own is None else dataclasses.replace(settings, scaling=own)
+
     runs = {
-        k: {m.cfg.name: ScaleReplay(trace, m, k, settings).run() for m in models}
-        for k in strategies
+        k: {m.cfg.name: ScaleReplay(trace, m, k, of(m)).run() for m in models} for k in strategies
     }
     return ScaleComparison(trace, list(models), settings, runs, list(notes))
+
+
+def lab_models(
+    config: Config, names: Sequence[str], wake_history: Mapping[str, float] | None = None
+) -> tuple[list[SimModel], dict[str, ScalingPolicy], list[str]]:
+    """The trace's models as the lab replays them, their configured `scaling:` blocks, and notes
+    about guesses made. A model the config serves with `replicas:` is known by its served name;
+    the lab replays its first replica's memory and wake time on every replica."""
+    engines: dict[str, list[ModelConfig]] = {}
+    for cfg in config.models:
+        engines.setdefault(cfg.served_name, []).append(cfg)
+    firsts, scaling, notes = [], {}, []
+    for name in names:
+        group = engines.get(name, [])
+        if not group:
+            continue
+        first = group[0]
+        firsts.append(dataclasses.replace(first, name=name))
+        if first.scaling is not None:
+            scaling[name] = first.scaling
+        if len({(c.memory_gb, c.wake_eta_seconds) for c in group}) > 1:
+            notes.append(
+                f"{name}: its replicas differ in memory_gb or wake_eta_seconds; replica 0's"
+            )
+    models, more = sim_models(
+        dataclasses.replace(config, models=tuple(firsts)), names, dict(wake_history or {})
+    )
+    return models, scaling, notes + more
 
 
 _HEADER = (
@@ -530,10 +571,8 @@ def _row(s: ScaleSummary) -> str:
     )
 
 
-def format_scaling(comparison: ScaleComparison) -> str:
-    """Per model (and in total when several): one row per strategy."""
-    c, s = comparison, comparison.settings
-    p = s.scaling
+def describe(p: ScalingPolicy) -> str:
+    """A scaling policy in one line, in the config's words."""
     top = "all" if p.max_awake is None else str(p.max_awake)
     targets = ", ".join(
         f"{name} {value:g}"
@@ -544,21 +583,33 @@ def format_scaling(comparison: ScaleComparison) -> str:
         )
         if value is not None
     )
+    return (
+        f"min_awake {p.min_awake}, max_awake {top}, {targets or 'no target'}, up after "
+        f"{p.scale_up_after_seconds:g} s, down after {p.scale_down_after_seconds:g} s"
+    )
+
+
+def format_scaling(comparison: ScaleComparison) -> str:
+    """Per model (and in total when several): one row per strategy."""
+    c, s = comparison, comparison.settings
     lines = [
         f"trace: {c.trace.name}: {len(c.trace.requests)} requests over {c.hours:.1f} h",
-        f"{s.replicas} replicas per model, each serves {s.capacity} at once (more queue); "
-        f"cold start {s.cold_start_seconds:g} s; asleep holds {s.asleep_gb:g} GB",
-        f"scaler every {s.check_seconds:g} s: min_awake {p.min_awake}, max_awake {top}, "
-        f"{targets or 'no target'}, up after {p.scale_up_after_seconds:g} s, down after "
-        f"{p.scale_down_after_seconds:g} s",
+        f"{s.replicas} replicas per model, each serving {s.capacity} at once (more queue), "
+        f"scaled every {s.check_seconds:g} s;",
+        f"a cold start takes {s.cold_start_seconds:g} s; an asleep replica holds {s.asleep_gb:g} GB",
     ]
     for scope in c.scopes():
         if scope is None:
-            title = "TOTAL"
+            lines += ["", "TOTAL", _HEADER]
         else:
             m = next(x for x in c.models if x.cfg.name == scope)
-            title = f"{scope}  ({m.memory_gb:g} GB per replica, wake {m.wake_seconds:g} s)"
-        lines += ["", title, _HEADER]
+            policy_used = next(iter(c.runs.values()))[scope].scaling
+            lines += [
+                "",
+                f"{scope}  ({m.memory_gb:g} GB per replica, wake {m.wake_seconds:g} s)",
+                f"  scaling: {describe(policy_used)}",
+                _HEADER,
+            ]
         lines += [_row(c.summary(k, scope)) for k in c.runs]
     lines += [
         "",
