@@ -553,17 +553,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the scaler decides (default: the config's check_interval_seconds)",
     )
     # The scaler's keys: default the model's `scaling:` block, else the config's defaults.
-    lab.add_argument(
-        "--min-awake", type=_non_negative_int, help="replicas kept awake (default 0: scale to zero)"
-    )
-    lab.add_argument("--max-awake", type=_positive_int, help="(default: all replicas)")
-    lab.add_argument(
-        "--target-in-flight",
-        type=_positive,
-        help="requests in flight one awake replica should carry (default 8)",
-    )
-    lab.add_argument("--scale-up-after-seconds", type=_non_negative, help="(default 5)")
-    lab.add_argument("--scale-down-after-seconds", type=_non_negative, help="(default 120)")
+    for flag, kind, meta, text, default in (
+        ("--min-awake", _non_negative_int, "N", "replicas kept awake (0: scale to zero)", "0"),
+        ("--max-awake", _positive_int, "N", "most replicas awake at once", "all"),
+        ("--target-in-flight", _positive, "N", "requests one awake replica should carry", "8"),
+        ("--scale-up-after-seconds", _non_negative, "S", "above target this long: wake one", "5"),
+        ("--scale-down-after-seconds", _non_negative, "S", "fits in fewer: sleep one", "120"),
+    ):
+        lab.add_argument(
+            flag,
+            type=kind,
+            metavar=meta,
+            help=f"{text} (default: the model's scaling block, else {default})",
+        )
     simulate.set_defaults(func=cmd_simulate)
 
     for name, func, helptext in (
