@@ -217,28 +217,33 @@ class ScaleReplay:
         ]
 
     def _tick(self) -> None:
+        """A reconcile pass, as live: the idle policy and the scaler decide on the replicas as
+        they stand, then the idle sleeps are carried out, then the scaler's action."""
         now = self.now
+        idle = self._idle() if self.scaling.min_awake == 0 else []
         decision, self.memory = decide_scale(self.views(), self.scaling, self.memory, now)
+        for rep in idle:
+            self._feed(rep, WantSleep(now, "idle"))
         if decision.action == "up":
             assert decision.replica is not None
             self._feed(self.by_label[decision.replica], WantWake(now, "scale_up"))
         elif decision.action == "down":
             assert decision.replica is not None
             self._feed(self.by_label[decision.replica], WantSleep(now, "scale_down"))
-        if self.scaling.min_awake == 0:
-            self._idle_policy()
 
-    def _idle_policy(self) -> None:
+    def _idle(self) -> list[_Replica]:
         """Scale to zero, as the live manager does: each replica's view carries the model's
-        traffic (a replica is idle when its model is), and the idle policy sleeps it."""
+        traffic (a replica is idle when its model is); the idle policy says which to sleep."""
         in_flight = sum(r.machine.in_engine + r.machine.held for r in self.replicas)
+        chosen = []
         for rep in self.replicas:
             machine = rep.machine
             if machine.busy:
                 continue
             view = machine.view(machine.cfg.policy, in_flight, self.last_activity)
             if any(isinstance(a, policy.Sleep) for a in policy.decide([view], self.now)):
-                self._feed(rep, WantSleep(self.now, "idle"))
+                chosen.append(rep)
+        return chosen
 
     # -- the request path ---------------------------------------------------------------------
 
@@ -596,7 +601,8 @@ def format_scaling(comparison: ScaleComparison) -> str:
         f"trace: {c.trace.name}: {len(c.trace.requests)} requests over {c.hours:.1f} h",
         f"{s.replicas} replicas per model, each serving {s.capacity} at once (more queue), "
         f"scaled every {s.check_seconds:g} s;",
-        f"a cold start takes {s.cold_start_seconds:g} s; an asleep replica holds {s.asleep_gb:g} GB",
+        f"a cold start takes {s.cold_start_seconds:g} s; "
+        f"an asleep replica holds {s.asleep_gb:g} GB",
     ]
     for scope in c.scopes():
         if scope is None:
