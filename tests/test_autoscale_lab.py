@@ -276,3 +276,34 @@ models:
     assert (warm["wakes"], warm["served"], doc["notes"]) == (1, 12, [])
     assert main(args) == 0
     assert "scaling: min_awake 1, max_awake all, target_in_flight 4" in capsys.readouterr().out
+
+
+def test_the_idle_threshold_replay_sees_a_model_with_replicas_as_one_engine() -> None:
+    """Without --replicas, a model served by `replicas:` replays under the name clients use,
+    as one engine (replica 0's memory and wake time), and says so; its engines `name@i` are no
+    models of their own."""
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": "org/chat-8B",
+                    "engine": "vllm",
+                    "replicas": [
+                        {"url": "http://127.0.0.1:8001", "memory_gb": 20, "wake_eta_seconds": 3},
+                        {"url": "http://127.0.0.1:8002", "memory_gb": 24, "wake_eta_seconds": 3},
+                    ],
+                }
+            ]
+        }
+    )
+    trace = Trace.of([Request(T0 + 1, "org/chat-8B", 1.0)], T0, T0 + 600)
+    c = simulate.simulate_config(config, trace, sweep=(60,))
+    assert [(m.cfg.name, m.memory_gb, m.wake_seconds) for m in c.models] == [("org/chat-8B", 20, 3)]
+    assert c.notes == [
+        "org/chat-8B: its replicas differ in memory_gb or wake_eta_seconds; replica 0's are used",
+        "org/chat-8B: served by 2 replicas; replayed as one engine (kvsleep simulate --replicas "
+        "2 compares scaling them)",
+    ]
+    models, scaling, notes = autoscale.lab_models(config, ["org/chat-8B"])
+    assert [m.memory_gb for m in models] == [20] and scaling == {"org/chat-8B": ScalingPolicy()}
+    assert notes == [c.notes[0]]

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvsleep.config import Config, ModelConfig
+from kvsleep.config import Config
 from kvsleep.core import policy
 from kvsleep.core.machine import (
     JOBS,
@@ -77,6 +77,7 @@ from kvsleep.lab.simulate import (
     engine_steps,
     job_outcome,
     percentile,
+    served_models,
     sim_models,
 )
 
@@ -538,28 +539,16 @@ def lab_models(
     config: Config, names: Sequence[str], wake_history: Mapping[str, float] | None = None
 ) -> tuple[list[SimModel], dict[str, ScalingPolicy], list[str]]:
     """The trace's models as the lab replays them, their configured `scaling:` blocks, and notes
-    about guesses made. A model the config serves with `replicas:` is known by its served name;
-    the lab replays its first replica's memory and wake time on every replica."""
-    engines: dict[str, list[ModelConfig]] = {}
-    for cfg in config.models:
-        engines.setdefault(cfg.served_name, []).append(cfg)
-    firsts, scaling, notes = [], {}, []
-    for name in names:
-        group = engines.get(name, [])
-        if not group:
-            continue
-        first = group[0]
-        firsts.append(dataclasses.replace(first, name=name))
-        if first.scaling is not None:
-            scaling[name] = first.scaling
-        if len({(c.memory_gb, c.wake_eta_seconds) for c in group}) > 1:
-            notes.append(
-                f"{name}: its replicas differ in memory_gb or wake_eta_seconds; replica 0's"
-            )
-    models, more = sim_models(
-        dataclasses.replace(config, models=tuple(firsts)), names, dict(wake_history or {})
-    )
-    return models, scaling, notes + more
+    about guesses made. A model the config serves with `replicas:` is known by its served name,
+    and every replica replays with replica 0's memory and wake time."""
+    served, _, differ = served_models(config)
+    scaling = {
+        cfg.name: cfg.scaling
+        for cfg in served.models
+        if cfg.name in names and cfg.scaling is not None
+    }
+    models, notes = sim_models(served, names, dict(wake_history or {}))
+    return models, scaling, [differ[n] for n in names if n in differ] + notes
 
 
 _HEADER = (

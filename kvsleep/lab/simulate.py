@@ -383,6 +383,23 @@ def sim_models(
     return out, notes
 
 
+def served_models(config: Config) -> tuple[Config, dict[str, int], dict[str, str]]:
+    """The config with one model per name clients use: a model served by `replicas:` (engines
+    `name@0`, `name@1`, ...) becomes its replica 0 under its served name. Also how many engines
+    serve each, and notes (by model) where its replicas differ in what a replay reads."""
+    groups: dict[str, list[ModelConfig]] = {}
+    for cfg in config.models:
+        groups.setdefault(cfg.served_name, []).append(cfg)
+    notes = {
+        name: f"{name}: its replicas differ in memory_gb or wake_eta_seconds; replica 0's are used"
+        for name, group in groups.items()
+        if len({(c.memory_gb, c.wake_eta_seconds) for c in group}) > 1
+    }
+    served = tuple(dataclasses.replace(group[0], name=name) for name, group in groups.items())
+    counts = {name: len(group) for name, group in groups.items()}
+    return dataclasses.replace(config, models=served), counts, notes
+
+
 def tick_interval(config: Config, models: Iterable[SimModel]) -> float:
     """The live reconciler's cadence: the shortest check interval in force."""
     return min(
@@ -882,9 +899,17 @@ def simulate_config(
     sleep_seconds: float = 0.0,
     timeline: bool = False,
 ) -> Comparison:
+    config, counts, differ = served_models(config)
+    notes = list(differ.values())
+    notes += [
+        f"{name}: served by {n} replicas; replayed as one engine (kvsleep simulate --replicas "
+        f"{n} compares scaling them)"
+        for name, n in counts.items()
+        if n > 1
+    ]
     idle = [m.name for m in config.models if m.name not in set(trace.models)]
-    models, notes = sim_models(config, [*trace.models, *idle], wake_history)
-    notes += [f"{name}: no request in the trace (idle throughout)" for name in idle]
+    models, more = sim_models(config, [*trace.models, *idle], wake_history)
+    notes += more + [f"{name}: no request in the trace (idle throughout)" for name in idle]
     return compare(
         trace,
         models,
