@@ -18,12 +18,15 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvsleep import __version__
 from kvsleep.config import Config, ConfigError, config_schema, load_config, summary
 from kvsleep.eventloop import return_large_buffers_to_the_os, run_event_loop
 from kvsleep.web.server import KvsleepServer
+
+if TYPE_CHECKING:
+    from kvsleep.lab.simulate import Trace
 
 log = logging.getLogger("kvsleep")
 
@@ -248,6 +251,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _print_warnings(config)
     if args.save_trace:
         simulate.write_csv(trace, args.save_trace)
+    if args.replicas is not None:
+        return _simulate_replicas(args, config, trace, wake_history)
     comparison = simulate.simulate_config(
         config,
         trace,
@@ -270,6 +275,96 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             )
             return 1
     return 0
+
+
+def _simulate_replicas(
+    args: argparse.Namespace, config: Config, trace: Trace, wake_history: dict[str, float]
+) -> int:
+    """`kvsleep simulate --replicas N`: warm vs cold autoscaling vs always-on (lab/autoscale)."""
+    from kvsleep.core.scaling import ScalingPolicy
+    from kvsleep.lab import autoscale, simulate
+
+    try:
+        if args.thresholds or args.plot:
+            raise ValueError("--thresholds and --plot compare idle thresholds, not --replicas")
+        strategies = autoscale.parse_strategies(args.strategies)
+        names = trace.models
+        if args.model is not None:
+            if args.model not in names:
+                raise ValueError(f"--model {args.model}: no request for it in the trace")
+            names = [args.model]
+        if not names:
+            raise ValueError("the trace has no requests")
+        models, configured, notes = autoscale.lab_models(config, names, wake_history)
+        models = autoscale.with_wake(models, args.wake_seconds)
+        # The model's `scaling:` block (else the config's defaults), the options given on top.
+        given = {
+            key: value
+            for key in (
+                "min_awake",
+                "max_awake",
+                "target_in_flight",
+                "scale_up_after_seconds",
+                "scale_down_after_seconds",
+            )
+            if (value := getattr(args, key)) is not None
+        }
+        scaling = {
+            name: dataclasses.replace(policy, **given) for name, policy in configured.items()
+        }
+        default = dataclasses.replace(ScalingPolicy(), **given)
+        for policy in [default, *scaling.values()]:
+            if policy.max_awake is not None and policy.min_awake > policy.max_awake:
+                raise ValueError(
+                    f"min_awake {policy.min_awake} is more than max_awake {policy.max_awake}"
+                )
+        settings = autoscale.LabSettings(
+            replicas=args.replicas,
+            scaling=default,
+            capacity=args.capacity,
+            cold_start_seconds=args.cold_start_seconds,
+            asleep_gb=args.asleep_gb,
+            check_seconds=args.check_seconds or simulate.tick_interval(config, models),
+            sleep_seconds=args.sleep_seconds,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"kvsleep simulate: {exc}", file=sys.stderr)
+        return 2
+    comparison = autoscale.compare_scaling(trace, models, settings, strategies, notes, scaling)
+    if args.json:
+        print(json.dumps(comparison.as_dict(), indent=2))
+    else:
+        print(autoscale.format_scaling(comparison))
+    return 0
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+def _positive(value: str) -> float:
+    number = _non_negative(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return number
 
 
 def _admin(
@@ -387,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--synthetic",
-        choices=["poisson", "bursty", "diurnal", "batch"],
-        help="a seeded synthetic trace (see kvsleep/traces.py)",
+        choices=["poisson", "bursty", "diurnal", "batch", "step", "sine"],
+        help="a seeded synthetic trace (see kvsleep/lab/traces.py; step and sine are "
+        "busy enough for --replicas)",
     )
     simulate.add_argument("--range", default="7d", help="with --prometheus: how far back (7d)")
     simulate.add_argument(
@@ -413,6 +509,63 @@ def build_parser() -> argparse.ArgumentParser:
         "marked (needs matplotlib: pip install 'kvsleep[plot]')",
     )
     simulate.add_argument("--save-trace", metavar="CSV", help="also write the replayed trace")
+    lab = simulate.add_argument_group(
+        "replicas (warm autoscaling vs cold autoscaling vs always-on)",
+        "With --replicas N each model of the trace runs as N replicas, scaled by the warm "
+        "autoscaler (sleep/wake), by the same decisions paying engine starts (cold), or all "
+        "awake; see README, Warm autoscaling in the policy lab.",
+    )
+    lab.add_argument(
+        "--replicas", type=_positive_int, metavar="N", help="replicas per model (e.g. 3)"
+    )
+    lab.add_argument(
+        "--strategies",
+        default=",".join(("warm", "cold", "always-on")),
+        help="comma-separated: warm, cold, always-on (default: all three)",
+    )
+    lab.add_argument("--model", help="only this model of the trace")
+    lab.add_argument(
+        "--capacity",
+        type=_positive_int,
+        default=12,
+        help="requests one replica serves at once; more queue in it (default 12)",
+    )
+    lab.add_argument(
+        "--wake-seconds",
+        type=_non_negative,
+        help="wake latency (default: the model's wake_eta_seconds or wake history)",
+    )
+    lab.add_argument(
+        "--cold-start-seconds",
+        type=_non_negative,
+        default=90.0,
+        help="engine start latency of a cold step up (default 90)",
+    )
+    lab.add_argument(
+        "--asleep-gb",
+        type=_non_negative,
+        default=0.0,
+        help="GPU memory an asleep replica still holds (default 0)",
+    )
+    lab.add_argument(
+        "--check-seconds",
+        type=_positive,
+        help="how often the scaler decides (default: the config's check_interval_seconds)",
+    )
+    # The scaler's keys: default the model's `scaling:` block, else the config's defaults.
+    for flag, kind, meta, text, default in (
+        ("--min-awake", _non_negative_int, "N", "replicas kept awake (0: scale to zero)", "0"),
+        ("--max-awake", _positive_int, "N", "most replicas awake at once", "all"),
+        ("--target-in-flight", _positive, "N", "requests one awake replica should carry", "8"),
+        ("--scale-up-after-seconds", _non_negative, "S", "above target this long: wake one", "5"),
+        ("--scale-down-after-seconds", _non_negative, "S", "fits in fewer: sleep one", "120"),
+    ):
+        lab.add_argument(
+            flag,
+            type=kind,
+            metavar=meta,
+            help=f"{text} (default: the model's scaling block, else {default})",
+        )
     simulate.set_defaults(func=cmd_simulate)
 
     for name, func, helptext in (

@@ -54,12 +54,14 @@ from kvsleep.core.machine import (
     Identified,
     Identify,
     Job,
+    LaunchStarted,
     LoadReported,
     MakeRoom,
     Recorded,
     RejectHeld,
     ReleaseHeld,
     RoomReady,
+    Start,
     WaitDrained,
     WantSleep,
     WantWake,
@@ -381,6 +383,23 @@ def sim_models(
     return out, notes
 
 
+def served_models(config: Config) -> tuple[Config, dict[str, int], dict[str, str]]:
+    """The config with one model per name clients use: a model served by `replicas:` (engines
+    `name@0`, `name@1`, ...) becomes its replica 0 under its served name. Also how many engines
+    serve each, and notes (by model) where its replicas differ in what a replay reads."""
+    groups: dict[str, list[ModelConfig]] = {}
+    for cfg in config.models:
+        groups.setdefault(cfg.served_name, []).append(cfg)
+    notes = {
+        name: f"{name}: its replicas differ in memory_gb or wake_eta_seconds; replica 0's are used"
+        for name, group in groups.items()
+        if len({(c.memory_gb, c.wake_eta_seconds) for c in group}) > 1
+    }
+    served = tuple(dataclasses.replace(group[0], name=name) for name, group in groups.items())
+    counts = {name: len(group) for name, group in groups.items()}
+    return dataclasses.replace(config, models=served), counts, notes
+
+
 def tick_interval(config: Config, models: Iterable[SimModel]) -> float:
     """The live reconciler's cadence: the shortest check interval in force."""
     return min(
@@ -428,6 +447,41 @@ def _no_session() -> Any:
 def engine_steps(cfg: ModelConfig) -> EngineSteps:
     """The calls a sleep and a wake of the model's engine flavor are made of (its adapter's)."""
     return adapter_for(cfg, _no_session).steps
+
+
+def job_outcome(
+    machine: EngineMachine,
+    job: Job,
+    wake_seconds: float,
+    sleep_seconds: float,
+    start_seconds: float | None = None,
+) -> tuple[float, Callable[[float], Event]]:
+    """What a replay answers to a job the machine asks for: after how many virtual seconds, and
+    the event (made at that time). Engine calls succeed, a wake's `wake_seconds` and a sleep's
+    `sleep_seconds` on the operation's last step; a drain with requests inside the engine is
+    settled by the replay when the last one ends (else its timeout); the engine's load is
+    unknown, the process the same one, records written, GPU room available; a start (only with
+    `start_seconds`: a launched engine) is ready after `start_seconds`."""
+    if isinstance(job, WaitDrained):
+        if machine.in_engine:
+            return job.timeout, lambda now: Drained(now, False)
+        return 0.0, lambda now: Drained(now, True)
+    if isinstance(job, CheckLoad):
+        return job.after, lambda now: LoadReported(now, None)
+    if isinstance(job, Identify):
+        return job.after, lambda now: Identified(now, Observation(up=True))
+    if isinstance(job, WriteRecord):
+        return 0.0, lambda now: Recorded(now, True)
+    if isinstance(job, MakeRoom):
+        return 0.0, lambda now: RoomReady(now, True)
+    if isinstance(job, Call):
+        steps = machine.steps.sleep if job.op == "sleep" else machine.steps.wake
+        took = sleep_seconds if job.op == "sleep" else wake_seconds
+        took = took if job.step == steps[-1] else 0.0
+        return took, lambda now: CallDone(now, CallResult.OK, took=took)
+    if isinstance(job, Start) and start_seconds is not None:
+        return start_seconds, lambda now: LaunchStarted(now, took=start_seconds)
+    raise AssertionError(f"the replay launches no engine and has no NVML: {job}")
 
 
 @dataclass(eq=False)
@@ -612,27 +666,8 @@ class Replay:
 
     def _perform(self, m: _Model, job: Job) -> None:
         """The job's result, now or at the virtual time it would come."""
-        now = self.now
-        if isinstance(job, WaitDrained):
-            if m.machine.in_engine:  # else drained when the last request ends (`_end`)
-                self._later(m, job, job.timeout, lambda: Drained(self.now, False))
-            else:
-                self._feed(m, Drained(now, True))
-        elif isinstance(job, CheckLoad):
-            self._later(m, job, job.after, lambda: LoadReported(self.now, None))
-        elif isinstance(job, Identify):
-            self._later(m, job, job.after, lambda: Identified(self.now, Observation(up=True)))
-        elif isinstance(job, WriteRecord):
-            self._feed(m, Recorded(now, True))
-        elif isinstance(job, MakeRoom):
-            self._feed(m, RoomReady(now, True))
-        elif isinstance(job, Call):
-            steps = m.machine.steps.sleep if job.op == "sleep" else m.machine.steps.wake
-            took = self.sleep_seconds if job.op == "sleep" else m.spec.wake_seconds
-            took = took if job.step == steps[-1] else 0.0
-            self._later(m, job, took, lambda: CallDone(self.now, CallResult.OK, took=took))
-        else:  # Start, MeasureMemory
-            raise AssertionError(f"the replay launches no engine and has no NVML: {job}")
+        delay, outcome = job_outcome(m.machine, job, m.spec.wake_seconds, self.sleep_seconds)
+        self._later(m, job, delay, lambda: outcome(self.now))
 
     def _later(self, m: _Model, job: Job, delay: float, event: Callable[[], Event]) -> None:
         if delay <= 0:
@@ -864,9 +899,17 @@ def simulate_config(
     sleep_seconds: float = 0.0,
     timeline: bool = False,
 ) -> Comparison:
+    config, counts, differ = served_models(config)
+    notes = list(differ.values())
+    notes += [
+        f"{name}: served by {n} replicas; replayed as one engine (kvsleep simulate --replicas "
+        f"{n} compares scaling them)"
+        for name, n in counts.items()
+        if n > 1
+    ]
     idle = [m.name for m in config.models if m.name not in set(trace.models)]
-    models, notes = sim_models(config, [*trace.models, *idle], wake_history)
-    notes += [f"{name}: no request in the trace (idle throughout)" for name in idle]
+    models, more = sim_models(config, [*trace.models, *idle], wake_history)
+    notes += more + [f"{name}: no request in the trace (idle throughout)" for name in idle]
     return compare(
         trace,
         models,

@@ -8,6 +8,10 @@ models, described by `SYNTHETIC_CONFIG`):
 - `diurnal`: a daily cycle, busy afternoons and empty nights (3 days).
 - `batch`: one batch job per model (requests back to back for a while), then nothing (1 day).
 
+Two more, for `kvsleep simulate --replicas N` (one model, `chat-8b`, busy enough for several
+replicas): `step` (one replica's load, then three replicas' worth, then one again) and `sine` (a
+diurnal day: the rate a sine wave from nothing to three replicas' worth).
+
 The same name and seed always give the same trace.
 """
 
@@ -134,10 +138,67 @@ SYNTHETIC: dict[str, Callable[[random.Random], Trace]] = {
     "batch": batch,
 }
 
+# ---- traces for several replicas of one model (`kvsleep simulate --replicas N`) --------------
+
+SCALED_MODEL = "chat-8b"
+# One replica's load: requests in flight on average. Under the replica lab's defaults (a replica
+# serves 12 at once, the scaler aims at 8 per awake replica) one replica carries it, three
+# replicas' worth (18) needs three.
+REPLICA_LOAD = 6.0
+MEAN_LONG_DURATION = 20.0
+
+
+def _long_duration(rng: random.Random) -> float:
+    """Seconds a chat generation takes: a few seconds to a few minutes (mean about 20 s)."""
+    return round(min(300.0, 2.0 + rng.expovariate(1 / (MEAN_LONG_DURATION - 2.0))), 3)
+
+
+def _rate(replicas: float) -> float:
+    """Arrivals per second that keep `replicas` replicas' worth of requests in flight."""
+    return replicas * REPLICA_LOAD / MEAN_LONG_DURATION
+
+
+def _varying(
+    rng: random.Random, rate: Callable[[float], float], top: float, start: float, end: float
+) -> list[Request]:
+    """A Poisson process of rate `rate(t)` <= `top` (thinning), durations `_long_duration`."""
+    out, t = [], start + rng.expovariate(top)
+    while t < end:
+        if rng.random() * top < rate(t):
+            out.append(Request(round(t, 3), SCALED_MODEL, _long_duration(rng)))
+        t += rng.expovariate(top)
+    return out
+
+
+def step(rng: random.Random) -> Trace:
+    """One replica's load for 20 min, three replicas' worth for 30 min, one again for 40 min."""
+    up, down, end = START + 20 * 60, START + 50 * 60, START + 90 * 60
+
+    def rate(t: float) -> float:
+        return _rate(3.0 if up <= t < down else 1.0)
+
+    return Trace.of(_varying(rng, rate, _rate(3.0), START, end), START, end, "step")
+
+
+def sine(rng: random.Random) -> Trace:
+    """A diurnal day: the rate is a sine wave from nothing at 03:00 to three replicas' worth at
+    15:00."""
+    end = START + DAY
+
+    def rate(t: float) -> float:
+        phase = 2 * math.pi * ((t - START) / DAY - 3 / 24)
+        return _rate(3.0) * (1 - math.cos(phase)) / 2
+
+    return Trace.of(_varying(rng, rate, _rate(3.0), START, end), START, end, "sine")
+
+
+REPLICA_TRACES: dict[str, Callable[[random.Random], Trace]] = {"step": step, "sine": sine}
+
 
 def synthetic(name: str, seed: int = 0) -> Trace:
-    if name not in SYNTHETIC:
-        raise KeyError(f"unknown synthetic trace {name!r} (one of: {', '.join(SYNTHETIC)})")
-    trace = SYNTHETIC[name](random.Random(f"{name}/{seed}"))
+    shapes = {**SYNTHETIC, **REPLICA_TRACES}
+    if name not in shapes:
+        raise KeyError(f"unknown synthetic trace {name!r} (one of: {', '.join(shapes)})")
+    trace = shapes[name](random.Random(f"{name}/{seed}"))
     trace.name = f"synthetic {name} (seed {seed})"
     return trace
