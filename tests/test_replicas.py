@@ -98,14 +98,20 @@ async def scale_step(
 ) -> None:
     """A reconcile pass now and one after the scaler's delay; then the change it started.
 
-    With `load`, each pass waits until that many requests are in: a closed-loop client is out
-    for a moment between two requests, and the scaler counts what is in flight when it looks.
+    The scaler weighs the requests in flight on average since its last pass (the time between
+    is all on the fake clock: the `advance`). With `load`, each pass and the advance wait until
+    that many requests are in: a closed-loop client is out for a moment between two requests.
     """
-    for _ in range(2):
+
+    async def loaded() -> None:
         if load is not None:
             await until(lambda: in_flight(kv) >= load, f"{load} requests in flight")
-        await kv.reconcile()
-        kv.clock.advance(max(UP_AFTER, DOWN_AFTER))
+
+    await loaded()
+    await kv.reconcile()
+    await loaded()
+    kv.clock.advance(max(UP_AFTER, DOWN_AFTER))
+    await kv.reconcile()
     await until(wait_for, what)
 
 

@@ -600,3 +600,37 @@ def test_a_model_is_awake_when_any_replica_is_else_as_close_to_serving_as_its_be
     assert model_state([S.ASLEEP, S.FAILED]) is S.ASLEEP
     assert model_state([S.DOWN]) is S.DOWN
     assert all(model_state([state]) is state for state in S)
+
+
+def test_the_mean_in_flight_since_the_last_pass_outweighs_a_peak_seen_at_the_pass() -> None:
+    """A load that hovers below the target (mean 6 of 8) but peaks at 12 when the scaler looks
+    wakes nothing; the same peak with no mean measured (first pass) counts as it is."""
+    peak = fleet(A, S, in_flight=(12, 0))
+    decision, _ = run(peak, POLICY, [0, 5])
+    assert decision.action == "up"
+    mem = ScaleMemory()
+    for t in (0, 5, 10):
+        decision, mem = decide_scale(peak, POLICY, mem, t, in_flight=6.0)
+    assert (decision.action, decision.reason, decision.desired) == (None, "steady", 1)
+    assert demand(peak, POLICY, 20.0) == 2.5  # the mean stands for every replica's count
+
+
+def test_the_traffic_monitor_integrates_requests_in_flight_over_time() -> None:
+    from kvsleep.control.replicas import ModelGroup
+    from kvsleep.control.traffic import TrafficMonitor
+
+    now = [100.0]
+    monitor = TrafficMonitor(60, clock=lambda: now[0])
+    group = ModelGroup("m", ())
+    stats = monitor.add_model("m")
+    assert group.mean_in_flight(stats.in_flight_area_at(now[0]), now[0]) is None
+    first = monitor.record_request_start("m", "/v1/completions")
+    now[0] += 10  # one request for 10 s
+    second = monitor.record_request_start("m", "/v1/completions")
+    now[0] += 5  # two for 5 s
+    monitor.record_request_end(first)
+    monitor.record_request_end(second)
+    now[0] += 5  # none for 5 s
+    assert stats.in_flight_area_at(now[0]) == 20.0
+    assert group.mean_in_flight(stats.in_flight_area_at(now[0]), now[0]) == 1.0  # 20 over 20 s
+    assert group.mean_in_flight(stats.in_flight_area_at(now[0]), now[0]) is None  # no time

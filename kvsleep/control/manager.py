@@ -940,7 +940,9 @@ class SleepManager:
             views = group.views(lambda slot: self._fits(slot, committed))
             if rules.target_queue or rules.target_kv_cache_usage:
                 views = await self._with_pressure(group, views)
-            decision, group.memory = scaling.decide_scale(views, rules, group.memory, now)
+            stats = self.traffic_monitor.add_model(group.name)
+            mean = group.mean_in_flight(stats.in_flight_area_at(now), now)
+            decision, group.memory = scaling.decide_scale(views, rules, group.memory, now, mean)
             group.decision = decision
             if decision.action is None or decision.replica is None:
                 continue

@@ -41,6 +41,9 @@ class ModelGroup:
     affinity: str | None = None
     memory: ScaleMemory = field(default_factory=ScaleMemory)
     decision: ScaleDecision | None = None  # the scaler's last verdict, for metrics
+    # (request-seconds in flight, time) at the scaler's last pass: the mean since then is
+    # the in-flight demand it weighs.
+    meter: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.set_slots(self.slots, self.scaling, self.affinity)
@@ -59,6 +62,14 @@ class ModelGroup:
             if scaling is not None and scaling.target_in_flight
             else None
         )
+
+    def mean_in_flight(self, area: float, now: float) -> float | None:
+        """Requests in flight on average since the last call (None at the first, or when no
+        time has passed: the caller then weighs what is in flight now)."""
+        last, self.meter = self.meter, (area, now)
+        if last is None or now <= last[1]:
+            return None
+        return (area - last[0]) / (now - last[1])
 
     @property
     def state(self) -> ModelState:

@@ -64,11 +64,23 @@ class ModelActivityStats:
     clock: Callable[[], float] = field(default=time.time, repr=False)
     known_since: float | None = None
     in_flight: int = 0
+    # The integral of in_flight over time (request-seconds) up to `in_flight_changed`: the
+    # scaler weighs the mean over its pass, not whatever is in flight the instant it looks.
+    in_flight_area: float = 0.0
+    in_flight_changed: float = 0.0
     _buckets: deque[list[float]] = field(default_factory=deque, repr=False)
 
     def __post_init__(self) -> None:
         if self.known_since is None:
             self.known_since = self.clock()
+
+    def in_flight_area_at(self, now: float) -> float:
+        """Request-seconds in flight from the start up to `now`."""
+        return self.in_flight_area + self.in_flight * max(0.0, now - self.in_flight_changed)
+
+    def _in_flight_changes(self, now: float) -> None:
+        self.in_flight_area = self.in_flight_area_at(now)
+        self.in_flight_changed = now
 
     @property
     def has_traffic(self) -> bool:
@@ -197,6 +209,7 @@ class TrafficMonitor:
             gap = max(0.0, now - stats.last_activity_time) if idle else None
             for listener in self.arrival_listeners:
                 listener(model_name, now, gap)
+        stats._in_flight_changes(now)
         stats.in_flight += 1
         stats.last_activity_time = now
         stats.note_arrival(now)
@@ -221,6 +234,7 @@ class TrafficMonitor:
         stats = self.model_stats.get(request_stats.model_name)
         if stats is None:  # removed while the request ran: it must not come back
             return
+        stats._in_flight_changes(now)
         stats.in_flight = max(0, stats.in_flight - 1)
         stats.last_activity_time = now
         stats.count(request_stats)

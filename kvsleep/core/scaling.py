@@ -113,18 +113,24 @@ class ScaleDecision:
     demand: float = 0.0  # the demand in replicas, trend included (unclamped, for a gauge)
 
 
-def demand(replicas: Sequence[ReplicaView], policy: ScalingPolicy) -> float:
+def demand(
+    replicas: Sequence[ReplicaView], policy: ScalingPolicy, in_flight: float | None = None
+) -> float:
     """The demand now, in replicas: the largest of the configured targets' ratios.
 
     In-flight counts every request kvsleep has for the model (held ones and those still inside a
-    draining replica too), so a drain never makes the demand look smaller than it is. The
+    draining replica too), so a drain never makes the demand look smaller than it is: the mean
+    since the last pass where the caller measured it (`in_flight`), else the replicas' counts
+    now. The mean keeps a load that hovers around the target from waking and sleeping a replica
+    on every chance peak (requests come and go between two passes). The
     engines' queue and KV cache usage are known only for awake replicas: their mean over the
     awake replicas that report it, times the awake replicas (unknown is not zero).
     """
     loads = [0.0]
     target = policy.target_in_flight
     if target is not None and target > 0:
-        loads.append(sum(r.in_flight + r.held for r in replicas) / target)
+        count = sum(r.in_flight + r.held for r in replicas) if in_flight is None else in_flight
+        loads.append(count / target)
     awake = [r for r in replicas if r.state is ModelState.AWAKE]
     target = policy.target_queue
     queues = [r.queue for r in awake if r.queue is not None]
@@ -170,12 +176,18 @@ def _whole(load: float) -> int:
 
 
 def decide_scale(
-    replicas: Sequence[ReplicaView], policy: ScalingPolicy, memory: ScaleMemory, now: float
+    replicas: Sequence[ReplicaView],
+    policy: ScalingPolicy,
+    memory: ScaleMemory,
+    now: float,
+    in_flight: float | None = None,
 ) -> tuple[ScaleDecision, ScaleMemory]:
     """One scaler pass for one model: at most one wake or one drain-and-sleep.
 
     Awake replicas are capacity; waking and starting ones are capacity coming. Draining,
     sleeping, failed, unknown and down replicas are neither chosen nor counted.
+
+    `in_flight`: kvsleep's requests for the model, averaged since the last pass (see `demand`).
 
     - Fewer than min_awake awake or coming: wake one at once (reason "min_awake"), even while
       another wake is under way: a floor is configuration, not a guess at demand.
@@ -206,7 +218,7 @@ def decide_scale(
     top = awake_ceiling(policy, len(views))
     floor = min(policy.min_awake, top)
 
-    current = demand(views, policy)
+    current = demand(views, policy, in_flight)
     window = policy.trend_window_seconds
     samples = tuple(s for s in memory.demand if now - window < s[0] < now)
     samples = (*samples, (now, current))[-_MAX_SAMPLES:] if window > 0 else ()
