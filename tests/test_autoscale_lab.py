@@ -73,36 +73,37 @@ OVERLOAD = Trace.of(
 def test_warm_step_up_wakes_a_replica_and_routes_to_it() -> None:
     """Replica 0 runs the +1 request; the +2 one queues in it (capacity 1) until +101. The +10
     pass sees 2 in flight for 1 awake: wakes replica 1 (awake at +15). The +20 request goes to
-    it, the least loaded, and is served at once. Below target (1 in flight, 2 awake) from the
-    +110 pass, 60 s later (+170) replica 1, the idle one, is drained and sleeps.
-    Memory: replica 0 for 300 s, replica 1 from +10 to +170, at 10 GB."""
+    it, the least loaded, and is served at once. Below target (1 in flight on average since the
+    last pass, 2 awake) from the +120 pass (the +110 one averages 1.1: the +1 request ended at
+    +101), 60 s later (+180) replica 1, the idle one, is drained and sleeps.
+    Memory: replica 0 for 300 s, replica 1 from +10 to +180, at 10 GB."""
     r = ScaleReplay(OVERLOAD, one_model(), "warm", two_of_capacity_one()).run()
     assert [(t - T0, rep, what) for t, rep, what in r.events] == [
         (10, "1", "wake"),
         (15, "1", "awake"),
-        (170, "1", "drain"),
-        (170, "1", "asleep"),
+        (180, "1", "drain"),
+        (180, "1", "asleep"),
     ]
     assert sorted(r.added) == [0.0, 0.0, 99.0]
     assert (r.requests, r.served, r.rejected, r.held, r.queued) == (3, 3, 0, 0, 1)
     assert (r.wakes, r.starts, r.downs) == (1, 0, 1)
-    assert r.gb_seconds == pytest.approx(10 * 300 + 10 * 160)
+    assert r.gb_seconds == pytest.approx(10 * 300 + 10 * 170)
 
 
 def test_cold_step_up_pays_an_engine_start() -> None:
     """The same decisions, but replica 1 starts for 50 s (+10 to +60, memory held from +10):
     the +20 request finds only replica 0 awake and queues behind the +2 one (served at +201:
-    181 s added). Below target from +210, stopped at +270."""
+    181 s added). Below target on average from the +220 pass, stopped at +280."""
     r = ScaleReplay(OVERLOAD, one_model(), "cold", two_of_capacity_one()).run()
     assert [(t - T0, rep, what) for t, rep, what in r.events] == [
         (10, "1", "start"),
         (60, "1", "awake"),
-        (270, "1", "drain"),
-        (270, "1", "asleep"),
+        (280, "1", "drain"),
+        (280, "1", "asleep"),
     ]
     assert sorted(r.added) == [0.0, 99.0, 181.0]
     assert (r.wakes, r.starts, r.downs, r.held, r.queued) == (0, 1, 1, 0, 2)
-    assert r.gb_seconds == pytest.approx(10 * 300 + 10 * 260)
+    assert r.gb_seconds == pytest.approx(10 * 300 + 10 * 270)
 
 
 def test_always_on_keeps_every_replica_and_never_wakes() -> None:

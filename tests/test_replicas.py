@@ -233,3 +233,29 @@ async def test_the_kvcached_routes_see_one_model_awake_when_any_replica_is(
         async with session.get(kv.url + "/v1/models") as resp:
             (model,) = (await resp.json())["data"]
         assert (model["id"], model["state"]) == (M, "awake")
+
+
+async def test_the_kvcached_api_and_status_name_the_model_and_each_replica(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    sims = await three(sim_factory)
+    kv = await kvsleep_factory([replicated(sims, min_awake=0)])
+    manager = kv.manager
+    async with aiohttp.ClientSession() as session:
+        async with session.post(kv.url + f"/action/sleep/{M}") as resp:
+            assert resp.status == 200, await resp.text()
+        assert manager.is_model_sleeping(M) and list(manager.get_sleeping_models()) == [M]
+        async with session.post(kv.url + f"/action/wakeup/{M}") as resp:
+            assert resp.status == 200, await resp.text()
+        assert not manager.is_model_sleeping(M) and manager.get_sleeping_models() == {}
+        assert await manager.handle_model_wakeup_on_request(M)
+        async with session.get(kv.url + f"/health/{M}") as resp:
+            health = await resp.json()
+        assert health == {"model": M, "health": {s.url: True for s in sims}, "state": "awake"}
+        async with session.get(kv.url + "/sleep/status") as resp:
+            rows = (await resp.json())["models"]
+    assert {name: (row["model"], row["replica"], row["state"]) for name, row in rows.items()} == {
+        f"{M}@0": (M, "0", "awake"),
+        f"{M}@1": (M, "1", "asleep"),
+        f"{M}@2": (M, "2", "asleep"),
+    }

@@ -1252,7 +1252,7 @@ class SleepManager:
 
     def sleep_refusal(self, model_name: str) -> str | None:
         """Why kvcached's `put_model_to_sleep` would answer False now, if it would."""
-        slot = self.slots.get(model_name)
+        slot = self._engine_of(model_name)
         if slot is None:
             return f"no engine is configured for model {model_name}"
         if slot.cfg.always_on:
@@ -1264,11 +1264,11 @@ class SleepManager:
     def wake_refusal(self, model_name: str) -> str | None:
         """Why kvcached's `wakeup_model` would answer False now, if it would: the model is not
         asleep, or has slept less than `min_sleep_duration`."""
-        slot = self.slots.get(model_name)
-        if slot is None:
+        if model_name not in self.slots and model_name not in self.groups:
             return f"no engine is configured for model {model_name}"
-        if slot.state in (ModelState.AWAKE, ModelState.DRAINING):
+        if self._state_of(model_name) in (ModelState.AWAKE, ModelState.DRAINING):
             return f"model {model_name} is not asleep"
+        slot = self.slots[self.engine_to_wake(model_name)]
         view = self.view(slot)
         if slot.state is ModelState.ASLEEP and self.clock() < policy.wake_allowed_at(view):
             return (
@@ -1299,17 +1299,35 @@ class SleepManager:
 
         As every request-driven wake in kvsleep, it does not wait for `min_sleep_duration`.
         """
-        slot = self.slots.get(model_name)
+        slot = self._engine_of(model_name)
         pol = slot.cfg.policy if slot is not None else self.config
         if not pol.wakeup_on_request:
             return False
-        if slot is None or slot.state is ModelState.AWAKE:
+        if slot is None or self._state_of(model_name) is ModelState.AWAKE:
             return True
         return await self.request_wake(model_name, "request")
 
     def is_model_sleeping(self, model_name: str) -> bool:
+        """A model with replicas sleeps when none is awake or on its way."""
+        known = model_name in self.slots or model_name in self.groups
+        return known and self._state_of(model_name) in (ModelState.SLEEPING, ModelState.ASLEEP)
+
+    def replicas_of(self, model_name: str) -> tuple[ModelSlot, ...]:
+        """The engine itself, or the model's replicas."""
         slot = self.slots.get(model_name)
-        return slot is not None and slot.state in (ModelState.SLEEPING, ModelState.ASLEEP)
+        return (slot,) if slot is not None else self.groups[model_name].slots
+
+    def _engine_of(self, model_name: str) -> ModelSlot | None:
+        """The engine by its own name, else the first of the model's replicas (for the keys
+        they share: policy, always_on)."""
+        slot = self.slots.get(model_name)
+        group = self.groups.get(model_name)
+        return slot if slot is not None or group is None else group.slots[0]
+
+    def _state_of(self, model_name: str) -> ModelState:
+        """An engine's own state; a model's, awake when any replica is (the kvcached API's)."""
+        slot = self.slots.get(model_name)
+        return slot.state if slot is not None else self.groups[model_name].state
 
     @property
     def sleeping_models(self) -> dict[str, float]:
@@ -1322,16 +1340,20 @@ class SleepManager:
         return {name for name, info in self.get_sleeping_models().items() if info["manual_sleep"]}
 
     def get_sleeping_models(self) -> dict[str, dict[str, Any]]:
+        """By the name clients use: a model with replicas once all of them sleep (since the
+        last one went to sleep; manual when each was put to sleep by hand)."""
         now = self.clock()
-        return {
-            name: {
-                "sleep_start_time": slot.slept_at or slot.state_since,
-                "sleep_duration": now - (slot.slept_at or slot.state_since),
-                "manual_sleep": slot.manual_sleep,
+        sleeping = {}
+        for name, group in self.groups.items():
+            if group.state not in (ModelState.SLEEPING, ModelState.ASLEEP):
+                continue
+            since = max(slot.slept_at or slot.state_since for slot in group.slots)
+            sleeping[name] = {
+                "sleep_start_time": since,
+                "sleep_duration": now - since,
+                "manual_sleep": all(slot.manual_sleep for slot in group.slots),
             }
-            for name, slot in self.slots.items()
-            if slot.state in (ModelState.SLEEPING, ModelState.ASLEEP)
-        }
+        return sleeping
 
     def get_sleep_candidates(self) -> list[str]:
         now = self.clock()

@@ -148,6 +148,10 @@ class ScaleReplay:
         self.rng = random.Random(f"pick/{settings.seed}")
         self.memory = ScaleMemory()
         self.last_activity = trace.start
+        # Request-seconds kvsleep has had in flight (held included), and at the last pass: the
+        # scaler weighs the mean between passes, as live (control/traffic.py integrates it).
+        self.area = 0.0
+        self.meter = (0.0, trace.start)
         self.result = ScaleResult(
             strategy, spec.cfg.name, settings.replicas, spec.memory_gb, settings.scaling
         )
@@ -186,6 +190,7 @@ class ScaleReplay:
             self._at(self.trace.start + step, TICK, None)
         while self._events:
             t, kind, _, payload = heapq.heappop(self._events)
+            self.area += self._in_flight() * (t - self.now)
             self.now = t
             if kind == TICK:
                 self._tick()
@@ -222,7 +227,9 @@ class ScaleReplay:
         they stand, then the idle sleeps are carried out, then the scaler's action."""
         now = self.now
         idle = self._idle() if self.scaling.min_awake == 0 else []
-        decision, self.memory = decide_scale(self.views(), self.scaling, self.memory, now)
+        (area, then), self.meter = self.meter, (self.area, now)
+        mean = (self.area - area) / (now - then) if now > then else None
+        decision, self.memory = decide_scale(self.views(), self.scaling, self.memory, now, mean)
         for rep in idle:
             self._feed(rep, WantSleep(now, "idle"))
         if decision.action == "up":
@@ -235,7 +242,7 @@ class ScaleReplay:
     def _idle(self) -> list[_Replica]:
         """Scale to zero, as the live manager does: each replica's view carries the model's
         traffic (a replica is idle when its model is); the idle policy says which to sleep."""
-        in_flight = sum(r.machine.in_engine + r.machine.held for r in self.replicas)
+        in_flight = self._in_flight()
         chosen = []
         for rep in self.replicas:
             machine = rep.machine
@@ -245,6 +252,9 @@ class ScaleReplay:
             if any(isinstance(a, policy.Sleep) for a in policy.decide([view], self.now)):
                 chosen.append(rep)
         return chosen
+
+    def _in_flight(self) -> int:
+        return sum(r.machine.in_engine + r.machine.held for r in self.replicas)
 
     # -- the request path ---------------------------------------------------------------------
 

@@ -110,15 +110,19 @@ class KvcachedRoutes:
         doc: dict[str, Any] = {"model": name, "health": await self._health(name)}
         if name in slots:
             doc["state"] = self.server.manager.reported_state(slots[name]).value
+        elif name in self.server.manager.groups:
+            doc["state"] = self.server.manager.model_state(self.server.manager.groups[name]).value
         return web.json_response(doc)
 
     async def _health(self, name: str) -> dict[str, bool]:
-        slot = self.server.manager.slots.get(name)
-        if slot is None:
-            return {}
+        """The model's endpoints (each replica's) and whether each answers."""
+        manager = self.server.manager
+        slot = manager.slots.get(name)
+        group = manager.groups.get(name)
+        slots = [slot] if slot is not None else list(group.slots) if group is not None else []
         # Observation, not GET /health: a released SGLang must never run a forward pass.
-        observed = await slot.adapter.observe(slot.state)
-        return {slot.cfg.url: observed.up}
+        observed = await asyncio.gather(*(s.adapter.observe(s.state) for s in slots))
+        return {s.cfg.url: seen.up for s, seen in zip(slots, observed, strict=True)}
 
     async def traffic_stats(self, request: web.Request) -> web.Response:
         try:
@@ -223,7 +227,7 @@ class KvcachedRoutes:
         kvsleep drains the model's requests first, and answers 409 for an `always_on` model."""
         server = self.server
         name = request.match_info["model"]
-        if name not in server.manager.slots:
+        if name not in server.manager.slots and name not in server.manager.groups:
             return _error(404, f"Model {name} not found")
         try:
             wait = _wait(request)
@@ -233,7 +237,8 @@ class KvcachedRoutes:
             return await server._ask_owner(owner, request)
         refusal = server.manager.sleep_refusal(name)
         if refusal is not None:
-            status = 409 if server.manager.slots[name].cfg.always_on else 400
+            always_on = all(s.cfg.always_on for s in server.manager.replicas_of(name))
+            status = 409 if always_on else 400
             return _action(name, False, f"Model {name} sleep request failed: {refusal}", status)
         return await server._answer(
             name, "sleep", server.manager.request_sleep(name, "manual"), wait
@@ -244,7 +249,7 @@ class KvcachedRoutes:
         less than `min_sleep_duration`."""
         server = self.server
         name = request.match_info["model"]
-        if name not in server.manager.slots:
+        if name not in server.manager.slots and name not in server.manager.groups:
             return _error(404, f"Model {name} not found")
         try:
             wait = _wait(request)
@@ -263,17 +268,22 @@ def status_document(server: KvsleepServer) -> dict[str, Any]:
     now = server.clock()
     models = {
         name: {
+            "model": slot.cfg.served_name,
+            "replica": slot.cfg.replica,
             "state": manager.reported_state(slot).value,
             "state_since": slot.state_since,
             "engine": slot.cfg.engine,
             "held_requests": len(slot.waiters),
-            "in_flight": traffic.model_stats[name].in_flight,
+            # A replica's: the requests inside its engine and held for its wake.
+            "in_flight": traffic.model_stats[name].in_flight
+            if name == slot.cfg.served_name
+            else slot.in_engine + len(slot.waiters),
             "engine_up": slot.engine_up,
             "last_error": slot.last_error,
             "idle_threshold_seconds": _json_seconds(manager.thresholds.threshold_for(slot.cfg)),
             "auto_sleep_enabled": slot.cfg.policy.auto_sleep_enabled,
             "always_on": slot.cfg.always_on,
-            "idle_seconds": traffic.model_stats[name].get_idle_time()
+            "idle_seconds": traffic.model_stats[slot.cfg.served_name].get_idle_time()
             if slot.state is ModelState.AWAKE
             else None,
             "seconds_in_state": now - slot.state_since,
