@@ -259,3 +259,24 @@ async def test_the_kvcached_api_and_status_name_the_model_and_each_replica(
         f"{M}@1": (M, "1", "asleep"),
         f"{M}@2": (M, "2", "asleep"),
     }
+
+
+async def test_with_a_prometheus_policy_source_the_fleets_requests_count_too(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    """Other kvsleep processes in front of the same replicas report 12 requests in flight
+    (Prometheus's `sum by (model)`): this one, with none of its own, scales up for them."""
+    from kvsleep.control.policy_source import FleetTraffic
+
+    sims = await three(sim_factory)
+    kv = await kvsleep_factory([replicated(sims, min_awake=1)])
+    fleet = {M: FleetTraffic(last_activity=kv.clock(), in_flight=12)}
+    assert await kv.manager.scale(kv.clock(), fleet) == []
+    decision = kv.manager.groups[M].decision
+    # 12 over 2 per replica: six replicas' worth, more than the three there are.
+    assert (decision.demand, decision.desired, decision.blocked) == (6.0, 3, "max_awake")
+    kv.clock.advance(DOWN_AFTER)
+    assert await kv.manager.scale(kv.clock(), {}) == []  # without it: none in flight here...
+    kv.clock.advance(DOWN_AFTER)
+    (action,) = await kv.manager.scale(kv.clock(), {})  # ...for long enough to scale down
+    assert (action.model, action.reason) == (f"{M}@2", "scale_down")

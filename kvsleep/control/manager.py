@@ -240,6 +240,10 @@ class ModelSlot:
         return self.cfg.name
 
     @property
+    def served_name(self) -> str:
+        return self.cfg.served_name
+
+    @property
     def check_interval(self) -> float:
         return self.cfg.policy.check_interval_seconds
 
@@ -923,14 +927,18 @@ class SleepManager:
         """What the policy decides on: the models just probed, as they stand after the probe."""
         self.thresholds.keep_only(self.groups)
         return [
-            self.view(slot, None, fleet.get(name), fleet_mode)
+            self.view(slot, None, fleet.get(slot.cfg.served_name), fleet_mode)
             for name, _ in probed
             if (slot := self.slots.get(name)) is not None and not slot.busy
         ]
 
-    async def scale(self, now: float) -> list[policy.Action]:
+    async def scale(
+        self, now: float, fleet: dict[str, FleetTraffic] | None = None
+    ) -> list[policy.Action]:
         """The scaler's pass (core/scaling.py decides): for each model with a `scaling` policy,
-        at most one replica to wake or to drain and sleep."""
+        at most one replica to wake or to drain and sleep. With a Prometheus policy source,
+        the fleet's requests in flight (every kvsleep's) count when they are more than this
+        one's."""
         actions: list[policy.Action] = []
         committed = self.gpu_committed() if self.gpu_budgets else {}
         for group in self.groups.values():
@@ -942,6 +950,8 @@ class SleepManager:
                 views = await self._with_pressure(group, views)
             stats = self.traffic_monitor.add_model(group.name)
             mean = group.mean_in_flight(stats.in_flight_area_at(now), now)
+            if fleet and (seen := fleet.get(group.name)) is not None:
+                mean = max(mean if mean is not None else stats.in_flight, seen.in_flight)
             decision, group.memory = scaling.decide_scale(views, rules, group.memory, now, mean)
             group.decision = decision
             if decision.action is None or decision.replica is None:

@@ -30,6 +30,11 @@ class Probe(Protocol):
     @property
     def name(self) -> str: ...
     @property
+    def served_name(self) -> str:
+        """The model clients name (the fleet's traffic is per model, not per engine)."""
+        ...
+
+    @property
     def version(self) -> int: ...
     @property
     def check_interval(self) -> float: ...
@@ -55,7 +60,7 @@ class Engines(Protocol):
         fleet: dict[str, FleetTraffic],
         fleet_mode: bool,
     ) -> list[policy.ModelView]: ...
-    async def scale(self, now: float) -> list[policy.Action]: ...
+    async def scale(self, now: float, fleet: dict[str, FleetTraffic]) -> list[policy.Action]: ...
     def apply(self, action: policy.Action, now: float) -> None: ...
     def reconcile_failed(self) -> None: ...
     def reconcile_took(self, seconds: float) -> None: ...
@@ -81,7 +86,7 @@ class Reconciler:
         versions = [p.version for p in probes]
         observations = await asyncio.gather(*(self._observe(p) for p in probes))
         fleet = (
-            await self.source.fleet_traffic(p.name for p in probes)
+            await self.source.fleet_traffic({p.served_name for p in probes})
             if self.source is not None
             else {}
         )
@@ -91,7 +96,7 @@ class Reconciler:
         probed = [(p.name, obs) for p, obs in zip(probes, observations, strict=True)]
         now = engines.clock()
         actions = policy.decide(engines.views(probed, fleet, self.source is not None), now)
-        actions += await engines.scale(now)
+        actions += await engines.scale(now, fleet)
         for action in actions:
             try:
                 engines.apply(action, now)
