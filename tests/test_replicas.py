@@ -233,6 +233,11 @@ async def test_the_kvcached_routes_see_one_model_awake_when_any_replica_is(
         async with session.get(kv.url + "/v1/models") as resp:
             (model,) = (await resp.json())["data"]
         assert (model["id"], model["state"]) == (M, "awake")
+        async with session.get(kv.url + f"/v1/models/{M}") as resp:
+            assert (await resp.json())["state"] == "awake"
+        async with session.get(kv.url + f"/v1/models/{M}@1") as resp:  # an engine, no model
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "model_not_found"
 
 
 async def test_the_kvcached_api_and_status_name_the_model_and_each_replica(

@@ -113,7 +113,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def v1_model(server: KvsleepServer, request: web.Request) -> web.Response:
     """OpenAI's `models.retrieve`: ids contain `/`, raw or percent-encoded (aiohttp decodes)."""
-    return web.json_response(server.model_object(server.model_in_path(request)))
+    return web.json_response(server.model_object(server.model_in_path(request, engines=False)))
 
 
 # ---- engine logs -------------------------------------------------------------------------

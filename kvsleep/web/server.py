@@ -553,11 +553,11 @@ class KvsleepServer:
         if ok:
             self.metrics.config_last_reload_success_timestamp.set(self.clock())
 
-    def model_in_path(self, request: web.Request) -> str:
+    def model_in_path(self, request: web.Request, *, engines: bool = True) -> str:
         """The model named in the path, raw (`a/b`) or percent-encoded (`a%2Fb`, which aiohttp
-        has already decoded)."""
+        has already decoded): a name clients use, or (with `engines`) one replica's engine."""
         name = request.match_info["model"]
-        if name not in self.manager.slots and name not in self.manager.groups:
+        if name not in self.manager.groups and not (engines and name in self.manager.slots):
             raise OpenAIError(
                 404,
                 f"The model `{name}` does not exist.",
@@ -673,9 +673,10 @@ async def serve(
     cfg = server.config.router
     runner = await listen(server, sock if sock is not None else bind(cfg.host, cfg.port))
     log.info(
-        "kvsleep listening on http://%s:%d with %d models",
+        "kvsleep listening on http://%s:%d with %d models (%d engines)",
         cfg.host,
         cfg.port,
+        len(server.manager.groups),
         len(server.manager.slots),
     )
     try:
