@@ -285,3 +285,42 @@ async def test_with_a_prometheus_policy_source_the_fleets_requests_count_too(
     kv.clock.advance(DOWN_AFTER)
     (action,) = await kv.manager.scale(kv.clock(), {})  # ...for long enough to scale down
     assert (action.model, action.reason) == (f"{M}@2", "scale_down")
+
+
+async def test_the_engines_own_kv_cache_usage_can_drive_the_scaler(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    """target_kv_cache_usage: the awake replicas' `vllm:kv_cache_usage_perc`, read from their
+    /metrics at each pass, wakes a second replica when two requests fill replica 0's cache."""
+    # A cache of 100 tokens; each request grows by 50 tokens a second, for 4 s.
+    sims = await three(sim_factory, kv_cache_gb=100 / 16384, tokens_per_second=50.0)
+    doc = replicated(sims, min_awake=1, target_in_flight=None, target_kv_cache_usage=0.5)
+    kv = await kvsleep_factory([doc])
+    async with aiohttp.ClientSession() as session:
+        for replica in ("2", "1"):
+            async with session.post(kv.url + f"/models/{M}@{replica}/sleep") as resp:
+                assert resp.status == 200
+        long = {"body": {"max_tokens": 200, "ignore_eos": True}}
+        requests = [asyncio.create_task(completion(session, kv, **long)) for _ in range(2)]
+        await until(lambda: sims[0].sim.kv_usage() >= 0.8, "replica 0's cache filling up")
+        await kv.reconcile()
+        kv.clock.advance(UP_AFTER)
+        await kv.reconcile()
+        decision = kv.manager.groups[M].decision
+        assert decision.reason == "target" and decision.demand >= 1.6
+        await until(lambda: states(kv)[1] == "awake", "replica 1 woken")
+        assert await asyncio.gather(*requests) == [200, 200]
+    for sim in sims:
+        assert (await sim.stats())["hazards"] == {}
+
+
+async def test_each_engine_reports_its_queue_and_kv_cache_usage(sim_factory: Any) -> None:
+    from kvsleep.config import ModelConfig
+    from kvsleep.engines import adapter_for
+    from tests.kvsleep_harness import FAST_RETRY
+
+    async with aiohttp.ClientSession() as session:
+        for flavor in ("vllm", "sglang"):
+            sim = await sim_factory(flavor, model=M)
+            engine = adapter_for(ModelConfig(M, flavor, sim.url), lambda: session, FAST_RETRY)
+            assert await engine.pressure() == (0.0, 0.0), flavor
