@@ -46,7 +46,7 @@ async def three(sim_factory: Any, **settings: Any) -> list[RunningSim]:
 
 
 def states(kv: Any) -> list[str]:
-    return [kv.state(f"{M}@{i}") for i in range(3)]
+    return [slot.state.value for slot in kv.manager.groups[M].slots]
 
 
 async def completion(session: aiohttp.ClientSession, kv: Any, **extra: Any) -> int:
@@ -324,3 +324,48 @@ async def test_each_engine_reports_its_queue_and_kv_cache_usage(sim_factory: Any
             sim = await sim_factory(flavor, model=M)
             engine = adapter_for(ModelConfig(M, flavor, sim.url), lambda: session, FAST_RETRY)
             assert await engine.pressure() == (0.0, 0.0), flavor
+
+
+async def test_launched_replicas_are_ready_when_they_serve_the_models_name(
+    kvsleep_factory: Callable[..., Awaitable[Any]], tmp_path: Any
+) -> None:
+    """Each replica's engine serves the model's name (not its `MODEL@i` engine name): that is
+    what the launcher waits to see in its /v1/models."""
+    import sys
+
+    from kvsleep.control.launcher import Launcher
+    from tests.prometheus_server import free_port
+
+    ports = [free_port() for _ in range(2)]
+    doc = {
+        "name": M,
+        "engine": "vllm",
+        "replicas": [
+            {
+                "url": f"http://127.0.0.1:{port}",
+                "command": [
+                    sys.executable,
+                    "-m",
+                    "kvsleep.sim.engine",
+                    "--flavor",
+                    "vllm",
+                    "--model",
+                    M,
+                    "--port",
+                    str(port),
+                ],
+            }
+            for port in ports
+        ],
+        "scaling": {"min_awake": 1},
+        "ready_timeout_seconds": 20,
+    }
+    kv = await kvsleep_factory([doc])
+    launcher = Launcher(kv.manager, kv.server.metrics, str(tmp_path / "engine-logs"))
+    try:
+        await launcher.start([m for m in kv.server.config.models if m.launched])
+        await until(lambda: states(kv) == ["awake", "awake"], "both replicas ready", 3000)
+        async with aiohttp.ClientSession() as session:
+            assert await completion(session, kv) == 200
+    finally:
+        await launcher.stop()

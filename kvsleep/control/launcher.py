@@ -680,7 +680,7 @@ class Launcher:
                         if resp.status == 200:
                             doc = await resp.json(content_type=None)
                             listed = [str(m.get("id")) for m in doc["data"]]
-                    if listed is not None and model.name in listed:
+                    if listed is not None and model.served_name in listed:
                         async with session.get(base + "/health", timeout=timeout) as resp:
                             if resp.status == 200:
                                 log.info("model %s: engine ready", model.name)
@@ -689,8 +689,9 @@ class Launcher:
                     lists = (
                         ""
                         if listed is None
-                        else f" (it lists {', '.join(listed) or 'no model'}, not {model.name})"
-                        if model.name not in listed
+                        else f" (it lists {', '.join(listed) or 'no model'}, "
+                        f"not {model.served_name})"
+                        if model.served_name not in listed
                         else " (its /health is not 200)"
                     )
                     raise LaunchError(

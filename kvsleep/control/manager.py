@@ -639,7 +639,7 @@ class SleepManager:
         except asyncio.TimeoutError:
             self._forget_waiter(slot, fut, size)
             wait = slot.machine.eta_remaining(self.clock())
-            message = f"model `{model_name}` did not wake within {timeout:g}s"
+            message = f"model `{slot.machine.name}` did not wake within {timeout:g}s"
             if slot.waiting_for_memory:
                 message += f" ({slot.waiting_for_memory})"
             self.metrics.rejected_requests.labels(served, "wake_timeout").inc()

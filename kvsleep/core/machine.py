@@ -475,7 +475,10 @@ class EngineMachine:
 
     @property
     def name(self) -> str:
-        return self.cfg.name
+        """How messages to clients name the engine: by the model they asked for, and which of
+        its replicas when it has several (`org/chat` replica 1)."""
+        cfg = self.cfg
+        return cfg.name if not cfg.model else f"{cfg.model}` replica `{cfg.replica}"
 
     @property
     def busy(self) -> bool:
