@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import autoscale
 from bench import procs as P
 from bench.profile import profile_kvsleep
 from bench.report import acceptance, data_path_cost, render
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--litellm", help="litellm executable (default $BENCH_LITELLM or litellm on PATH)"
+    )
+    p.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="instead: the autoscaling step (warm vs cold vs always-on; bench/autoscale.py, "
+        "see python -m bench --autoscale --help)",
     )
     return p
 
@@ -247,6 +254,9 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--autoscale" in argv:  # its own flags and results (autoscale.json/.md); no wrk
+        return autoscale.main(argv)
     args = build_parser().parse_args(argv)
     if wrk_path() is None:
         print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
