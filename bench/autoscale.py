@@ -145,11 +145,15 @@ class ClosedLoop:
                 await asyncio.sleep(0.05)  # an engine gone would otherwise spin this loop
 
     def window(self, start: float, end: float) -> dict[str, Any]:
-        """Requests sent in [start, end): count, non-2xx, p50/p99 latency in ms."""
+        """Requests sent in [start, end): count, non-2xx, p50/p99 latency in ms; and the 2xx
+        answers that arrived in it (throughput)."""
         picked = [s for s in self.samples if start <= s.started < end]
         ok = [s.seconds * 1000 for s in picked if 200 <= s.status < 300]
+        answered = [s for s in self.samples if start <= s.started + s.seconds < end]
         return {
+            "seconds": rnd(end - start, 3),
             "requests": len(picked),
+            "answers": sum(1 for s in answered if 200 <= s.status < 300),
             "errors": len(picked) - len(ok),
             "p50_ms": rnd(pct(ok, 50), 1),
             "p99_ms": rnd(pct(ok, 99), 1),
@@ -526,6 +530,7 @@ async def _scale_down(
     return {
         "back_to_one_awake_s": rnd(back - drop, 2) if back else None,
         "sleeps_at_s": [rnd(t - drop, 2) for t in sleeps],
+        "aborted": sum(e.stats.get("requests", {}).get("aborted", 0) for e in engines),
         "latency": load.window(drop, end),
     }
 
@@ -556,6 +561,11 @@ def _summary(
                 "first_request_after_step_s": rnd(first - step, 3) if first else None,
                 "wake_up_reached_engine_s": rnd(wake - step, 3) if wake else None,
                 "wake_done_s": rnd(woken - step, 3) if woken else None,
+                "control_calls_until_serving": [
+                    [rnd(e["t"] - step, 3), e["event"], e["route"]]
+                    for e in sorted(engine.events.values(), key=lambda e: e["t"])
+                    if e["event"].startswith("control") and step <= e["t"] <= (first or step)
+                ],
                 "ready_s": rnd(engine.ready_at - step, 3) if engine.ready_at else None,
                 "joined_s": rnd(engine.joined_at - step, 3) if engine.joined_at else None,
                 "wake_up_calls": engine.stats.get("calls", {}).get("/wake_up", 0),
@@ -571,6 +581,15 @@ def _summary(
         if labels.get("model") == MODEL and value:
             codes[labels["code"]] += int(value)
     hazards = sum(sum(r["hazards"].values()) for r in replicas)
+    after = [p for p in watch.timeline if marks["all_serve"] <= p["t"] <= marks["after_end"]]
+    spread = (
+        {
+            r: rnd(sum(p["in_flight"].get(r, 0.0) for p in after) / len(after), 1)
+            for r in (str(e.replica) for e in engines)
+        }
+        if after
+        else {}
+    )
     all_serve = marks["all_serve"]
     after_end = marks["after_end"]
     assert all_serve is not None and after_end is not None
@@ -584,6 +603,17 @@ def _summary(
             "during": load.window(step, all_serve),
             "after": load.window(all_serve, after_end),
         },
+        "in_flight_after": spread,
+        # What the step cost the clients in all: every request's wait beyond its own
+        # generation time, from the step to the end of the "after" window.
+        "excess_latency_s": rnd(
+            sum(
+                max(0.0, s.seconds - plan.max_tokens / plan.tokens_per_second)
+                for s in load.samples
+                if step <= s.started < after_end
+            ),
+            1,
+        ),
         "requests": len(load.samples),
         "errors": sum(1 for s in load.samples if not 200 <= s.status < 300),
         "kvsleep_codes": dict(codes),
@@ -642,6 +672,11 @@ def _lat(window: dict[str, Any]) -> str:
     return f"{_fmt(window['p50_ms'])} / {_fmt(window['p99_ms'])} ({window['requests']})"
 
 
+def _rate(window: dict[str, Any]) -> str:
+    """Answers per second; not for a window under a second (always-on's step has none)."""
+    return f"{window['answers'] / window['seconds']:.1f}" if window["seconds"] >= 1 else "-"
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     plan = meta["plan"]
@@ -698,6 +733,20 @@ def render(results: dict[str, Any]) -> str:
         f"p50 / p99 ms (requests) {plan['after_seconds']:g} s after",
         [_lat(x["latency"]["after"]) for x in v],
     )
+    row(
+        "2xx answers/s step → 3rd serves (after)",
+        [f"{_rate(x['latency']['during'])} ({_rate(x['latency']['after'])})" for x in v],
+    )
+    row(
+        "in flight per replica after (kvsleep, mean of 1 s samples)",
+        [" / ".join(_fmt(n) for n in x["in_flight_after"].values()) or "-" for x in v],
+    )
+    row(
+        "latency beyond the unqueued "
+        f"{plan['max_tokens'] / plan['tokens_per_second']:g} s, summed from the step on, "
+        "client-s",
+        [_fmt(x["excess_latency_s"]) for x in v],
+    )
     row("requests, errors (non-2xx or none)", [f"{x['requests']}, {x['errors']}" for x in v])
     row("requests held (kvsleep)", [_fmt(x["held"]) for x in v])
     row(
@@ -722,9 +771,12 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             "",
             "Seconds after the step, from the engines' own event logs. The scaler wakes one "
-            "replica at a time: the next is judged once the one coming serves "
-            "(`kvsleep/core/scaling.py`), so the 3rd replica's wake starts about "
-            "scale_up_after plus a pass after the 2nd's ends.",
+            "replica at a time (`kvsleep/core/scaling.py`: no second demand wake while one is "
+            "under way), so the 3rd replica's `/wake_up` comes once the 2nd's wake is done, at "
+            "the earliest. From wake done to the first request: kvsleep marks the replica "
+            "awake, then the next request a client sends goes there; the queued replica "
+            f"answers in batches of {plan['max_num_seqs']}, so clients send in bursts up to "
+            f"{plan['max_tokens'] / plan['tokens_per_second']:g} s apart.",
             "",
             "Scale events: "
             + ", ".join(f"{k}: {n}" for k, n in sorted(warm["scale_events"].items())),
@@ -735,8 +787,9 @@ def render(results: dict[str, Any]) -> str:
             lines += [
                 f"**Scale-down**: load back to {plan['low_clients']} clients; "
                 f"back to 1 awake replica after {_fmt(down['back_to_one_awake_s'])} s "
-                f"(sleeps at {', '.join(_fmt(s) for s in down['sleeps_at_s'])} s, each after "
-                "a drain: no request aborted, no hazard); "
+                f"(sleeps at {', '.join(_fmt(s) for s in down['sleeps_at_s'])} s, each "
+                f"after a drain: requests aborted {down['aborted']}, engine hazards "
+                f"{warm['hazards']}); "
                 f"p50 / p99 meanwhile {_lat(down['latency'])}, errors "
                 f"{down['latency']['errors']}.",
                 "",
