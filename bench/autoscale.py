@@ -404,7 +404,8 @@ async def run_variant(
         serving = await _until_all_serve(engines, step, plan)
         if variant == "cold":
             await pods
-        all_serve = serving[-1] if None not in serving else time.monotonic()
+        served = [t for t in serving if t is not None]
+        all_serve = max(served) if len(served) == len(serving) else time.monotonic()
         say(
             f"autoscale {variant}: replicas serve "
             + ", ".join("-" if s is None else f"{s - step:.2f}s" for s in serving)
@@ -595,8 +596,8 @@ def _summary(
     assert all_serve is not None and after_end is not None
     return {
         "variant": variant,
-        "second_serves_s": rnd(extra[0] - step, 2) if extra[0] else None,
-        "third_serves_s": rnd(extra[1] - step, 2) if extra[1] else None,
+        "second_serves_s": rnd(extra[0] - step, 2) if extra[0] is not None else None,
+        "third_serves_s": rnd(extra[1] - step, 2) if extra[1] is not None else None,
         "pods_started_s": rnd(marks["pods_started"] - step, 2) if marks["pods_started"] else None,
         "latency": {
             "before": load.window(marks["t0"], step),
