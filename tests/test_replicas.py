@@ -151,7 +151,10 @@ async def test_a_step_load_wakes_two_more_replicas_and_its_end_sleeps_them_after
             assert sample(text, "kvsleep_replica_state", model=M, replica=str(i), state="awake")
         await load.stop()
 
-        # Load gone: one replica drained and slept per scale-down delay, down to min_awake.
+        # Load gone. Replica 2 turned awake since the last pass: that starts the anti-flap wait.
+        await kv.reconcile()
+        kv.clock.advance(DOWN_AFTER)
+        # Then one replica drained and slept per scale-down delay, down to min_awake.
         await scale_step(kv, lambda: states(kv) == ["awake", "awake", "asleep"], "scale down")
         await scale_step(kv, lambda: states(kv) == ["awake", "asleep", "asleep"], "scale down")
         await kv.reconcile()
@@ -369,3 +372,25 @@ async def test_launched_replicas_are_ready_when_they_serve_the_models_name(
             assert await completion(session, kv) == 200
     finally:
         await launcher.stop()
+
+
+async def test_a_replica_whose_engine_is_down_gets_no_request_while_a_sibling_serves(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    """Replicas 1 and 2 have nothing listening: once a probe says so they are `down`, no
+    capacity for the scaler and no destination for the router."""
+    from tests.prometheus_server import free_port
+
+    (sim,) = [await sim_factory("vllm", model=M)]
+    doc = replicated([sim], min_awake=1)
+    doc["replicas"] += [{"url": f"http://127.0.0.1:{free_port()}"} for _ in range(2)]
+    kv = await kvsleep_factory([doc])
+    await kv.reconcile()
+    async with aiohttp.ClientSession() as session:
+        text = await metrics(session, kv)
+        assert sample(text, "kvsleep_model_replicas", model=M, state="down") == 2
+        codes = await asyncio.gather(*(completion(session, kv) for _ in range(12)))
+    assert codes == [200] * 12
+    assert sim.sim.completed == 12
+    decision = kv.manager.groups[M].decision
+    assert decision is not None and decision.blocked is None  # no demand, nothing blocked

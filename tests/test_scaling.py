@@ -634,3 +634,18 @@ def test_the_traffic_monitor_integrates_requests_in_flight_over_time() -> None:
     assert stats.in_flight_area_at(now[0]) == 20.0
     assert group.mean_in_flight(stats.in_flight_area_at(now[0]), now[0]) == 1.0  # 20 over 20 s
     assert group.mean_in_flight(stats.in_flight_area_at(now[0]), now[0]) is None  # no time
+
+
+def test_a_replica_woken_by_other_means_is_not_slept_again_at_once() -> None:
+    """An operator wakes replica 1 while the demand fits in one: the scaler waits the full
+    scale_down_after_seconds from the pass that saw it awake, not from when the demand fell."""
+    mem = ScaleMemory()
+    one = fleet(A, S)
+    for t in (0, 60, 110):
+        decision, mem = decide_scale(one, POLICY, mem, t)
+    two = fleet(A, A)  # woken at +115 by someone else
+    for t in (120, 180, 230):
+        decision, mem = decide_scale(two, POLICY, mem, t)
+        assert decision.action is None, t
+    decision, mem = decide_scale(two, POLICY, mem, 240)  # 120 s after the pass that saw it
+    assert (decision.action, decision.replica, decision.reason) == ("down", "1", "below_target")

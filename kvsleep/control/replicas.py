@@ -73,13 +73,15 @@ class ModelGroup:
 
     @property
     def state(self) -> ModelState:
-        return model_state([slot.state for slot in self.slots])
+        return model_state([slot.machine.reported_state() for slot in self.slots])
 
     def views(self, fits: Callable[[Slot], bool] | None = None) -> list[ReplicaView]:
+        """Each replica as the router and the scaler weigh it. Its state is the one operators
+        see: an engine that does not answer is `down`, neither a destination nor capacity."""
         return [
             ReplicaView(
                 replica=slot.cfg.replica,
-                state=slot.state,
+                state=slot.machine.reported_state(),
                 in_flight=slot.in_engine,
                 held=len(slot.waiters),
                 wake_eta=slot.machine.wake_eta(),
@@ -96,12 +98,13 @@ class ModelGroup:
         it joins or starts. Never an awake replica's sibling that is not awake while one is."""
         if self.only is not None:
             return self.only
-        chosen = pick_replica(self.views(), affinity_key, random.random(), bound=self._bound)
+        views = self.views()
+        chosen = pick_replica(views, affinity_key, random.random(), bound=self._bound)
         if chosen is not None:
             return self.replica(chosen)
-        slots = self.slots
-        return (
-            next((s for s in slots if s.state in _JOIN), None)
-            or next((s for s in slots if s.state is ModelState.ASLEEP), None)
-            or slots[0]
-        )
+        states = [view.state for view in views]
+        for wanted in (_JOIN, (ModelState.ASLEEP,)):
+            for slot, state in zip(self.slots, states, strict=True):
+                if state in wanted:
+                    return slot
+        return self.slots[0]

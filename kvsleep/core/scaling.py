@@ -99,6 +99,7 @@ class ScaleMemory:
     last_up: float | None = None
     last_down: float | None = None
     demand: tuple[tuple[float, float], ...] = ()  # recent (time, demand) samples for the trend
+    awake: int | None = None  # replicas awake at the last pass (None before the first)
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def decide_scale(
     - Demand, trend included, that fits in one fewer awake replica for
       `scale_down_after_seconds`: drain and sleep the least loaded (ties: the highest index).
       Not while a wake or another drain is under way, nor within `scale_down_after_seconds` of
-      the last scale-up (anti-flap). Each step down restarts that wait.
+      the last scale-up or of a replica turning awake by other means (an operator's wake, an
+      engine back up): anti-flap. Each step down restarts that wait.
     - Never the last awake replica: with min_awake 0 the idle policy sleeps it when its idle
       threshold passes, and a request for a model with nothing awake is held and wakes one,
       exactly as for a single engine.
@@ -234,7 +236,17 @@ def decide_scale(
     below = wanted < len(awake)
     above_since = (now if memory.above_since is None else memory.above_since) if above else None
     below_since = (now if memory.below_since is None else memory.below_since) if below else None
-    memory = replace(memory, above_since=above_since, below_since=below_since, demand=samples)
+    # A replica that turned awake since the last pass (its wake done, an operator's wake, an
+    # engine back) starts the anti-flap wait, so that no scale-down undoes it at once.
+    joined = memory.awake is not None and len(awake) > memory.awake
+    memory = replace(
+        memory,
+        above_since=above_since,
+        below_since=below_since,
+        demand=samples,
+        awake=len(awake),
+        last_up=now if joined else memory.last_up,
+    )
 
     def verdict(
         action: str | None, replica: str | None, reason: str, blocked: str | None = None

@@ -171,11 +171,13 @@ def _varying(
 
 
 def step(rng: random.Random) -> Trace:
-    """One replica's load for 20 min, three replicas' worth for 30 min, one again for 40 min."""
+    """A load one replica carries with room to spare (4 in flight on average, half the default
+    target, so chance peaks seldom cross it) for 20 min, three replicas' worth for 30 min, the
+    first load again for 40 min: the step itself is what the strategies answer differently."""
     up, down, end = START + 20 * 60, START + 50 * 60, START + 90 * 60
 
     def rate(t: float) -> float:
-        return _rate(3.0 if up <= t < down else 1.0)
+        return _rate(3.0 if up <= t < down else 4 / REPLICA_LOAD)
 
     return Trace.of(_varying(rng, rate, _rate(3.0), START, end), START, end, "step")
 
