@@ -394,3 +394,24 @@ async def test_a_replica_whose_engine_is_down_gets_no_request_while_a_sibling_se
     assert sim.sim.completed == 12
     decision = kv.manager.groups[M].decision
     assert decision is not None and decision.blocked is None  # no demand, nothing blocked
+
+
+async def test_an_alertmanager_action_on_the_models_name_acts_on_its_replicas(
+    sim_factory: Any, kvsleep_factory: Callable[..., Awaitable[Any]]
+) -> None:
+    """Alerts carry the metrics' `model` label: the name clients use, not an engine's."""
+    from tests.test_alertmanager import alert, payload
+
+    sims = await three(sim_factory)
+    kv = await kvsleep_factory([replicated(sims, min_awake=0)])
+    async with aiohttp.ClientSession() as session:
+        hook = kv.url + "/alertmanager/webhook"
+        async with session.post(hook, json=payload(alert(M, "sleep"))) as resp:
+            assert resp.status == 200, await resp.text()
+            (result,) = (await resp.json())["actions"]
+        assert result == {"model": M, "action": "sleep", "result": "sleep requested"}
+        await until(lambda: states(kv) == ["asleep"] * 3, "every replica asleep")
+        async with session.post(hook, json=payload(alert(M, "wake"))) as resp:
+            assert resp.status == 200
+        await until(lambda: "awake" in states(kv), "a replica awake")
+        assert sorted(states(kv)) == ["asleep", "asleep", "awake"]

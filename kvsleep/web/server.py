@@ -467,7 +467,8 @@ class KvsleepServer:
         except (ValueError, RecursionError):
             payload = None
         try:
-            actions = parse_webhook(payload, self.manager.slots)
+            # Alerts name models as the metrics do (a model's name), or one replica's engine.
+            actions = parse_webhook(payload, self.manager.slots.keys() | self.manager.groups.keys())
         except PayloadError as exc:
             raise OpenAIError(
                 400,
@@ -481,9 +482,15 @@ class KvsleepServer:
                 if act.action == "sleep" and (owner := self.owner(act.model)) is not None:
                     self._background(self._ask_owner_to_sleep(owner, act.model))
                     outcome = f"sleep passed to owner {owner}"
-                elif (
-                    act.action == "sleep"
-                    and (why := self.manager.slots[act.model].cannot_sleep) is not None
+                elif act.action == "sleep" and (
+                    why := next(
+                        (
+                            slot.cannot_sleep
+                            for slot in self.manager.replicas_of(act.model)
+                            if slot.cannot_sleep is not None
+                        ),
+                        None,
+                    )
                 ):
                     outcome = f"ignored: the model cannot sleep ({why})"
                 elif act.action == "sleep":
