@@ -55,7 +55,7 @@ class ModelGroup:
         self.slots = slots
         self.scaling = scaling
         self.affinity = affinity
-        # The data path's fast case: a model with one engine and no scaler routes to it.
+        # The data path's fast case: a model with one engine routes to it, nothing to choose.
         self.only = slots[0] if len(slots) == 1 else None
         self._bound = (
             math.ceil(scaling.target_in_flight)
@@ -75,16 +75,19 @@ class ModelGroup:
     def state(self) -> ModelState:
         return model_state([slot.machine.reported_state() for slot in self.slots])
 
-    def views(self, fits: Callable[[Slot], bool] | None = None) -> list[ReplicaView]:
+    def views(
+        self, fits: Callable[[Slot], bool] | None = None, *, eta: bool = True
+    ) -> list[ReplicaView]:
         """Each replica as the router and the scaler weigh it. Its state is the one operators
-        see: an engine that does not answer is `down`, neither a destination nor capacity."""
+        see: an engine that does not answer is `down`, neither a destination nor capacity.
+        The router needs no wake ETA (`eta=False`, once per request)."""
         return [
             ReplicaView(
                 replica=slot.cfg.replica,
                 state=slot.machine.reported_state(),
                 in_flight=slot.in_engine,
                 held=len(slot.waiters),
-                wake_eta=slot.machine.wake_eta(),
+                wake_eta=slot.machine.wake_eta() if eta else None,
                 fits=True if fits is None else fits(slot),
             )
             for slot in self.slots
@@ -95,10 +98,10 @@ class ModelGroup:
 
     def route(self, affinity_key: str | None) -> Slot:
         """The replica a request goes to: an awake one (pick_replica), else the one whose wake
-        it joins or starts. Never an awake replica's sibling that is not awake while one is."""
+        it joins or starts. Never one that is not awake while another is."""
         if self.only is not None:
             return self.only
-        views = self.views()
+        views = self.views(eta=False)
         chosen = pick_replica(views, affinity_key, random.random(), bound=self._bound)
         if chosen is not None:
             return self.replica(chosen)
