@@ -78,10 +78,6 @@ class ModelActivityStats:
         """Request-seconds in flight from the start up to `now`."""
         return self.in_flight_area + self.in_flight * max(0.0, now - self.in_flight_changed)
 
-    def _in_flight_changes(self, now: float) -> None:
-        self.in_flight_area = self.in_flight_area_at(now)
-        self.in_flight_changed = now
-
     @property
     def has_traffic(self) -> bool:
         """A request has arrived (kvcached lists only such models)."""
@@ -209,7 +205,11 @@ class TrafficMonitor:
             gap = max(0.0, now - stats.last_activity_time) if idle else None
             for listener in self.arrival_listeners:
                 listener(model_name, now, gap)
-        stats._in_flight_changes(now)
+        # Inline, not a method: this runs for every request (see in_flight_area_at; a wall
+        # clock set back adds nothing).
+        if now > stats.in_flight_changed:
+            stats.in_flight_area += stats.in_flight * (now - stats.in_flight_changed)
+        stats.in_flight_changed = now
         stats.in_flight += 1
         stats.last_activity_time = now
         stats.note_arrival(now)
@@ -234,7 +234,9 @@ class TrafficMonitor:
         stats = self.model_stats.get(request_stats.model_name)
         if stats is None:  # removed while the request ran: it must not come back
             return
-        stats._in_flight_changes(now)
+        if now > stats.in_flight_changed:
+            stats.in_flight_area += stats.in_flight * (now - stats.in_flight_changed)
+        stats.in_flight_changed = now
         stats.in_flight = max(0, stats.in_flight - 1)
         stats.last_activity_time = now
         stats.count(request_stats)
