@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
-import signal
 import socket
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections import Counter
@@ -846,10 +843,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _raise_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = StepPlan.quick_plan() if args.quick else StepPlan()
@@ -866,28 +859,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants: {', '.join(sorted(unknown))}")
-    signal.signal(signal.SIGTERM, _raise_exit)
     out_dir: Path = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="kvsleep-autoscale-"))
-    procs = P.Processes(workdir / "logs")
-    try:
-        results = asyncio.run(run(plan, variants, procs, workdir))
-    except P.StartError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+    done = P.run_children(
+        "kvsleep-autoscale",
+        lambda procs, workdir: run(plan, variants, procs, workdir),
+        out_dir,
+        "autoscale",
+        render,
+    )
+    if done is None:
         return 1
-    finally:
-        procs.stop_all()
-    (out_dir / "autoscale.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out_dir / "autoscale.md").write_text(render(results))
+    results, logs = done
     print(render(results))
     say(
         f"wrote {out_dir / 'autoscale.json'} and {out_dir / 'autoscale.md'} "
-        f"({results['meta']['elapsed_s']:.0f} s; logs in {procs.log_dir})"
+        f"({results['meta']['elapsed_s']:.0f} s; logs in {logs})"
     )
     bad = sum(v["errors"] + v["hazards"] for v in results["variants"].values())
     return 0 if bad == 0 else 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())

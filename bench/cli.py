@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -249,10 +245,6 @@ def _replace(plan: Plan, **changes: Any) -> Plan:
     return dataclasses.replace(plan, **changes)
 
 
-def _raise_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--autoscale" in argv:  # its own flags and results (autoscale.json/.md); no wrk
@@ -261,22 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     if wrk_path() is None:
         print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_exit)
     out_dir: Path = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="kvsleep-bench-"))
-    procs = P.Processes(workdir / "logs")
-    try:
-        results = asyncio.run(run(args, procs, workdir, out_dir))
-    except P.StartError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+    done = P.run_children(
+        "kvsleep-bench",
+        lambda procs, workdir: run(args, procs, workdir, out_dir),
+        out_dir,
+        "latest",
+        render,
+    )
+    if done is None:
         return 1
-    finally:
-        procs.stop_all()
-    (out_dir / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out_dir / "latest.md").write_text(render(results))
+    results, logs = done
     say(
         f"wrote {out_dir / 'latest.json'} and {out_dir / 'latest.md'} "
-        f"({results['meta']['elapsed_s']:.0f} s; logs in {procs.log_dir})"
+        f"({results['meta']['elapsed_s']:.0f} s; logs in {logs})"
     )
     return 0

@@ -7,19 +7,24 @@ SIGKILL after a grace period).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"
 PYTHON = sys.executable
@@ -245,3 +250,34 @@ def loadavg() -> list[float]:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     except (OSError, ValueError):
         return []
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run_children(
+    prefix: str,
+    body: Callable[[Processes, Path], Coroutine[Any, Any, dict[str, Any]]],
+    out_dir: Path,
+    stem: str,
+    render: Callable[[dict[str, Any]], str],
+) -> tuple[dict[str, Any], Path] | None:
+    """A bench run: `body(processes, workdir)` in a fresh temporary directory, every child
+    stopped whatever happens (SIGTERM too), its results written to OUT/STEM.json and .md.
+    Returns them and the children's log folder; None (said on stderr) when a child would not
+    start."""
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    procs = Processes(workdir / "logs")
+    try:
+        results = asyncio.run(body(procs, workdir))
+    except StartError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return None
+    finally:
+        procs.stop_all()
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text(render(results))
+    return results, procs.log_dir

@@ -17,32 +17,14 @@ from kvsleep.core.scaling import ScalingPolicy
 from kvsleep.lab import autoscale, simulate, traces
 from kvsleep.lab.autoscale import LabSettings, ScaleReplay
 from kvsleep.lab.simulate import Request, SimModel, Trace
+from tests.test_simulate import one_model as single_engine_model
 
 T0 = 1_000_000.0
 
 
 def one_model(**policy_keys: Any) -> SimModel:
-    doc = {
-        "sleep_manager": {
-            "check_interval_seconds": 10,
-            "idle_threshold_seconds": 60,
-            "auto_sleep_enabled": True,
-            "min_awake_seconds": 0,
-            **policy_keys,
-        },
-        "models": [
-            {
-                "name": "m",
-                "engine": "vllm",
-                "url": "http://127.0.0.1:9",
-                "memory_gb": 10,
-                "wake_eta_seconds": 5,
-            }
-        ],
-    }
-    models, notes = simulate.sim_models(parse_config(doc), ["m"])
-    assert notes == []
-    return models[0]
+    """test_simulate's model `m` (10 GB, wake 5 s, checked every 10 s), one replica's worth."""
+    return single_engine_model(**policy_keys)[0]
 
 
 def two_of_capacity_one(**scaling: Any) -> LabSettings:

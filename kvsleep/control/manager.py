@@ -1033,10 +1033,6 @@ class SleepManager:
     def reported_state(self, slot: ModelSlot) -> ModelState:
         return slot.machine.reported_state()
 
-    def model_state(self, group: ModelGroup) -> ModelState:
-        """What a model shows as one: awake when any replica is."""
-        return scaling.model_state([slot.machine.reported_state() for slot in group.slots])
-
     def defer_wake(self, model_name: str, reason: str) -> float | None:
         """Schedule a wake nobody's request asked for once `min_sleep_duration` has passed.
 
@@ -1223,7 +1219,7 @@ class SleepManager:
             etas = [eta for m in machines if (eta := m.wake_eta()) is not None]
             yield ModelSnapshot(
                 name=name,
-                state=self.model_state(group),
+                state=group.state,
                 in_flight=s.in_flight if s else 0,
                 held=sum(len(slot.waiters) for slot in group.slots),
                 last_request_timestamp=s.last_activity_time if s else 0.0,
@@ -1262,10 +1258,10 @@ class SleepManager:
 
     def sleep_refusal(self, model_name: str) -> str | None:
         """Why kvcached's `put_model_to_sleep` would answer False now, if it would."""
-        slot = self._engine_of(model_name)
-        if slot is None:
+        replicas = self.replicas_of(model_name)
+        if not replicas:
             return f"no engine is configured for model {model_name}"
-        if slot.cfg.always_on:
+        if replicas[0].cfg.always_on:
             return f"model {model_name} is always_on and is never put to sleep"
         if self.is_model_sleeping(model_name):
             return f"model {model_name} is already asleep"
@@ -1274,7 +1270,7 @@ class SleepManager:
     def wake_refusal(self, model_name: str) -> str | None:
         """Why kvcached's `wakeup_model` would answer False now, if it would: the model is not
         asleep, or has slept less than `min_sleep_duration`."""
-        if model_name not in self.slots and model_name not in self.groups:
+        if not self.replicas_of(model_name):
             return f"no engine is configured for model {model_name}"
         if self._state_of(model_name) in (ModelState.AWAKE, ModelState.DRAINING):
             return f"model {model_name} is not asleep"
@@ -1309,35 +1305,32 @@ class SleepManager:
 
         As every request-driven wake in kvsleep, it does not wait for `min_sleep_duration`.
         """
-        slot = self._engine_of(model_name)
-        pol = slot.cfg.policy if slot is not None else self.config
+        replicas = self.replicas_of(model_name)
+        pol = replicas[0].cfg.policy if replicas else self.config
         if not pol.wakeup_on_request:
             return False
-        if slot is None or self._state_of(model_name) is ModelState.AWAKE:
+        if not replicas or self._state_of(model_name) is ModelState.AWAKE:
             return True
         return await self.request_wake(model_name, "request")
 
     def is_model_sleeping(self, model_name: str) -> bool:
         """A model with replicas sleeps when none is awake or on its way."""
-        known = model_name in self.slots or model_name in self.groups
+        known = bool(self.replicas_of(model_name))
         return known and self._state_of(model_name) in (ModelState.SLEEPING, ModelState.ASLEEP)
 
     def replicas_of(self, model_name: str) -> tuple[ModelSlot, ...]:
-        """The engine itself, or the model's replicas."""
+        """The engine itself, or the model's replicas (config order); none when unknown. The
+        replicas share every key but the engine's own (policy, always_on: read the first's)."""
         slot = self.slots.get(model_name)
-        return (slot,) if slot is not None else self.groups[model_name].slots
-
-    def _engine_of(self, model_name: str) -> ModelSlot | None:
-        """The engine by its own name, else the first of the model's replicas (for the keys
-        they share: policy, always_on)."""
-        slot = self.slots.get(model_name)
+        if slot is not None:
+            return (slot,)
         group = self.groups.get(model_name)
-        return slot if slot is not None or group is None else group.slots[0]
+        return group.slots if group is not None else ()
 
     def _state_of(self, model_name: str) -> ModelState:
-        """An engine's own state; a model's, awake when any replica is (the kvcached API's)."""
-        slot = self.slots.get(model_name)
-        return slot.state if slot is not None else self.groups[model_name].state
+        """As the kvcached API sees it: the engine's state; a model's, awake when any replica
+        is (kvsleep's own belief, as kvcached's: not `down`)."""
+        return scaling.model_state([slot.state for slot in self.replicas_of(model_name)])
 
     @property
     def sleeping_models(self) -> dict[str, float]:
@@ -1355,7 +1348,7 @@ class SleepManager:
         now = self.clock()
         sleeping = {}
         for name, group in self.groups.items():
-            if group.state not in (ModelState.SLEEPING, ModelState.ASLEEP):
+            if self._state_of(name) not in (ModelState.SLEEPING, ModelState.ASLEEP):
                 continue
             since = max(slot.slept_at or slot.state_since for slot in group.slots)
             sleeping[name] = {

@@ -73,6 +73,7 @@ class ModelGroup:
 
     @property
     def state(self) -> ModelState:
+        """What the model shows as one (operators' states): awake when any replica is."""
         return model_state([slot.machine.reported_state() for slot in self.slots])
 
     def views(

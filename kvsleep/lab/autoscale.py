@@ -31,7 +31,6 @@ the last awake one; the next request is held for a wake. Replicas start with
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import random
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -67,10 +66,9 @@ from kvsleep.core.scaling import (
 )
 from kvsleep.core.states import ModelState
 from kvsleep.lab.simulate import (
-    ARRIVAL,
     END,
     OP_DONE,
-    TICK,
+    Agenda,
     Request,
     SimModel,
     Trace,
@@ -133,7 +131,7 @@ class _Replica:
     since: float = 0.0
 
 
-class ScaleReplay:
+class ScaleReplay(Agenda):
     """One model's N replicas under one strategy over a trace; `run()` returns a ScaleResult."""
 
     def __init__(self, trace: Trace, spec: SimModel, strategy: str, settings: LabSettings) -> None:
@@ -144,7 +142,7 @@ class ScaleReplay:
         self.strategy = strategy
         self.settings = settings
         self.scaling = settings.scaling
-        self.now = trace.start
+        super().__init__(trace.start)
         self.rng = random.Random(f"pick/{settings.seed}")
         self.memory = ScaleMemory()
         self.last_activity = trace.start
@@ -174,37 +172,18 @@ class ScaleReplay:
             rep.gb = self._gb(rep)
             self.replicas.append(rep)
         self.by_label = {r.label: r for r in self.replicas}
-        self._events: list[tuple[float, int, int, Any]] = []
-        self._seq = 0
-
-    def _at(self, t: float, kind: int, payload: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self._events, (t, kind, self._seq, payload))
 
     def run(self) -> ScaleResult:
-        for r in self.trace.requests:
-            if r.model == self.spec.cfg.name:
-                self._at(r.t, ARRIVAL, r)
-        step = self.settings.check_seconds
-        if self.strategy != "always-on" and step > 0:
-            self._at(self.trace.start + step, TICK, None)
-        while self._events:
-            t, kind, _, payload = heapq.heappop(self._events)
-            self.area += self._in_flight() * (t - self.now)
-            self.now = t
-            if kind == TICK:
-                self._tick()
-                if t + step <= self.trace.end:
-                    self._at(t + step, TICK, None)
-            elif kind == ARRIVAL:
-                self._arrive(payload)
-            elif kind == END:
-                self._end(payload)
-            else:
-                payload()
+        arrivals = (r for r in self.trace.requests if r.model == self.spec.cfg.name)
+        step = 0.0 if self.strategy == "always-on" else self.settings.check_seconds
+        self._play(arrivals, step, self.trace.end)
         for rep in self.replicas:
             self._account(rep, self.trace.end)
         return self.result
+
+    def _advance(self, t: float) -> None:
+        self.area += self._in_flight() * (t - self.now)
+        super()._advance(t)
 
     # -- views and decisions ------------------------------------------------------------------
 
@@ -302,7 +281,7 @@ class ScaleReplay:
         rep.running += 1
         self.result.served += 1
         self.result.added.append(added)
-        self._at(self.now + r.duration, END, rep)
+        self._at(self.now + r.duration, END, (rep,))
 
     def _end(self, rep: _Replica) -> None:
         self.last_activity = max(self.last_activity, self.now)

@@ -495,7 +495,53 @@ class _Model:
     held_since: float | None = None  # memory held since (None: asleep)
 
 
-class Replay:
+class Agenda:
+    """The virtual clock of a replay: events at times, taken in time order (ties: the order they
+    were set), each handed to the replay's `_tick`, `_arrive`, `_end` or a callback."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self._events: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+
+    def _at(self, t: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, kind, self._seq, payload))
+
+    def _play(self, requests: Iterable[Request], tick_seconds: float, end: float) -> None:
+        """Every request's arrival and a tick each `tick_seconds` (0: none) up to `end`."""
+        for r in requests:
+            self._at(r.t, ARRIVAL, r)
+        if tick_seconds > 0:
+            self._at(self.now + tick_seconds, TICK, None)
+        while self._events:
+            t, kind, _, payload = heapq.heappop(self._events)
+            self._advance(t)
+            if kind == TICK:
+                self._tick()
+                if t + tick_seconds <= end:
+                    self._at(t + tick_seconds, TICK, None)
+            elif kind == ARRIVAL:
+                self._arrive(payload)
+            elif kind == END:
+                self._end(*payload)
+            else:
+                payload()
+
+    def _advance(self, t: float) -> None:
+        self.now = t
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+    def _arrive(self, r: Request) -> None:
+        raise NotImplementedError
+
+    def _end(self, *what: Any) -> None:
+        raise NotImplementedError
+
+
+class Replay(Agenda):
     """One policy over one trace. `run()` returns its RunResult.
 
     Each model is the live state machine (`core/machine.py`), executed here as the manager
@@ -525,7 +571,7 @@ class Replay:
         self.sleep_seconds = sleep_seconds
         self.keep_timeline = timeline
         self.keep_thresholds = trace_thresholds
-        self.now = trace.start
+        super().__init__(trace.start)
         self.traffic = TrafficMonitor(clock=lambda: self.now)
         configs = [variant.rewrite(spec.cfg) for spec in models]
         # Live, every model's learner listens; here only a policy that reads one needs it.
@@ -542,32 +588,10 @@ class Replay:
         self.result = RunResult(
             variant.name, trace.start, trace.end, {n: m.result for n, m in self.models.items()}
         )
-        self._events: list[tuple[float, int, int, Any]] = []
-        self._seq = 0
-
-    def _at(self, t: float, kind: int, payload: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self._events, (t, kind, self._seq, payload))
 
     def run(self) -> RunResult:
-        for r in self.trace.requests:
-            if r.model in self.models:
-                self._at(r.t, ARRIVAL, r)
-        if self.tick_seconds > 0:
-            self._at(self.trace.start + self.tick_seconds, TICK, None)
-        while self._events:
-            t, kind, _, payload = heapq.heappop(self._events)
-            self.now = t
-            if kind == TICK:
-                self._tick()
-                if t + self.tick_seconds <= self.trace.end:
-                    self._at(t + self.tick_seconds, TICK, None)
-            elif kind == ARRIVAL:
-                self._arrive(payload)
-            elif kind == END:
-                self._end(*payload)
-            else:
-                payload()
+        arrivals = (r for r in self.trace.requests if r.model in self.models)
+        self._play(arrivals, self.tick_seconds, self.trace.end)
         for m in self.models.values():
             self._hold(m, False, self.trace.end)
         return self.result

@@ -111,7 +111,7 @@ class KvcachedRoutes:
         if name in slots:
             doc["state"] = self.server.manager.reported_state(slots[name]).value
         elif name in self.server.manager.groups:
-            doc["state"] = self.server.manager.model_state(self.server.manager.groups[name]).value
+            doc["state"] = self.server.manager.groups[name].state.value
         return web.json_response(doc)
 
     async def _health(self, name: str) -> dict[str, bool]:
@@ -227,7 +227,7 @@ class KvcachedRoutes:
         kvsleep drains the model's requests first, and answers 409 for an `always_on` model."""
         server = self.server
         name = request.match_info["model"]
-        if name not in server.manager.slots and name not in server.manager.groups:
+        if not server.manager.replicas_of(name):
             return _error(404, f"Model {name} not found")
         try:
             wait = _wait(request)
@@ -249,7 +249,7 @@ class KvcachedRoutes:
         less than `min_sleep_duration`."""
         server = self.server
         name = request.match_info["model"]
-        if name not in server.manager.slots and name not in server.manager.groups:
+        if not server.manager.replicas_of(name):
             return _error(404, f"Model {name} not found")
         try:
             wait = _wait(request)

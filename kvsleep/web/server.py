@@ -365,7 +365,7 @@ class KvsleepServer:
             "object": "model",
             "created": int(self.clock()),
             "owned_by": group.slots[0].cfg.engine,
-            "state": self.manager.model_state(group).value,
+            "state": group.state.value,
         }
 
     async def healthy(self, request: web.Request) -> web.Response:
@@ -444,7 +444,7 @@ class KvsleepServer:
         if not wait:
             return _action(name, True, f"Model {name} {verb} requested", 202)
         ok = await outcome
-        if name not in self.manager.slots and name not in self.manager.groups:
+        if not self.manager.replicas_of(name):
             # a reload removed it: the call is settled at once
             return _action(
                 name,
